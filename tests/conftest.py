@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tleg_deploy.config import ViTSpec
+from tleg_deploy.learngene import Learngene
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_spec() -> ViTSpec:
+    """A spec small enough for sub-second tests (qkv bias on, no class token)."""
+    return ViTSpec(img_size=8, patch_size=4, in_chans=3, embed_dim=16, num_heads=2, mlp_ratio=2.0,
+                   num_classes=5)
+
+
+@pytest.fixture
+def tiny_lg(tiny_spec: ViTSpec) -> Learngene:
+    lg = Learngene.init(tiny_spec, aux_depth=4, seed=0)
+    # Non-trivial slopes for LayerNorm and biases too, so every tensor's expansion is exercised.
+    g = torch.Generator().manual_seed(1)
+    for d in (lg.base, lg.slope, lg.shared):
+        for k in d:
+            d[k] = d[k] + 0.05 * torch.randn(d[k].shape, generator=g)
+    return lg

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from tleg_deploy.config import ViTSpec
+from tleg_deploy.errors import CheckpointError, FormatError
+from tleg_deploy.expand import expand
+from tleg_deploy.extract import extract_learngene
+from tleg_deploy.learngene import Learngene
+from tleg_deploy.tleg_import import import_tleg_checkpoint, official_key
+from tleg_deploy.vit import BLOCK_PARAMS
+
+
+@pytest.mark.parametrize("depth", [2, 4, 9])
+def test_extract_recovers_the_learngene(tiny_lg: Learngene, depth: int) -> None:
+    lg, report = extract_learngene(expand(tiny_lg, depth), tiny_lg.spec, aux_depth=tiny_lg.aux_depth)
+    for k, v in tiny_lg.tensors().items():
+        torch.testing.assert_close(lg.tensors()[k], v, atol=1e-5, rtol=1e-5)
+    assert report.depth == depth
+    assert min(report.r2.values()) > 0.9999
+
+
+def test_extract_reports_nonlinearity(tiny_lg: Learngene) -> None:
+    state = expand(tiny_lg, 6).state_dict()
+    state["blocks.3.mlp.fc1.weight"] = torch.randn_like(state["blocks.3.mlp.fc1.weight"])
+    _, report = extract_learngene(state, tiny_lg.spec)
+    assert report.r2["mlp.fc1.weight"] < 0.9
+    assert report.r2["attn.qkv.weight"] > 0.9999
+    assert report.min_r2[0] == "mlp.fc1.weight"
+
+
+def test_extract_from_file_and_errors(tiny_lg: Learngene, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = expand(tiny_lg, 3).state_dict()
+    save_file(dict(state), str(tmp_path / "m.safetensors"))
+    lg, _ = extract_learngene(tmp_path / "m.safetensors", tiny_lg.spec)
+    assert lg.aux_depth == 3
+    with pytest.raises(FormatError, match="at least 2 blocks"):
+        extract_learngene(expand(tiny_lg, 1), tiny_lg.spec)
+    with pytest.raises(FormatError, match="missing"):
+        extract_learngene({k: v for k, v in state.items() if k != "blocks.1.norm1.bias"}, tiny_lg.spec)
+    with pytest.raises(FormatError, match="shape"):
+        extract_learngene(state, ViTSpec.preset("digits"))
+
+
+def _official_state(lg: Learngene) -> dict[str, torch.Tensor]:
+    """A state dict with exactly the official Aux-Net's key names (MiniViT-style shared block)."""
+    state = {k: v.clone() for k, v in lg.shared.items()}
+    for name in BLOCK_PARAMS:
+        state[official_key(name, "base")] = lg.base[name].clone()
+        state[official_key(name, "ilayer")] = lg.slope[name].clone()
+    return state
+
+
+@pytest.fixture
+def deit_like_lg() -> Learngene:
+    # embed_dim 128 -> the importer's default head count 128 // 64 = 2, as in DeiT.
+    spec = ViTSpec(img_size=32, patch_size=16, in_chans=3, embed_dim=128, num_heads=2, mlp_ratio=4.0,
+                   num_classes=7)
+    return Learngene.init(spec, 12, seed=5)
+
+
+def test_official_key_names() -> None:
+    assert official_key("attn.qkv.weight", "base") == "blocks.block.attn.qkv.instances.0.weight_base"
+    assert official_key("norm2.bias", "ilayer") == "blocks.block.norm2.instances.0.bias_ilayer"
+
+
+def test_import_full_checkpoint_dict(deit_like_lg: Learngene, tmp_path: Path) -> None:
+    state = _official_state(deit_like_lg)
+    ckpt = {"model": state, "model_ema": {k: v * 2 for k, v in state.items()}, "epoch": 99,
+            "optimizer": {"state": {}, "param_groups": []}, "args": argparse.Namespace(lr=1e-3)}
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    lg = import_tleg_checkpoint(tmp_path / "checkpoint.pth")
+    assert lg.spec == deit_like_lg.spec and lg.aux_depth == 12
+    for k, v in deit_like_lg.tensors().items():
+        assert torch.equal(lg.tensors()[k], v), k
+    ema = import_tleg_checkpoint(tmp_path / "checkpoint.pth", use_ema=True)
+    assert torch.equal(ema.slope["mlp.fc2.weight"], 2 * deit_like_lg.slope["mlp.fc2.weight"])
+
+
+def test_import_bare_state_dict(deit_like_lg: Learngene, tmp_path: Path) -> None:
+    torch.save(_official_state(deit_like_lg), tmp_path / "gene.pth")
+    assert import_tleg_checkpoint(tmp_path / "gene.pth").sha256() == deit_like_lg.sha256()
+
+
+def test_import_refuses_mismatched_keys(deit_like_lg: Learngene, tmp_path: Path) -> None:
+    state = _official_state(deit_like_lg)
+    extra = {**state, "dist_token": torch.zeros(1, 1, 128)}
+    torch.save(extra, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match="dist_token"):
+        import_tleg_checkpoint(tmp_path / "extra.pth")
+    missing = {k: v for k, v in state.items() if "mlp.fc2.instances.0.bias_ilayer" not in k}
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match="bias_ilayer"):
+        import_tleg_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        import_tleg_checkpoint(tmp_path / "junk.pth")
+
+
+def test_import_refuses_pickled_code(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (print, ("pwned",))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError):
+        import_tleg_checkpoint(tmp_path / "evil.pth")

@@ -1,0 +1,139 @@
+"""Model-core commands: ``expand``, ``extract``, ``import-tleg``, ``info``, ``demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from tleg_deploy.cli.app import DepthOpt, JsonOpt, LearngeneOpt, command, emit_json, out
+from tleg_deploy.config import ViTSpec
+
+
+@command()
+def expand(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Descendant .safetensors to write.")],
+    depth: DepthOpt,
+    learngene: LearngeneOpt = "demo",
+    json_: JsonOpt = False,
+) -> None:
+    """Expand a learngene into a plain ViT of DEPTH blocks (timm key names).
+
+    Example: tleg-deploy expand --learngene demo --depth 6 -o digits6.safetensors
+    """
+    from tleg_deploy.expand import expand as expand_lg
+    from tleg_deploy.expand import save_descendant
+    from tleg_deploy.resources import load_learngene
+
+    lg = load_learngene(learngene)
+    model = expand_lg(lg, depth)
+    save_descendant(model, output, lg.sha256(), {"made_by": "expand", "learngene": str(learngene)})
+    result = {"output": str(output), "depth": depth, "params": sum(p.numel() for p in model.parameters())}
+    if json_:
+        emit_json(result)
+    else:
+        out.print(f"wrote {output}: depth {depth}, {result['params']:,} parameters")
+
+
+@command()
+def extract(
+    model: Annotated[Path, typer.Argument(help="Trained plain ViT (.safetensors, timm key names).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Learngene .safetensors to write.")],
+    spec: Annotated[str, typer.Option(help="Spec preset of the model (deit-tiny, ..., digits).")],
+    aux_depth: Annotated[int | None, typer.Option(min=1, help="Aux depth to record (default: the model's).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Fit a learngene (least squares, coefficients i/L) to a trained ViT and report R² per tensor.
+
+    Example: tleg-deploy extract my_vit12.safetensors --spec deit-tiny -o my_learngene.safetensors
+    """
+    from tleg_deploy.extract import extract_learngene
+
+    lg, report = extract_learngene(model, ViTSpec.preset(spec), aux_depth)
+    lg.save(output)
+    if json_:
+        emit_json({"output": str(output), **report.to_dict()})
+        return
+    table = Table("block tensor", "R² (linear in depth)")
+    for name, r2 in report.r2.items():
+        table.add_row(name, f"{r2:.3f}")
+    out.print(table)
+    out.print(f"wrote {output}: from depth {report.depth}, mean R² {report.mean_r2:.3f}")
+
+
+@command("import-tleg")
+def import_tleg(
+    checkpoint: Annotated[Path, typer.Argument(help="Official TLEG Aux-Net checkpoint (.pth).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Learngene .safetensors to write.")],
+    aux_depth: Annotated[int, typer.Option(min=1, max=4096, help="Aux-Net depth it was trained at.")] = 12,
+    num_heads: Annotated[int | None, typer.Option(min=1, help="Heads (default embed_dim // 64).")] = None,
+    ema: Annotated[bool, typer.Option("--ema", help="Take the EMA weights.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Convert an official TLEG (AlphaXia/TLEG) Aux-Net checkpoint into our learngene format.
+
+    Example: tleg-deploy import-tleg aux_deit_small/checkpoint.pth -o aux_small.safetensors
+    """
+    from tleg_deploy.tleg_import import import_tleg_checkpoint
+
+    lg = import_tleg_checkpoint(checkpoint, aux_depth=aux_depth, num_heads=num_heads, use_ema=ema)
+    lg.save(output)
+    info = {"output": str(output), "spec": lg.spec.preset_name() or lg.spec.to_dict(), "params": lg.num_params()}
+    if json_:
+        emit_json(info)
+    else:
+        out.print(f"wrote {output}: {info['spec']}, {info['params']:,} parameters")
+
+
+@command()
+def info(
+    path: Annotated[str, typer.Argument(help="A learngene or descendant file, or 'demo'.")] = "demo",
+    json_: JsonOpt = False,
+) -> None:
+    """Describe a learngene (spec, aux depth, params per depth, bytes, provenance) or a descendant.
+
+    Example: tleg-deploy info demo
+    """
+    from tleg_deploy.inspect import describe_file
+
+    facts = describe_file(path)
+    if json_:
+        emit_json(facts)
+    else:
+        _render_info(facts)
+
+
+@command()
+def demo() -> None:
+    """The main job on bundled defaults (run by `make demo`).
+
+    Example: tleg-deploy demo
+    """
+    from tleg_deploy.inspect import describe_file
+
+    facts = describe_file("demo")
+    _render_info(facts)
+    out.print("\n[bold]expanding the demo learngene[/bold]")
+    from tleg_deploy.inspect import expansion_table
+
+    rows = expansion_table("demo", depths=(1, 3, 6, 12, 24))
+    table = Table("depth", "params", "fp32 bytes", "vs learngene", "top-1 agrees with AuxNet")
+    for r in rows:
+        table.add_row(str(r["depth"]), f"{r['params']:,}", f"{r['bytes']:,}",
+                      f"{r['bytes'] / facts['bytes']:.2f}x", f"{r['agreement']:.0%}")
+    out.print(table)
+
+
+def _render_info(facts: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None)
+    for key, value in facts.items():
+        if key == "params_by_depth":
+            value = ", ".join(f"L={d}: {n:,}" for d, n in value.items())
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        table.add_row(f"[bold]{key}[/bold]", str(value))
+    out.print(table)

@@ -1,0 +1,61 @@
+"""Typed errors of tleg-deploy.
+
+Library code raises these with the offending value and a hint; only the CLI turns them into
+one-line messages and exit codes (``tleg_deploy.cli.app``). Stdlib only.
+"""
+
+from __future__ import annotations
+
+
+class TlegError(Exception):
+    """Base class: ``message`` says what was wrong, ``hint`` what to do about it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class SpecError(TlegError, ValueError):
+    """A ViT spec that cannot exist (e.g. embed_dim not divisible by num_heads)."""
+
+
+class DepthError(TlegError, ValueError):
+    """A depth outside the supported range."""
+
+
+class FormatError(TlegError, ValueError):
+    """A file that is not what it claims to be: wrong format, schema, keys or shapes."""
+
+
+class CheckpointError(FormatError):
+    """A third-party checkpoint whose keys or shapes do not match what we expect."""
+
+
+class UnitError(TlegError, ValueError):
+    """A quantity string such as ``5ms`` or ``256MB`` that cannot be parsed."""
+
+
+class DataError(TlegError, ValueError):
+    """Training or calibration data that cannot be used."""
+
+
+class DeviceError(TlegError, LookupError):
+    """An unknown device or a profile that does not apply."""
+
+
+class BackendError(TlegError, RuntimeError):
+    """A runtime backend that is unknown or whose package is missing."""
+
+
+class ExportError(TlegError, RuntimeError):
+    """An export that failed or whose validation did not pass."""
+
+
+class InfeasibleError(TlegError, ValueError):
+    """A budget that no option satisfies."""

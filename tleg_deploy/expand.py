@@ -1,0 +1,80 @@
+"""``expand(lg, depth)``: the learngene's linear expansion into a plain ViT of any depth.
+
+Block ``i`` (0-indexed) of a depth-``L`` model is ``base + (i / L) * slope`` — the official TLEG
+code's rule (Xia et al., AAAI 2024), never ``i / (L - 1)``. The result is an ordinary ``ViT`` with
+no learngene machinery inside, so export and profiling see a standard timm-layout model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from tleg_deploy.config import MAX_DEPTH, ViTSpec, check_depth
+from tleg_deploy.errors import FormatError, SpecError
+from tleg_deploy.learngene import Learngene
+from tleg_deploy.tensorfile import check_tensors, read_tensor_file, write_tensor_file
+from tleg_deploy.vit import ViT, block_param_shapes, shared_param_shapes
+
+DESCENDANT_FORMAT = "tleg-descendant"
+_DESCENDANT_META = {"spec", "depth", "learngene_sha256", "provenance"}
+
+
+def expansion_state_dict(lg: Learngene, depth: int) -> dict[str, torch.Tensor]:
+    """The timm-named state dict of the depth-``depth`` expansion (new tensors, not views)."""
+    check_depth(depth, maximum=MAX_DEPTH)
+    with torch.no_grad():
+        state = {k: v.detach().clone() for k, v in lg.shared.items()}
+        for i in range(depth):
+            for name, t in lg.layer_tensors(i, depth).items():
+                state[f"blocks.{i}.{name}"] = t.detach()
+    return state
+
+
+def expand(lg: Learngene, depth: int, drop_path_rate: float = 0.0) -> ViT:
+    """A plain ``ViT`` of ``depth`` blocks initialized from ``lg``."""
+    state = expansion_state_dict(lg, depth)
+    with torch.device("meta"):  # skip the random init we would overwrite anyway
+        model = ViT(lg.spec, depth, drop_path_rate=drop_path_rate)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def descendant_shapes(spec: ViTSpec, depth: int) -> dict[str, tuple[int, ...]]:
+    shapes = dict(shared_param_shapes(spec))
+    for i in range(depth):
+        shapes |= {f"blocks.{i}.{k}": v for k, v in block_param_shapes(spec).items()}
+    return shapes
+
+
+def save_descendant(
+    model: ViT, path: str | os.PathLike[str], learngene_sha256: str = "",
+    provenance: dict[str, Any] | None = None,
+) -> None:
+    """Save a plain ViT with timm key names and our metadata (DESIGN.md §4)."""
+    import json
+
+    meta = {
+        "spec": model.spec.to_json(),
+        "depth": str(model.depth),
+        "learngene_sha256": learngene_sha256,
+        "provenance": json.dumps(provenance or {}, sort_keys=True),
+    }
+    write_tensor_file(path, dict(model.state_dict()), DESCENDANT_FORMAT, meta)
+
+
+def load_descendant(path: str | os.PathLike[str]) -> tuple[ViT, dict[str, str]]:
+    """Load a descendant saved by ``save_descendant``; returns the model and its metadata."""
+    tensors, meta = read_tensor_file(path, DESCENDANT_FORMAT, _DESCENDANT_META)
+    try:
+        spec = ViTSpec.from_json(meta["spec"])
+        depth = check_depth(int(meta["depth"]))
+    except (SpecError, ValueError) as e:
+        raise FormatError(f"{path} has invalid metadata: {e}") from None
+    check_tensors(path, tensors, descendant_shapes(spec, depth))
+    with torch.device("meta"):
+        model = ViT(spec, depth)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model, meta

@@ -1,0 +1,185 @@
+"""A plain Vision Transformer with timm-compatible parameter names.
+
+The layout follows timm's ``VisionTransformer`` with ``class_token=False, global_pool='avg',
+fc_norm=False`` (Dosovitskiy et al., 2021; Touvron et al., 2021): patch embedding, learned position
+embedding, pre-norm blocks, a final LayerNorm on all tokens, mean pooling and a linear head. A
+state dict saved from ``ViT`` loads into that timm model unchanged.
+
+This is the only module that knows block-parameter names (``BLOCK_PARAMS``) and shapes; the
+learngene, expansion, extraction and import code ask it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tleg_deploy.config import ViTSpec
+
+# Block-relative parameter names, in the order timm registers them.
+BLOCK_PARAMS: tuple[str, ...] = (
+    "norm1.weight", "norm1.bias",
+    "attn.qkv.weight", "attn.qkv.bias",
+    "attn.proj.weight", "attn.proj.bias",
+    "norm2.weight", "norm2.bias",
+    "mlp.fc1.weight", "mlp.fc1.bias",
+    "mlp.fc2.weight", "mlp.fc2.bias",
+)
+
+
+def block_param_shapes(spec: ViTSpec) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter of one transformer block (``qkv_bias=False`` drops that bias)."""
+    d, h = spec.embed_dim, spec.mlp_hidden
+    shapes: dict[str, tuple[int, ...]] = {
+        "norm1.weight": (d,), "norm1.bias": (d,),
+        "attn.qkv.weight": (3 * d, d), "attn.qkv.bias": (3 * d,),
+        "attn.proj.weight": (d, d), "attn.proj.bias": (d,),
+        "norm2.weight": (d,), "norm2.bias": (d,),
+        "mlp.fc1.weight": (h, d), "mlp.fc1.bias": (h,),
+        "mlp.fc2.weight": (d, h), "mlp.fc2.bias": (d,),
+    }
+    if not spec.qkv_bias:
+        del shapes["attn.qkv.bias"]
+    return shapes
+
+
+def shared_param_shapes(spec: ViTSpec) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter outside the blocks: stem, position embedding, final norm, head."""
+    d = spec.embed_dim
+    shapes: dict[str, tuple[int, ...]] = {}
+    if spec.class_token:
+        shapes["cls_token"] = (1, 1, d)
+    shapes |= {
+        "pos_embed": (1, spec.num_tokens, d),
+        "patch_embed.proj.weight": (d, spec.in_chans, spec.patch_size, spec.patch_size),
+        "patch_embed.proj.bias": (d,),
+        "norm.weight": (d,), "norm.bias": (d,),
+        "head.weight": (spec.num_classes, d), "head.bias": (spec.num_classes,),
+    }
+    return shapes
+
+
+def is_norm_param(name: str) -> bool:
+    """``norm1.weight``, ``blocks.3.norm2.bias``, ``norm.weight``: LayerNorm tensors."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2].startswith("norm")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al., 2016); identity at eval or rate 0."""
+
+    def __init__(self, rate: float = 0.0) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ViTSpec) -> None:
+        super().__init__()
+        self.num_heads = spec.num_heads
+        self.qkv = nn.Linear(spec.embed_dim, 3 * spec.embed_dim, bias=spec.qkv_bias)
+        self.proj = nn.Linear(spec.embed_dim, spec.embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, spec: ViTSpec) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(spec.embed_dim, spec.mlp_hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(spec.mlp_hidden, spec.embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, spec: ViTSpec, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(spec.embed_dim, eps=spec.norm_eps)
+        self.attn = Attention(spec)
+        self.norm2 = nn.LayerNorm(spec.embed_dim, eps=spec.norm_eps)
+        self.mlp = Mlp(spec)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, spec: ViTSpec) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(spec.in_chans, spec.embed_dim, spec.patch_size, spec.patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
+
+
+class ViT(nn.Module):
+    """A depth-``depth`` ViT of ``spec``; ``depth=0`` gives the stem and head alone."""
+
+    def __init__(self, spec: ViTSpec, depth: int, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.spec = spec
+        self.depth = depth
+        self.patch_embed = PatchEmbed(spec)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim)) if spec.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, spec.num_tokens, spec.embed_dim))
+        rates = drop_path_rates(depth, drop_path_rate)
+        self.blocks = nn.Sequential(*(Block(spec, rate) for rate in rates))
+        self.norm = nn.LayerNorm(spec.embed_dim, eps=spec.norm_eps)
+        self.head = nn.Linear(spec.embed_dim, spec.num_classes)
+
+    def embed(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x)  # (B, N, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.pos_embed
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        x = self.norm(x)
+        x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
+        return self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.blocks(self.embed(x)))
+
+
+def drop_path_rates(depth: int, rate: float) -> list[float]:
+    """timm's linearly increasing stochastic-depth schedule, 0 at the first block."""
+    if depth <= 1:
+        return [0.0] * depth
+    return [rate * i / (depth - 1) for i in range(depth)]
+
+
+def init_vit_(model: ViT, generator: torch.Generator | None = None) -> ViT:
+    """Standard random init (timm/DeiT): linear weights N(0, 0.02) truncated at ±2, biases 0,
+    LayerNorm (1, 0), position embedding N(0, 0.02). Used for the ``scratch`` baseline."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("pos_embed") or name.endswith("cls_token") or (
+                p.ndim >= 2 and not is_norm_param(name)
+            ):
+                nn.init.trunc_normal_(p, std=0.02, a=-2.0, b=2.0, generator=generator)
+            elif is_norm_param(name) and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return model
