@@ -1,0 +1,64 @@
+"""Shared by the benchmark scripts: describe the machine, and write one benchmark's results.
+
+Each script writes ``benchmarks/results/<name>.json`` (machine-readable, read by ``tleg-deploy
+report``) and ``benchmarks/results/<name>.md`` (its section of RESULTS.md); ``make_results.py``
+joins the sections into ``benchmarks/RESULTS.md``. Numbers here always come from a run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions: dict[str, str] = {}
+    for mod in ("torch", "onnxruntime", "onnx", "numpy"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(),
+        "versions": versions, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+    }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    v = ", ".join(f"{k} {val}" for k, val in info["versions"].items())
+    return f"Machine: {info['cpu']}, {info['cores']} cores, {info['os']}; {v}; run {info['date']} at {info['commit']}."
+
+
+def write_result(name: str, data: dict[str, Any], markdown: str) -> None:
+    """Write results/<name>.json (with machine info) and results/<name>.md, then refresh RESULTS.md."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    payload = {"benchmark": name, "machine": info, **data}
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    (RESULTS_DIR / f"{name}.md").write_text(markdown.rstrip() + f"\n\n_{machine_line(info)}_\n")
+    from make_results import build  # type: ignore[import-not-found]
+
+    build()

@@ -1,0 +1,27 @@
+"""Join benchmarks/results/*.md into benchmarks/RESULTS.md (run by each benchmark, or by hand)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = ["paper_claims", "predictor_accuracy", "export_family", "solver"]
+
+
+def build() -> Path:
+    sections = sorted((HERE / "results").glob("*.md"), key=lambda p: (
+        ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem))
+    parts = ["# Benchmark results",
+             "",
+             "Generated from `benchmarks/results/*.md` by `benchmarks/make_results.py`; every figure comes "
+             "from a run of the script named in its section, on the machine stated under it.",
+             ""]
+    for p in sections:
+        parts += [p.read_text().rstrip(), ""]
+    out = HERE / "RESULTS.md"
+    out.write_text("\n".join(parts))
+    return out
+
+
+if __name__ == "__main__":
+    print(build())
