@@ -58,7 +58,26 @@ def test_units_reject_nonsense(bad: str) -> None:
 def test_torch_free_modules_do_not_import_torch() -> None:
     code = (
         "import sys; import tleg_deploy, tleg_deploy.units, tleg_deploy.config, tleg_deploy.errors, "
-        "tleg_deploy.fileio; print('torch' in sys.modules)"
+        "tleg_deploy.fileio, tleg_deploy.costs; print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_costs_match_the_real_model() -> None:
+    from tleg_deploy.costs import params
+    from tleg_deploy.vit import ViT
+
+    for spec in (ViTSpec.preset("digits"), ViTSpec(img_size=8, patch_size=4, in_chans=3, embed_dim=16,
+                                                    num_heads=2, mlp_ratio=2.0, num_classes=5, qkv_bias=False,
+                                                    class_token=True)):
+        for depth in (0, 1, 5):
+            assert params(spec, depth) == sum(p.numel() for p in ViT(spec, depth).parameters())
+
+
+def test_deit_tiny_macs_match_published_figure() -> None:
+    from tleg_deploy.costs import macs
+
+    # DeiT-Ti is commonly quoted at 1.3 GMACs (fvcore) with a class token: 197 tokens.
+    spec = ViTSpec.preset("deit-tiny")
+    assert 1.2e9 < macs(spec, 12) < 1.3e9
