@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tleg_deploy.config import ViTSpec
+from tleg_deploy.errors import DataError
+from tleg_deploy.train.data import augment_batch, load_data
+
+
+@pytest.fixture
+def grey_spec() -> ViTSpec:
+    return ViTSpec(img_size=8, patch_size=4, in_chans=1, embed_dim=16, num_heads=2, mlp_ratio=2.0, num_classes=3)
+
+
+def test_digits_splits_are_disjoint_stratified_and_normalised() -> None:
+    spec = ViTSpec.preset("digits")
+    parts = {s: load_data("digits", spec, s) for s in ("train", "val", "test")}
+    sizes = {s: len(y) for s, (_, y) in parts.items()}
+    assert sum(sizes.values()) == 1797
+    assert 0.15 < sizes["test"] / 1797 < 0.25 and 0.05 < sizes["val"] / 1797 < 0.15
+    x, y = parts["train"]
+    assert x.shape == (sizes["train"], 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+    assert set(parts["test"][1].tolist()) == set(range(10))  # every class in the test split
+    # disjoint: no test image is also a train image row (digits has a few duplicates; compare counts loosely)
+    flat = {tuple(r.tolist()) for r in parts["train"][0].flatten(1)}
+    overlap = sum(tuple(r.tolist()) in flat for r in parts["test"][0].flatten(1))
+    assert overlap < 0.05 * sizes["test"]
+    # the same split every call, whatever the seed
+    assert torch.equal(load_data("digits", spec, "test", seed=5)[1], parts["test"][1])
+
+
+def test_digits_follow_spec_channels_and_size() -> None:
+    spec = ViTSpec(img_size=16, patch_size=4, in_chans=3, embed_dim=16, num_heads=2, mlp_ratio=2.0, num_classes=10)
+    x, _ = load_data("digits", spec, "val")
+    assert x.shape[1:] == (3, 16, 16)
+
+
+def test_augment_shifts_but_keeps_values(grey_spec: ViTSpec) -> None:
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    a = augment_batch(x, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and not torch.equal(a, x)
+    assert float(a.min()) >= float(x.min()) and float(a.max()) <= float(x.max())
+
+
+def _npz(tmp_path: Path, x: np.ndarray, y: np.ndarray) -> str:
+    p = tmp_path / "d.npz"
+    np.savez(p, x=x, y=y)
+    return f"npz:{p}"
+
+
+def test_npz_roundtrip_and_errors(tmp_path: Path, grey_spec: ViTSpec) -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    src = _npz(tmp_path, rng.integers(0, 256, (30, 8, 8), dtype=np.uint8), y)
+    x, yy = load_data(src, grey_spec, "train")
+    assert x.shape[1:] == (1, 8, 8) and len(yy) == 21
+    with pytest.raises(DataError, match="outside 0..2"):
+        load_data(_npz(tmp_path, np.zeros((4, 8, 8)), np.array([0, 1, 2, 3])), grey_spec, "train")
+    with pytest.raises(DataError, match="12x12"):
+        load_data(_npz(tmp_path, np.zeros((4, 12, 12)), np.array([0, 1, 2, 0])), grey_spec, "train")
+    with pytest.raises(DataError, match="no such npz"):
+        load_data("npz:/nonexistent/d.npz", grey_spec, "train")
+    with pytest.raises(DataError, match="unknown data source"):
+        load_data("mnist", grey_spec, "train")
+    with pytest.raises(DataError, match="unknown split"):
+        load_data("digits", grey_spec, "dev")
+
+
+def _folder(tmp_path: Path, classes: dict[str, int]) -> Path:
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for c, n in classes.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((12, 10), 40 * i, dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_folder_reads_resizes_and_labels(tmp_path: Path, grey_spec: ViTSpec) -> None:
+    root = _folder(tmp_path, {"a": 5, "b": 5})
+    x, y = load_data(f"folder:{root}", grey_spec, "train")
+    assert x.shape[1:] == (1, 8, 8) and set(y.tolist()) == {0, 1}
+
+
+def test_folder_errors_name_the_problem(tmp_path: Path, grey_spec: ViTSpec) -> None:
+    with pytest.raises(DataError, match="no such data folder"):
+        load_data(f"folder:{tmp_path / 'missing'}", grey_spec, "train")
+    root = _folder(tmp_path, {"a": 3, "b": 0})
+    with pytest.raises(DataError, match="holds no images"):
+        load_data(f"folder:{root}", grey_spec, "train")
+    (root / "b" / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.png"):
+        load_data(f"folder:{root}", grey_spec, "train")
+    root2 = _folder(tmp_path / "many", {c: 2 for c in "abcd"})  # 4 classes, spec has 3
+    with pytest.raises(DataError, match="4 classes"):
+        load_data(f"folder:{root2}", grey_spec, "train")

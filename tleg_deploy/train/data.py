@@ -1,0 +1,211 @@
+"""Training, validation and test data as tensors: ``load_data(source, spec, split)``.
+
+Sources (DESIGN.md §5): ``digits`` (scikit-learn's bundled 8x8 handwritten digits, no download),
+``folder:PATH`` (ImageFolder layout: one sub-folder per class, read with PIL; or ``PATH/train``,
+``PATH/val``, ``PATH/test`` each in that layout) and ``npz:PATH`` (arrays ``x`` of shape
+``(N, H, W)`` or ``(N, H, W, C)`` and integer ``y`` of shape ``(N,)``).
+
+Splits are a fixed, stratified 70/10/20 train/val/test partition drawn with ``SPLIT_SEED`` so that
+every run, seed and helper sees the same test set; ``seed`` only drives augmentation. Images come
+back as float ``(N, C, H, W)`` scaled to [-1, 1] (``(x - 0.5) / 0.5`` of the [0, 1] image), labels as
+int64. Anything unusable raises ``DataError`` naming the file, class or value.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tleg_deploy.config import ViTSpec
+from tleg_deploy.errors import DataError
+
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = {"val": 0.1, "test": 0.2}  # the rest is train
+SPLIT_SEED = 0
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def load_data(
+    source: str, spec: ViTSpec, split: str, *, seed: int = 0, augment: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Images ``(N, C, H, W)`` normalised for ``spec`` and int64 labels ``(N,)`` of one split.
+
+    ``augment=True`` applies one random draw of :func:`augment_batch` (seeded by ``seed``); the
+    training loop instead augments every batch afresh.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}", hint=f"choose one of {', '.join(SPLITS)}")
+    kind, _, arg = source.partition(":")
+    if kind == "digits" and not arg:
+        x, y = _digits_split(split, spec)
+    elif kind == "folder" and arg:
+        x, y = _folder(Path(arg), spec, split)
+    elif kind == "npz" and arg:
+        x, y = _npz(Path(arg), spec, split)
+    else:
+        raise DataError(f"unknown data source {source!r}", hint="use digits, folder:PATH or npz:PATH")
+    if augment:
+        x = augment_batch(x, torch.Generator().manual_seed(seed))
+    return x, y
+
+
+def augment_batch(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Light augmentation: a random translation of up to 1/8 of the image (at least one pixel)
+    in each direction, filling with the background value. No flips: digits are not symmetric."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    bg = float(x.min()) if x.numel() else -1.0
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=bg)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * pad)
+    out = padded.gather(2, rows)  # (N, C, H, W + 2 pad)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    return out.gather(3, cols)
+
+
+# -- splitting -----------------------------------------------------------------------------------
+def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """Stratified fixed split: per class, shuffle with ``SPLIT_SEED``, then test, val, train."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    picked: list[np.ndarray] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_test = int(round(SPLIT_FRACTIONS["test"] * len(idx)))
+        n_val = int(round(SPLIT_FRACTIONS["val"] * len(idx)))
+        parts = {"test": idx[:n_test], "val": idx[n_test:n_test + n_val], "train": idx[n_test + n_val:]}
+        picked.append(parts[split])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def _finish(x: np.ndarray, y: np.ndarray, spec: ViTSpec, origin: str) -> tuple[Tensor, Tensor]:
+    """``x`` in [0, 1] as (N, C, H, W) float32 → normalised tensor; labels checked against spec."""
+    y = np.asarray(y)
+    if y.size and (y.min() < 0 or y.max() >= spec.num_classes):
+        bad = int(y.min()) if y.min() < 0 else int(y.max())
+        raise DataError(
+            f"{origin} has label {bad} outside 0..{spec.num_classes - 1}",
+            hint=f"the spec has {spec.num_classes} classes",
+        )
+    images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return (images - 0.5) / 0.5, torch.from_numpy(y.astype(np.int64))
+
+
+# -- digits ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)  # (1797, 8, 8) in [0, 1]
+
+
+def _digits_split(split: str, spec: ViTSpec) -> tuple[Tensor, Tensor]:
+    images, labels = _digits_raw()
+    idx = split_indices(labels, split)
+    x = torch.from_numpy(images[idx]).unsqueeze(1)  # (N, 1, 8, 8)
+    if spec.img_size != 8:
+        x = torch.nn.functional.interpolate(x, size=(spec.img_size, spec.img_size), mode="bilinear",
+                                            align_corners=False)
+    x = x.expand(-1, spec.in_chans, -1, -1)
+    return _finish(x.numpy(), labels[idx], spec, "digits")
+
+
+# -- npz ---------------------------------------------------------------------------------------------
+def _npz(path: Path, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
+    if not path.is_file():
+        raise DataError(f"no such npz file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f or "y" not in f:
+                raise DataError(f"{path} must hold arrays 'x' and 'y', found {sorted(f.files)}")
+            x, y = np.asarray(f["x"]), np.asarray(f["y"])
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path} is not a readable .npz file: {e}") from None
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(f"{path}: x must be (N, H, W[, C]) and y (N,), got {x.shape} and {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: y must hold integer labels, got dtype {y.dtype}")
+    h, w, c = x.shape[1:]
+    if (h, w) != (spec.img_size, spec.img_size):
+        raise DataError(
+            f"{path}: images are {h}x{w}, the spec expects {spec.img_size}x{spec.img_size}",
+            hint="resize the arrays or use folder:PATH, which resizes",
+        )
+    if c != spec.in_chans:
+        raise DataError(f"{path}: images have {c} channel(s), the spec expects {spec.in_chans}")
+    scale = 255.0 if np.issubdtype(x.dtype, np.integer) or x.max(initial=0) > 1.0 else 1.0
+    idx = split_indices(y, split)
+    return _finish(x[idx].transpose(0, 3, 1, 2) / scale, y[idx], spec, str(path))
+
+
+# -- folder --------------------------------------------------------------------------------------------
+def _folder(root: Path, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
+    if not root.is_dir():
+        raise DataError(f"no such data folder: {root}")
+    if all((root / s).is_dir() for s in SPLITS):  # pre-split layout
+        classes = _classes(root / "train")
+        files, labels = _scan(root / split, classes)
+        idx = np.arange(len(labels))
+    else:
+        classes = _classes(root)
+        files, labels = _scan(root, classes)
+        idx = split_indices(labels, split)
+    if len(classes) > spec.num_classes:
+        raise DataError(
+            f"{root} has {len(classes)} classes, the spec has {spec.num_classes}",
+            hint=f"label {len(classes) - 1} ({classes[-1]}) is out of range",
+        )
+    x = np.stack([_read_image(files[i], spec) for i in idx]) if len(idx) else np.zeros(
+        (0, spec.in_chans, spec.img_size, spec.img_size), np.float32)
+    return _finish(x, labels[idx], spec, str(root))
+
+
+def _classes(root: Path) -> list[str]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders", hint="use one sub-folder per class")
+    return classes
+
+
+def _scan(root: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    if not root.is_dir():
+        raise DataError(f"no such data folder: {root}")
+    extra = sorted(set(_classes(root)) - set(classes))
+    if extra:
+        raise DataError(f"{root} has class folder {extra[0]!r} that the training split lacks")
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DataError(f"class folder {root / name} holds no images",
+                            hint=f"image files end in {', '.join(sorted(IMAGE_SUFFIXES))}")
+        files += found
+        labels += [label] * len(found)
+    return files, np.asarray(labels, dtype=np.int64)
+
+
+def _read_image(path: Path, spec: ViTSpec) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if spec.in_chans == 1 else "RGB")
+            im = im.resize((spec.img_size, spec.img_size), Image.Resampling.BILINEAR)
+            a = np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, H, W)
+    if a.shape[0] != spec.in_chans:
+        raise DataError(f"{path} has {a.shape[0]} channels, the spec expects {spec.in_chans}")
+    return a
