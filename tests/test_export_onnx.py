@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tleg_deploy.errors import ExportError
+from tleg_deploy.expand import expand
+from tleg_deploy.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, read_metadata
+
+
+def _ort_run(path, x: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {INPUT_NAME: x.numpy()})[0]
+
+
+def test_export_parity_dynamic_batch_and_single_file(tiny_lg, tmp_path):
+    model = expand(tiny_lg, 3).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", metadata={"learngene_sha256": tiny_lg.sha256()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no external data, no temp left
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == [INPUT_NAME]
+    assert [o.name for o in proto.graph.output] == [OUTPUT_NAME]
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    g = torch.Generator().manual_seed(3)
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 8, 8, generator=g)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = _ort_run(path, x)
+        assert got.shape == (batch, 5)
+        assert np.abs(got - ref).max() < 1e-4
+    # a model with different weights is detected by the same comparison (the check can fail)
+    other = expand(tiny_lg, 4).eval()
+    with torch.no_grad():
+        assert np.abs(_ort_run(path, x) - other(x).numpy()).max() > 1e-3
+
+
+def test_metadata_props(tiny_lg, tmp_path):
+    model = expand(tiny_lg, 2)
+    meta = read_metadata(export_onnx(model, tmp_path / "m.onnx", metadata={"learngene_sha256": "ab" * 32}))
+    assert meta["format"] == "tleg-onnx" and meta["schema_version"] == "1"
+    assert meta["depth"] == "2" and meta["learngene_sha256"] == "ab" * 32
+    assert meta["tool_version"].startswith("tleg-deploy ")
+    from tleg_deploy.config import ViTSpec
+
+    assert ViTSpec.from_json(meta["spec"]) == tiny_lg.spec
+
+
+def test_export_bad_options(tiny_lg, tmp_path):
+    model = expand(tiny_lg, 1)
+    with pytest.raises(ExportError, match="opset"):
+        export_onnx(model, tmp_path / "m.onnx", opset=13)
+    with pytest.raises(ExportError, match="exporter"):
+        export_onnx(model, tmp_path / "m.onnx", exporter="magic")
+    assert list(tmp_path.iterdir()) == []
