@@ -55,3 +55,12 @@ def parse_count(text: str) -> int:
     if unit.lower() not in _COUNT:
         raise UnitError(f"unknown count suffix {unit!r} in {text!r}", hint="use k, M or G")
     return round(value * _COUNT[unit.lower()])
+
+
+def parse_percentile(text: str) -> str:
+    """``'p90'``, ``'P90'`` or ``'90'`` -> ``'p90'``; only p50 and p90 are budgeted."""
+    norm = text.strip().lower()
+    norm = norm if norm.startswith("p") else f"p{norm}"
+    if norm not in ("p50", "p90"):
+        raise UnitError(f"unknown latency percentile {text!r}", hint="use p50 or p90")
+    return norm
