@@ -1,0 +1,188 @@
+"""``validate_onnx``: prove that an exported file computes what the PyTorch model computes.
+
+Following optimum-onnx's ``validate_model_outputs``: the ONNX checker first, then ONNX Runtime
+against PyTorch on fresh random inputs at two batch sizes (so the dynamic batch axis is exercised),
+with the max absolute difference per output compared to an explicit tolerance per precision.
+Quantized variants change the numbers by design, so they are judged by top-1 agreement with the
+fp32 PyTorch model on real images (``images``). A failed check raises ``ExportError``; the report
+is saved next to the model either way (``<name>.validation.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tleg_deploy.errors import ExportError
+from tleg_deploy.export.onnx import INPUT_NAME, OUTPUT_NAME
+from tleg_deploy.fileio import write_json_atomic
+from tleg_deploy.vit import ViT
+
+REPORT_FORMAT = "tleg-validation"
+REPORT_VERSION = "1"
+# Max abs logit difference vs PyTorch on random inputs. fp16 is relative to the logit scale.
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8": float("inf"), "int8-qdq": float("inf")}
+# Minimum top-1 agreement with fp32 PyTorch on real images, where images are given.
+MIN_AGREEMENT = {"fp32": 0.999, "fp16": 0.99, "int8": 0.99, "int8-qdq": 0.98}
+PRECISIONS = tuple(TOLERANCES)
+
+
+@dataclass
+class ValidationReport:
+    file: str
+    precision: str
+    passed: bool
+    batch_sizes: list[int]
+    max_abs_diff: dict[str, float]     # per output, worst over the batch sizes
+    tolerance: dict[str, float]
+    agreement: float | None = None     # top-1 agreement with fp32 PyTorch on real images
+    min_agreement: float | None = None
+    images: int = 0
+    data: str | None = None
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    onnxruntime: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tolerance"] = {k: (v if np.isfinite(v) else None) for k, v in self.tolerance.items()}
+        return {"format": REPORT_FORMAT, "schema_version": REPORT_VERSION, **d}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        target = Path(path)
+        write_json_atomic(target, self.to_dict())
+        return target
+
+
+def report_path(onnx_path: str | os.PathLike[str]) -> Path:
+    p = Path(onnx_path)
+    return p.with_name(p.stem + ".validation.json")
+
+
+def make_session(onnx_path: str | os.PathLike[str], threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session (``threads`` intra-op threads, no spinning)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        from tleg_deploy.errors import BackendError
+
+        raise BackendError("onnxruntime is not installed", hint="pip install onnxruntime") from e
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError(f"ONNX Runtime cannot load {onnx_path}: {str(e).splitlines()[0][:300]}") from e
+
+
+def validate_onnx(
+    onnx_path: str | os.PathLike[str],
+    model: ViT,
+    *,
+    precision: str = "fp32",
+    batch_sizes: tuple[int, int] = (1, 3),
+    tolerance: float | None = None,
+    images: torch.Tensor | None = None,
+    data: str | None = None,
+    min_agreement: float | None = None,
+    seed: int = 0,
+    threads: int = 1,
+    save: bool = True,
+    check: bool = True,
+) -> ValidationReport:
+    """Check ``onnx_path`` against ``model``; raise ``ExportError`` if it fails.
+
+    ``images`` (N, C, H, W), when given, adds the top-1 agreement check (required for int8);
+    ``data`` names where they came from, for the report. ``check=False`` skips the (slow on big
+    graphs) ``onnx.checker`` pass for files this package just derived from a checked one.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    if precision not in TOLERANCES:
+        raise ExportError(f"unknown precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
+    if precision.startswith("int8") and images is None:
+        raise ExportError(f"{precision} validation needs real images for the top-1 agreement check",
+                          hint="pass images=load_data('digits', spec, 'test')[0] or your own")
+    start = time.perf_counter()
+    path = Path(onnx_path)
+    tol = TOLERANCES[precision] if tolerance is None else tolerance
+    failures: list[str] = []
+    if check:
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as e:  # onnx raises ValidationError and friends
+            failures.append(f"onnx.checker: {str(e).splitlines()[0][:300]}")
+    session = make_session(path, threads)
+    spec = model.spec
+    model = model.eval()
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch in batch_sizes:
+        x = torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size, generator=g)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = _run(session, x)
+        if got.shape != ref.shape:
+            failures.append(f"{OUTPUT_NAME} has shape {got.shape} at batch {batch}, expected {ref.shape}")
+            continue
+        if not np.all(np.isfinite(got)):
+            failures.append(f"{OUTPUT_NAME} has non-finite values at batch {batch}")
+            continue
+        diff = float(np.abs(got - ref).max())
+        if precision == "fp16":
+            diff /= max(1.0, float(np.abs(ref).max()))
+        worst = max(worst, diff)
+    if worst > tol:
+        failures.append(f"max abs diff of {OUTPUT_NAME} {worst:.3g} exceeds the {precision} tolerance {tol:g}")
+    agreement = None
+    need = None
+    if images is not None:
+        need = MIN_AGREEMENT[precision] if min_agreement is None else min_agreement
+        agreement = top1_agreement(session, model, images)
+        if agreement < need:
+            failures.append(f"top-1 agreement with fp32 PyTorch {agreement:.2%} is below {need:.0%}")
+    report = ValidationReport(
+        file=path.name, precision=precision, passed=not failures, batch_sizes=list(batch_sizes),
+        max_abs_diff={OUTPUT_NAME: worst}, tolerance={OUTPUT_NAME: tol}, agreement=agreement,
+        min_agreement=need, images=0 if images is None else len(images), data=data, failures=failures,
+        seconds=round(time.perf_counter() - start, 4), onnxruntime=ort.__version__,
+    )
+    if save:
+        report.save(report_path(path))
+    if failures:
+        raise ExportError(f"{path.name} failed validation: {failures[0]}",
+                          hint=f"details in {report_path(path).name}" if save else None)
+    return report
+
+
+def top1_agreement(session: Any, model: ViT, images: torch.Tensor, batch: int = 256) -> float:
+    """Fraction of ``images`` on which the session's and ``model``'s top-1 classes agree."""
+    agree = 0
+    for i in range(0, len(images), batch):
+        x = images[i : i + batch].float()
+        with torch.no_grad():
+            ref = model(x).argmax(-1).numpy()
+        agree += int((_run(session, x).argmax(-1) == ref).sum())
+    return agree / max(1, len(images))
+
+
+def _run(session: Any, x: torch.Tensor) -> np.ndarray:
+    return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy().astype(np.float32)})[0], dtype=np.float32)
+
+
+def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(Path(path).read_text())
+    if data.get("format") != REPORT_FORMAT:
+        raise ExportError(f"{path} is not a validation report")
+    return data
