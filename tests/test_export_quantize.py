@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+from tleg_deploy.errors import ExportError
+from tleg_deploy.expand import expand
+from tleg_deploy.export.onnx import export_onnx, read_metadata
+from tleg_deploy.export.quantize import convert_fp16, quantize_int8
+from tleg_deploy.export.validate import validate_onnx
+
+
+def test_int8_agrees_with_fp32_on_digits(tmp_path):
+    """The issue's bar: on digits, the int8 model agrees with fp32 on >= 99% of the test images."""
+    from tleg_deploy.resources import load_learngene
+    from tleg_deploy.train.data import load_data
+
+    lg = load_learngene("demo")
+    model = expand(lg, lg.aux_depth)
+    images, _ = load_data("digits", lg.spec, "test")
+    fp32 = export_onnx(model, tmp_path / "m.onnx")
+    int8 = quantize_int8(fp32, tmp_path / "m_int8.onnx")
+    report = validate_onnx(int8, model, precision="int8", images=images, data="digits:test")  # raises below 99%
+    assert report.agreement is not None and report.agreement >= 0.99 and report.images == len(images) > 100
+    assert read_metadata(int8)["precision"] == "int8"
+    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
+    assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+    assert int8.stat().st_size < 0.5 * fp32.stat().st_size
+
+
+def test_int8_agreement_failure_is_an_error(tiny_lg, tmp_path):
+    model = expand(tiny_lg, 2)
+    int8 = quantize_int8(export_onnx(model, tmp_path / "m.onnx"), tmp_path / "q.onnx")
+    other = expand(tiny_lg, 3)  # a different network: agreement far below 99% on random images
+    images = torch.randn(200, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ExportError, match="agreement"):
+        validate_onnx(int8, other, precision="int8", images=images)
+
+
+def test_qdq_for_tensorrt(tiny_lg, tmp_path):
+    model = expand(tiny_lg, 2)
+    calib = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    qdq = quantize_int8(export_onnx(model, tmp_path / "m.onnx"), tmp_path / "q.onnx", mode="qdq", calibration=calib)
+    graph = onnx.load(str(qdq)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") >= 4 and "DequantizeLinear" in ops
+    assert "DynamicQuantizeLinear" not in ops and "MatMulInteger" not in ops  # TensorRT cannot read those
+    zero_points = [i for i in graph.initializer if "zero_point" in i.name]
+    assert zero_points and all(onnx.numpy_helper.to_array(z).max() == 0 for z in zero_points)  # symmetric
+    report = validate_onnx(qdq, model, precision="int8-qdq", images=calib, min_agreement=0.0)
+    assert 0.0 <= report.agreement <= 1.0
+    with pytest.raises(ExportError, match="calibration"):
+        quantize_int8(tmp_path / "m.onnx", tmp_path / "q2.onnx", mode="qdq")
+
+
+def test_fp16_keeps_layernorm_and_softmax_fp32(tiny_lg, tmp_path):
+    model = expand(tiny_lg, 3)
+    fp16 = convert_fp16(export_onnx(model, tmp_path / "m.onnx"), tmp_path / "h.onnx")
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(fp16)))
+    graph = proto.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input)}
+    types |= {i.name: i.data_type for i in graph.initializer}
+    blocked = [n for n in graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert len(blocked) == 2 * 3 + 1 + 3  # two norms per block, the final norm, one softmax per block
+    for node in blocked:
+        assert all(types[i] == TensorProto.FLOAT for i in node.input if i), node.name
+    matmul_weights = [i for n in graph.node if n.op_type == "MatMul" for i in n.input if i in types]
+    assert any(types[w] == TensorProto.FLOAT16 for w in matmul_weights)
+    assert graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # fp32 I/O
+    assert graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    report = validate_onnx(fp16, model, precision="fp16")
+    assert 0 < report.max_abs_diff["logits"] < 2e-2
+    assert read_metadata(fp16)["precision"] == "fp16"

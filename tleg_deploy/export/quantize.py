@@ -1,0 +1,191 @@
+"""INT8 and FP16 variants of an exported fp32 ONNX file.
+
+- ``quantize_int8(..., mode="dynamic")``: ONNX Runtime dynamic quantization (int8 weights, int8
+  activations quantized on the fly) of the weight MatMuls/Gemms only (``MatMulConstBOnly``): the
+  attention products QKᵀ and AV stay fp32, which is where a ViT loses accuracy to int8.
+- ``quantize_int8(..., mode="qdq", calibration=images)``: static QuantizeLinear/DequantizeLinear
+  pairs from calibration images, symmetric int8 with per-channel weights — the explicit-quantization
+  form TensorRT reads (it cannot read ORT's dynamic ``DynamicQuantizeLinear``/``MatMulInteger``).
+- ``convert_fp16``: weights and activations in fp16, with LayerNormalization and Softmax computed
+  in fp32 (their inputs cast up, outputs cast down) to avoid overflow in the variance and the
+  exponent; the graph's input and output stay fp32 so callers feed the same arrays.
+
+Each keeps the source's metadata props and adds ``precision``. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tleg_deploy.errors import BackendError, ExportError
+from tleg_deploy.export.onnx import INPUT_NAME, save_proto, set_metadata
+
+INT8_MODES = ("dynamic", "qdq")
+FP32_OPS = ("LayerNormalization", "Softmax")  # kept in fp32 in the fp16 variant
+
+
+def quantize_int8(
+    onnx_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    mode: str = "dynamic",
+    calibration: torch.Tensor | None = None,
+    per_channel: bool | None = None,
+) -> Path:
+    """Write an int8 variant of ``onnx_path`` to ``out_path``; returns ``out_path``."""
+    try:
+        import onnx
+        from onnxruntime import quantization as q
+    except ImportError as e:
+        raise BackendError("onnxruntime is not installed", hint="pip install onnxruntime") from e
+    if mode not in INT8_MODES:
+        raise ExportError(f"unknown int8 mode {mode!r}", hint=f"choose one of {', '.join(INT8_MODES)}")
+    if mode == "qdq" and (calibration is None or len(calibration) == 0):
+        raise ExportError("static (QDQ) int8 needs calibration images", hint="pass calibration=images")
+    src = Path(onnx_path)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".quant.") as tmp, _quiet_root_logger():
+        tmp_out = Path(tmp) / "q.onnx"
+        try:
+            if mode == "dynamic":
+                q.quantize_dynamic(
+                    src, tmp_out, op_types_to_quantize=["MatMul", "Gemm"], weight_type=q.QuantType.QInt8,
+                    per_channel=bool(per_channel), extra_options={"MatMulConstBOnly": True},
+                )
+            else:
+                assert calibration is not None  # checked above; for mypy
+                q.quantize_static(
+                    src, tmp_out, _Reader(calibration), quant_format=q.QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel is not False,
+                    activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+                    calibrate_method=q.CalibrationMethod.MinMax,
+                    extra_options={
+                        "ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True,
+                        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                    },
+                )
+        except ExportError:
+            raise
+        except Exception as e:
+            raise ExportError(f"int8 ({mode}) quantization of {src.name} failed: {type(e).__name__}: {e}") from e
+        proto = onnx.load(str(tmp_out))
+    _tag(proto, src, "int8" if mode == "dynamic" else "int8-qdq")
+    return save_proto(proto, out)
+
+
+def convert_fp16(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:
+    """Write an fp16 variant of ``onnx_path`` (fp32 I/O, LayerNorm and Softmax in fp32)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    src = Path(onnx_path)
+    proto = onnx.load(str(src))
+    graph = proto.graph
+    # Initializers only ever read as LayerNorm scale/bias stay fp32; everything else goes fp16.
+    blocked_reads = {name for n in graph.node if n.op_type in FP32_OPS for name in n.input[1:]}
+    other_reads = {name for n in graph.node if n.op_type not in FP32_OPS for name in n.input}
+    other_reads |= {n.input[0] for n in graph.node if n.op_type in FP32_OPS and n.input}
+    fp32_inputs = (blocked_reads - other_reads) & {i.name for i in graph.initializer}
+    for init in graph.initializer:
+        if init.data_type == TensorProto.FLOAT and init.name not in fp32_inputs:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    new_nodes: list[Any] = []
+    in_name = graph.input[0].name
+    out_name = graph.output[0].name
+    half_in = f"{in_name}_fp16"
+    new_nodes.append(helper.make_node("Cast", [in_name], [half_in], to=TensorProto.FLOAT16, name="fp16/cast_in"))
+    for node in graph.node:
+        node.input[:] = [half_in if i == in_name else i for i in node.input]
+        if node.op_type == "Constant":
+            _constant_to_fp16(node)
+        elif node.op_type == "Cast" and _attr(node, "to") == TensorProto.FLOAT:
+            for a in node.attribute:
+                if a.name == "to":
+                    a.i = TensorProto.FLOAT16
+        if node.op_type in FP32_OPS:
+            for k, name in enumerate(node.input):
+                if name and name not in fp32_inputs:
+                    x32 = f"{name}_fp32_{node.name}"
+                    new_nodes.append(helper.make_node("Cast", [name], [x32], to=TensorProto.FLOAT,
+                                                      name=f"{node.name}/cast_up{k}"))
+                    node.input[k] = x32
+            y32 = f"{node.output[0]}_fp32"
+            y16 = node.output[0]
+            node.output[0] = y32
+            new_nodes.append(node)
+            new_nodes.append(helper.make_node("Cast", [y32], [y16], to=TensorProto.FLOAT16,
+                                              name=f"{node.name}/cast_down"))
+            continue
+        new_nodes.append(node)
+    half_out = f"{out_name}_fp16"
+    for node in new_nodes:
+        node.output[:] = [half_out if o == out_name else o for o in node.output]
+        node.input[:] = [half_out if i == out_name else i for i in node.input]
+    new_nodes.append(helper.make_node("Cast", [half_out], [out_name], to=TensorProto.FLOAT, name="fp16/cast_out"))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.value_info[:]  # stale fp32 types; shape inference recomputes what it needs
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        raise ExportError(f"fp16 conversion of {src.name} produced an invalid graph: {e}") from e
+    _tag(proto, src, "fp16")
+    return save_proto(proto, out_path)
+
+
+def _tag(proto: Any, src: Path, precision: str) -> None:
+    from tleg_deploy.export.onnx import read_metadata
+
+    props = read_metadata(src) | {"precision": precision}
+    set_metadata(proto, props)
+
+
+def _attr(node: Any, name: str) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return None
+
+
+def _constant_to_fp16(node: Any) -> None:
+    from onnx import TensorProto, numpy_helper
+
+    for a in node.attribute:
+        if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
+            a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ORT's quantizer logs "consider pre-processing" on the root logger on every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+class _Reader:
+    """ORT calibration data reader over a tensor of images, in batches of 32."""
+
+    def __init__(self, images: torch.Tensor, batch: int = 32) -> None:
+        arr = images.detach().float().numpy().astype(np.float32)
+        self._batches = iter([arr[i : i + batch] for i in range(0, len(arr), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self._batches, None)
+        return None if x is None else {INPUT_NAME: x}
