@@ -199,8 +199,8 @@ def _read_image(path: Path, spec: ViTSpec) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if spec.in_chans == 1 else "RGB")
+        with Image.open(path) as raw:
+            im = raw.convert("L" if spec.in_chans == 1 else "RGB")
             im = im.resize((spec.img_size, spec.img_size), Image.Resampling.BILINEAR)
             a = np.asarray(im, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError) as e:

@@ -1,0 +1,98 @@
+"""Ways to initialize a depth-``L`` descendant, compared in ``benchmarks/paper_claims.py``.
+
+- ``tleg``: the learngene's linear expansion, block ``i`` = ``base + (i/L)·slope`` (Xia et al., AAAI 2024).
+- ``scratch``: the standard random init of timm/DeiT (``tleg_deploy.vit.init_vit_``).
+- ``weight-selection``: Xu et al., "Initializing Models with Larger Ones" (ICLR 2024): copy a subset of
+  a larger pretrained teacher's weights — evenly spaced layers (``layers="uniform"``, or the first L
+  with ``"first"``) and, inside each tensor, the leading channels of every dimension (q, k and v are
+  sliced separately so heads stay aligned).
+- ``base-only``: the learngene's intercept repeated in every layer (the slope dropped), the
+  "shared-weights" ablation of TLEG: how much does the linear term itself contribute?
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tleg_deploy.config import ViTSpec, check_depth
+from tleg_deploy.errors import SpecError, TlegError
+from tleg_deploy.expand import expand
+from tleg_deploy.learngene import Learngene
+from tleg_deploy.vit import ViT, block_param_shapes, init_vit_, shared_param_shapes
+
+INITS = ("tleg", "scratch", "weight-selection", "base-only")
+
+
+def init_model(
+    name: str, depth: int, *, spec: ViTSpec | None = None, learngene: Learngene | None = None,
+    teacher: ViT | None = None, seed: int = 0,
+) -> ViT:
+    """A fresh depth-``depth`` ViT initialized by method ``name`` (one of ``INITS``)."""
+    check_depth(depth)
+    if name in ("tleg", "base-only"):
+        if learngene is None:
+            raise TlegError(f"initialization {name!r} needs a learngene")
+        return expand(learngene, depth) if name == "tleg" else base_only(learngene, depth)
+    if name == "scratch":
+        s = spec or (learngene.spec if learngene is not None else None)
+        if s is None:
+            raise TlegError("initialization 'scratch' needs a spec or a learngene")
+        return init_vit_(ViT(s, depth), torch.Generator().manual_seed(seed))
+    if name == "weight-selection":
+        if teacher is None:
+            raise TlegError("initialization 'weight-selection' needs a teacher model", hint="pass --teacher FILE")
+        s = spec or (learngene.spec if learngene is not None else teacher.spec)
+        return weight_selection(teacher, s, depth)
+    raise TlegError(f"unknown initialization {name!r}", hint=f"choose one of {', '.join(INITS)}")
+
+
+def base_only(lg: Learngene, depth: int) -> ViT:
+    state = {k: v.clone() for k, v in lg.shared.items()}
+    for i in range(depth):
+        state |= {f"blocks.{i}.{k}": v.clone() for k, v in lg.base.items()}
+    return _from_state(lg.spec, depth, state)
+
+
+def selected_layers(teacher_depth: int, depth: int, mode: str = "uniform") -> list[int]:
+    """Teacher layer indices for a depth-``depth`` student: evenly spaced (first and last kept) or the first L."""
+    if depth > teacher_depth:
+        raise SpecError(f"weight selection cannot make depth {depth} from a depth-{teacher_depth} teacher",
+                        hint="use a teacher at least as deep as the model")
+    if mode == "first" or depth == 1:
+        return list(range(depth))
+    if mode != "uniform":
+        raise TlegError(f"unknown layer selection {mode!r}", hint="use uniform or first")
+    return [round(i * (teacher_depth - 1) / (depth - 1)) for i in range(depth)]
+
+
+def weight_selection(teacher: ViT, spec: ViTSpec, depth: int, layers: str = "uniform") -> ViT:
+    """Xu et al. (ICLR 2024): a smaller ViT whose every tensor is the leading slice of the teacher's."""
+    t = teacher.spec
+    same = ("img_size", "patch_size", "in_chans", "num_classes", "class_token", "qkv_bias")
+    diff = [f for f in same if getattr(t, f) != getattr(spec, f)]
+    if diff or t.embed_dim < spec.embed_dim or t.mlp_hidden < spec.mlp_hidden:
+        raise SpecError(f"teacher spec cannot be cut down to the model's (differs in {diff or 'width'})",
+                        hint="the teacher must be at least as wide, with the same image, patch and classes")
+    src = teacher.state_dict()
+    state = {k: _lead(src[k], shape) for k, shape in shared_param_shapes(spec).items()}
+    block_shapes = block_param_shapes(spec)
+    for i, j in enumerate(selected_layers(teacher.depth, depth, layers)):
+        for k, shape in block_shapes.items():
+            v = src[f"blocks.{j}.{k}"]
+            if k.startswith("attn.qkv"):  # slice q, k and v separately
+                v = v.reshape(3, t.embed_dim, *v.shape[1:])
+                state[f"blocks.{i}.{k}"] = _lead(v, (3, spec.embed_dim, *shape[1:])).reshape(shape)
+            else:
+                state[f"blocks.{i}.{k}"] = _lead(v, shape)
+    return _from_state(spec, depth, state)
+
+
+def _lead(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return t[tuple(slice(0, n) for n in shape)].clone()
+
+
+def _from_state(spec: ViTSpec, depth: int, state: dict[str, torch.Tensor]) -> ViT:
+    with torch.device("meta"):
+        model = ViT(spec, depth)
+    model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
+    return model
