@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tleg_deploy.learngene import Learngene
+if TYPE_CHECKING:
+    from tleg_deploy.learngene import Learngene
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEMO_LEARNGENE = DATA_DIR / "demo_learngene.safetensors"
@@ -17,4 +19,6 @@ def learngene_path(name_or_path: str | os.PathLike[str]) -> Path:
 
 
 def load_learngene(name_or_path: str | os.PathLike[str] = "demo") -> Learngene:
+    from tleg_deploy.learngene import Learngene  # torch: only once a learngene is actually loaded
+
     return Learngene.load(learngene_path(name_or_path))

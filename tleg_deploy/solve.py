@@ -300,6 +300,13 @@ def solve(
     )
 
 
+def evaluate(profile: Profile, budget: Budget, *, spec: ViTSpec, depth: int, precision: str, margin: float = 0.0,
+             accuracy: Mapping[int, float] | None = None, batch: int = 1) -> Candidate:
+    """One option's predicted and exact costs against ``budget`` (what ``solve`` weighs per option)."""
+    acc = {} if accuracy is None else _check_accuracy(accuracy)
+    return _candidate(profile, depth, precision, spec, batch, budget, budget.limits(), margin, acc)
+
+
 def _index(plist: Sequence[Profile], pick: Candidate) -> int:
     return next(i for i, p in enumerate(plist) if p.name == pick.device)
 

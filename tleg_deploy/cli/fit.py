@@ -1,0 +1,91 @@
+"""``tleg-deploy fit``: the deepest expansion that fits a budget on a device, built and checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, err, out
+
+if TYPE_CHECKING:
+    from tleg_deploy.fit import FitResult
+
+
+@command()
+def fit(
+    device: Annotated[str, typer.Option("--device", help="Profile name (host, jetson, ...) or a profile .json.")],
+    latency: Annotated[str | None, typer.Option(help="Latency budget, e.g. 5ms, 0.5s, 800us.")] = None,
+    memory: Annotated[str | None, typer.Option(help="Peak memory budget, e.g. 256MB, 1.5GiB.")] = None,
+    params: Annotated[str | None, typer.Option(help="Parameter budget, e.g. 20M.")] = None,
+    percentile: Annotated[str, typer.Option(help="Latency percentile the budget applies to: p50 or p90.")] = "p90",
+    margin: Annotated[float, typer.Option(help="Extra headroom on predicted figures, e.g. 0.1 = 10%.")] = 0.0,
+    learngene: LearngeneOpt = "demo",
+    finetune_data: Annotated[str | None, typer.Option(help="Fine-tune on digits, folder:PATH or npz:PATH.")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Fine-tuning epochs (with --finetune-data).")] = 5,
+    max_depth: Annotated[int, typer.Option(min=1, max=4096, help="Deepest depth searched.")] = 48,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory to write (default fit-DEVICE).")]
+    = None,
+    refresh_profile: Annotated[bool, typer.Option(help="Re-measure the host profile first.")] = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pick the deepest expansion that fits the budget on DEVICE, build, export, validate and (on this host)
+    measure it; write weights, ONNX, plan, manifest, build_engine.sh and REPORT.md to a directory.
+
+    Example: tleg-deploy fit --latency 5ms --memory 256MB --device jetson -o fit-jetson
+    """
+    from tleg_deploy.fit import fit as run_fit
+    from tleg_deploy.solve import Budget
+
+    budget = Budget.from_strings(latency=latency, memory=memory, params=params, percentile=percentile)
+    dest = output or Path(f"fit-{Path(device).stem}")
+    log = None if (quiet or json_) else (lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
+    result = run_fit(budget, device=device, out_dir=dest, learngene=learngene, finetune_data=finetune_data,
+                     epochs=epochs, margin=margin, max_depth=max_depth, refresh_profile=refresh_profile,
+                     quiet=quiet or json_, log=log)
+    if json_:
+        emit_json(result.to_dict())
+    else:
+        render_summary(result)
+
+
+def render_summary(result: FitResult) -> None:
+    """One screen: the pick, why deeper does not fit, measured or estimated, where it went, what next."""
+    from rich.table import Table
+
+    plan = result.plan
+    p = result.pick
+    pct = plan.budget.percentile
+    out.print(f"[bold]{plan.device}[/bold] ({plan.source} profile), {plan.spec.preset_name() or 'custom spec'}; "
+              f"budget {plan.budget.describe()}" + (f", margin {plan.margin:.0%}" if plan.margin else ""))
+    out.print(f"[bold green]pick: depth {result.depth}, {result.precision}[/bold green]  predicted {pct} "
+              f"{p.latency_ms:.3g} ms (95% upper {p.latency_upper_ms:.3g}), memory {p.memory_mb:.1f} MB, "
+              f"{p.params / 1e6:.2f}M params")
+    for step in result.steps:
+        out.print(f"[yellow]why not deeper (measured):[/yellow] {step}", highlight=False)
+    out.print(f"why not deeper{' (solver)' if result.steps else ''}: {plan.why_not_deeper}", highlight=False)
+    if result.measured is not None:
+        m = result.measured
+        out.print(f"figures: [bold]measured[/bold] here, {pct} {m.at(pct):.3g} ms over {m.runs} runs "
+                  f"({m.threads} thread{'s' if m.threads > 1 else ''})")
+    else:
+        out.print(f"figures: [bold yellow]estimated[/bold yellow] ({plan.device} was not run here); "
+                  f"measure the device: [cyan]{result.measure_command}[/cyan]", highlight=False)
+    for note in plan.warnings:
+        if "estimated profile" not in note:
+            out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    table = Table("depth", "precision", f"{pct} ms", "upper ms", "memory MB", "fits", box=None, padding=(0, 1))
+    for c in plan.candidates:
+        if result.depth - 2 <= c.depth <= plan.depth + 2:
+            key = (c.depth, c.precision)
+            mark = "[bold]pick[/bold]" if key == (result.depth, result.precision) else (
+                "measured over" if key == (plan.depth, plan.precision) else ("yes" if c.fits else "no"))
+            table.add_row(str(c.depth), c.precision, f"{c.latency_ms:.3g}", f"{c.latency_upper_ms:.3g}",
+                          f"{c.memory_upper_mb:.1f}", mark)
+    out.print(table)
+    out.print(f"wrote {result.out_dir}/: {', '.join(f for f in result.files if not f.endswith('.validation.json'))}",
+              highlight=False)
+    out.print(f"next: see {result.out_dir}/REPORT.md; on the device run [cyan]bash {result.out_dir}/build_engine.sh"
+              "[/cyan]", highlight=False)
