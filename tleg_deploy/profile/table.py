@@ -11,7 +11,8 @@ textbook one for a new observation from a simple regression,
 
 with ``s`` pooled from the fit residuals and the measurement noise (so three nearly collinear
 points do not claim a zero-width interval), and a relative floor for run-to-run drift (measured)
-or model error (estimated). Outside the measured depths ``predict`` says it is extrapolating.
+or model error (estimated), which grows with the distance outside the measured depths. There
+``predict`` also says it is extrapolating.
 
 JSON format (DESIGN.md §4): ``format="tleg-device-profile"``, ``schema_version``; unknown
 versions and missing or extra keys are rejected with an error naming the key. The stored fit is
@@ -101,7 +102,11 @@ class LinearFit:
             stat = t975(dof) * s * math.sqrt(lever)
         else:
             stat = 0.0
-        return max(stat, self.rel_floor * abs(self.value(depth)))
+        # Beyond the measured depths the relative floor grows with the distance (cache capacity,
+        # memory placement and kernel choice can change there; the line has not seen it).
+        span = max(self.depth_max - self.depth_min, 1)
+        excess = max(self.depth_min - depth, depth - self.depth_max, 0) / span
+        return max(stat, self.rel_floor * (1.0 + excess) * abs(self.value(depth)))
 
     def upper(self, depth: float) -> float:
         return self.value(depth) + self.half_width(depth)

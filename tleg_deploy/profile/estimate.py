@@ -1,0 +1,190 @@
+"""Estimated profiles for hardware we cannot reach: MACs from fvcore, bytes moved, and a roofline
+from datasheet figures, calibrated on a public measurement.
+
+Per ViT block (and likewise for the fixed stem + head):
+
+    t = max(2·MACs / (eff · peak[precision]),  bytes / (eff_bw · bandwidth))  +  kernels · floor
+
+MACs are counted with fvcore (Fvcore's ``FlopCountAnalysis`` counts one multiply-add as one
+"flop") plus a handle for ``aten::scaled_dot_product_attention``, which fvcore does not know;
+``tests`` check the count against the analytic formula in ``tleg_deploy.costs``. Bytes are the
+block's weights at the precision plus its activation traffic. The compute efficiency ``eff`` is
+calibrated on NanoOWL's published Jetson AGX Orin TensorRT timings of two OWL-ViT encoders that
+differ only in token count, so their latency *difference* cancels fixed pipeline costs. Every
+figure's source sits next to it in ``tleg_deploy/data/device_datasheets.json`` and is copied into
+the profile's JSON (``device.hardware`` and each entry's ``basis``).
+
+Regenerate the shipped profiles: ``python -m tleg_deploy.profile.estimate`` (writes
+``tleg_deploy/profiles/*.json``). Peak memory is weights + the largest live activations + a
+workspace; the runtime's own libraries (CUDA context, TensorRT) are outside it, as they are
+outside the measured CPU profiles' "RSS above the interpreter baseline".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tleg_deploy.config import ViTSpec
+from tleg_deploy.profile.table import DeviceProfile, Entry, Point, make_entry
+
+DATASHEETS = Path(__file__).resolve().parent.parent / "data" / "device_datasheets.json"
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+SHIPPED_SPECS = ("deit-tiny", "deit-small", "deit-base", "digits")
+SHIPPED_PRECISIONS = ("fp16", "int8")
+ESTIMATE_DEPTHS = (1, 12, 24, 48)
+_PEAK_KEY = {"fp32": "peak_fp32_tflops", "fp16": "peak_fp16_tflops", "int8": "peak_int8_tops"}
+_WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
+
+
+def _sdpa_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle: QKᵀ and AV of ``scaled_dot_product_attention`` — 2·B·h·N·M·d multiply-adds."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    batch_heads = math.prod(q[:-2])
+    return int(batch_heads * q[-2] * k[-2] * (q[-1] + v[-1]))
+
+
+def fvcore_macs(spec: ViTSpec, batch: int = 1, *, matmul_only: bool = True) -> tuple[int, int]:
+    """(MACs per block, fixed MACs) of one forward pass of ``batch`` images, counted by fvcore on
+    depth-1 and depth-2 models. ``matmul_only`` keeps conv/linear/matmul/attention (as costs.py)."""
+    import torch
+    from fvcore.nn import FlopCountAnalysis
+
+    from tleg_deploy.vit import ViT
+
+    totals = []
+    for depth in (1, 2):
+        model = ViT(spec, depth).eval()
+        x = torch.zeros(batch, spec.in_chans, spec.img_size, spec.img_size)
+        flops = FlopCountAnalysis(model, x).set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
+        flops.unsupported_ops_warnings(False)
+        flops.uncalled_modules_warnings(False)
+        by_op = flops.by_operator()
+        keep = ("conv", "linear", "addmm", "matmul", "bmm", "mm", "einsum", "scaled_dot_product_attention")
+        totals.append(sum(v for k, v in by_op.items() if k in keep) if matmul_only else flops.total())
+    block = totals[1] - totals[0]
+    return int(block), int(totals[0] - block)
+
+
+def load_datasheets(path: Path = DATASHEETS) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def _value(facts: dict[str, Any], key: str) -> float:
+    return float(facts[key]["value"])
+
+
+def calibrate_efficiency(sheets: dict[str, Any]) -> dict[str, Any]:
+    """fp16 compute efficiency from the public measurement (difference of two latencies)."""
+    from tleg_deploy import costs
+
+    cal = sheets["calibration"]
+    peak = _value(sheets["devices"][cal["device"]]["facts"], "peak_fp16_tflops") * 1e12
+    pts = []
+    for p in cal["points"]:
+        spec = ViTSpec(**p["spec"])
+        pts.append((2 * costs.macs(spec, p["depth"]), 1.0 / p["fps"]))
+    (f1, t1), (f2, t2) = sorted(pts)
+    eff = (f2 - f1) / (t2 - t1) / peak
+    return {"value": eff, "source": cal["source"], "method": cal["method"],
+            "points": [{"model": p["model"], "fps": p["fps"], "flops": f} for p, (f, _) in zip(cal["points"], pts,
+                                                                                             strict=True)]}
+
+
+def _part_time_s(macs: int, weight_params: int, act_elems: int, kernels: int, precision: str,
+                 facts: dict[str, Any], a: dict[str, Any], eff: float) -> tuple[float, dict[str, float]]:
+    peak = _value(facts, _PEAK_KEY[precision]) * 1e12
+    if precision == "int8":
+        eff *= float(a["int8_compute_efficiency_vs_fp16"]["value"])
+    compute = 2 * macs / (eff * peak)
+    act_bytes = float(a["activation_bytes"]["value"].get(precision, 4))
+    moved = weight_params * _WEIGHT_BYTES[precision] + act_elems * act_bytes
+    memory = moved / (float(a["bandwidth_efficiency"]["value"]) * _value(facts, "memory_bandwidth_gbs") * 1e9)
+    floor = kernels * _value(facts, "kernel_floor_us") * 1e-6
+    return max(compute, memory) + floor, {"compute_ms": compute * 1e3, "memory_ms": memory * 1e3,
+                                           "kernel_floor_ms": floor * 1e3, "bytes_moved": moved}
+
+
+def estimate_entry(name: str, spec: ViTSpec, precision: str, batch: int = 1, *,
+                   sheets: dict[str, Any] | None = None, macs: tuple[int, int] | None = None,
+                   calibration: dict[str, Any] | None = None,
+                   depths: Sequence[int] = ESTIMATE_DEPTHS) -> Entry:
+    """The roofline-estimated entry of device ``name`` for one (spec, precision, batch)."""
+    from tleg_deploy import costs
+
+    sheets = sheets or load_datasheets()
+    dev = sheets["devices"][name]
+    facts, a = dev["facts"], sheets["assumptions"]
+    cal = calibration or calibrate_efficiency(sheets)
+    block_macs, fixed_macs = macs or fvcore_macs(spec, batch)
+    n, d = batch * spec.num_tokens, spec.embed_dim
+    t_block, block_parts = _part_time_s(
+        block_macs, costs.block_params(spec), int(a["activation_passes_per_block"]["value"]) * n * d,
+        int(a["kernels_per_block"]["value"]), precision, facts, a, cal["value"])
+    t_fixed, fixed_parts = _part_time_s(
+        fixed_macs, costs.fixed_params(spec), 4 * n * d + batch * spec.in_chans * spec.img_size**2,
+        int(a["kernels_fixed"]["value"]), precision, facts, a, cal["value"])
+    p90 = float(a["p90_over_p50"]["value"])
+    live = batch * spec.num_tokens * max(3 * d + d, spec.mlp_hidden + d) * 2 * 2  # two largest live fp16 tensors
+    workspace = float(a["workspace_mb"]["value"])
+    points = []
+    for depth in depths:
+        t_ms = (t_fixed + depth * t_block) * 1e3
+        mem = costs.artifact_bytes(spec, depth, precision) / 1e6 + live / 1e6 + workspace
+        points.append(Point(depth=depth, p50_ms=t_ms, p90_ms=t_ms * p90, p99_ms=t_ms * p90 * 1.05, mean_ms=t_ms,
+                            std_ms=0.0, n=0, rounds=0, p50_se_ms=0.0, p90_se_ms=0.0, memory_mb=mem))
+    basis = {
+        "method": "roofline: max(compute, memory) + kernels x floor, per block and for the fixed part",
+        "macs_per_block": block_macs, "macs_fixed": fixed_macs, "macs_counter": "fvcore + SDPA handle",
+        "block": block_parts, "fixed": fixed_parts,
+        "compute_efficiency": {"value": cal["value"], "source": cal["source"], "method": cal["method"]},
+        "assumptions": {k: v for k, v in a.items()},
+        "uncertainty": {"value": dev["uncertainty"], "source": "assumption: roofline error band for this device"},
+    }
+    unc = float(dev["uncertainty"])
+    return make_entry(spec, precision, batch, points, latency_rel_floor=unc, memory_rel_floor=0.25, basis=basis)
+
+
+def estimate_profile(name: str, *, specs: Sequence[str] = SHIPPED_SPECS,
+                     precisions: Sequence[str] = SHIPPED_PRECISIONS, batch: int = 1,
+                     sheets: dict[str, Any] | None = None, date: str = "") -> DeviceProfile:
+    """A ``source="estimated"`` TensorRT profile of a datasheet device for the given specs."""
+    sheets = sheets or load_datasheets()
+    dev = sheets["devices"][name]
+    cal = calibrate_efficiency(sheets)
+    entries = []
+    for spec_name in specs:
+        spec = ViTSpec.preset(spec_name)
+        macs = fvcore_macs(spec, batch)
+        entries += [estimate_entry(name, spec, p, batch, sheets=sheets, macs=macs, calibration=cal)
+                    for p in precisions]
+    return DeviceProfile(
+        name=name, aliases=tuple(dev["aliases"]), source="estimated", kind=dev["kind"], backend="tensorrt",
+        measure_command=(f"tleg-deploy profile --device {name} --backend tensorrt --precision fp16,int8 "
+                         f"--spec SPEC -o profiles/{name}.json   (run on the {name} itself)"),
+        entries=tuple(entries), hardware=dev["facts"],
+        runtime={"precisions": list(precisions), "batch": batch, "engine": "TensorRT (estimated, not measured)"},
+        environment={}, host_fingerprint=None, date=date,
+        notes=("Estimated from datasheet figures with a roofline calibrated on a public measurement; "
+               "a profile measured on the device replaces it (put it in ./profiles or $TLEG_DEPLOY_PROFILES)."),
+    )
+
+
+def write_shipped_profiles(out_dir: Path = PROFILES_DIR) -> list[Path]:
+    import datetime as dt
+
+    sheets = load_datasheets()
+    date = dt.date.today().isoformat()
+    return [estimate_profile(name, sheets=sheets, date=date).save(out_dir / f"{name}.json")
+            for name in sheets["devices"]]
+
+
+if __name__ == "__main__":
+    for path in write_shipped_profiles():
+        print(f"wrote {path}")

@@ -1,0 +1,478 @@
+"""``profile(...)``: measure latency and peak memory of a few depths on this machine and fit the
+depth cost model (``table.make_entry``) into a ``DeviceProfile``.
+
+Backends sit behind one small interface (a *runner*: one call = one timed inference, in ms):
+
+- ``onnxruntime``: the model exported with ``tleg_deploy.export.onnx.export_onnx`` (INT8 through
+  ``tleg_deploy.export.quantize.quantize_int8``); CPU execution provider, or CUDA / TensorRT
+  providers with ``device="cuda"`` when installed. Thread spinning is off (``session.intra_op.
+  allow_spinning=0`` and inter-op) so a spinning pool cannot steal the core being timed.
+- ``torch``: eager ``ViT``; CPU timed with ``perf_counter``, CUDA with CUDA events after a sync.
+- ``tensorrt``: an engine built from the ONNX file, timed with CUDA events; skipped with a clear
+  error when the package or a GPU is absent.
+
+Protocol (same for all): fixed intra-op threads (default 1, recorded), warm-up, then several
+*interleaved rounds* (each round times every depth, in a shuffled order) so slow drift of the
+machine hits all depths alike; the statistics are p50/p90/p99/mean/std over all runs, and the
+standard error of p50/p90 across rounds feeds the fit's prediction interval. Peak memory is
+measured in a fresh subprocess per point (``_probe``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tleg_deploy.config import MAX_DEPTH, ViTSpec, check_depth
+from tleg_deploy.errors import BackendError
+from tleg_deploy.profile import env as envmod
+from tleg_deploy.profile.table import BACKENDS, PRECISIONS, DeviceProfile, Entry, Point, make_entry
+
+INSTALL_HINTS = {
+    "onnxruntime": "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA / TensorRT providers)",
+    "torch": "pip install torch",
+    "tensorrt": "pip install 'tleg-deploy[tensorrt]' on a machine with an NVIDIA GPU and driver",
+}
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How to measure. ``round_seconds`` sets the repetitions per depth per round from a warm-up
+    timing (clamped to ``min_reps..max_reps``)."""
+
+    backend: str = "onnxruntime"
+    precisions: tuple[str, ...] = ("fp32",)
+    depths: tuple[int, ...] = (1, 6, 12)
+    batch: int = 1
+    threads: int = 1
+    device: str = "cpu"
+    warmup: int = 3
+    rounds: int = 5
+    round_seconds: float = 0.1
+    min_reps: int = 3
+    max_reps: int = 200
+    memory: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise BackendError(f"unknown backend {self.backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
+        if not self.precisions:
+            raise BackendError("no precision given", hint=f"choose from {', '.join(PRECISIONS)}")
+        for p in self.precisions:
+            if p not in PRECISIONS:
+                raise BackendError(f"unknown precision {p!r}", hint=f"choose from {', '.join(PRECISIONS)}")
+        if len(set(self.depths)) < 2:
+            raise BackendError(f"need at least 2 distinct depths to fit a line, got {list(self.depths)}",
+                               hint="e.g. --depths 1,6,12")
+        for d in self.depths:
+            check_depth(d, maximum=MAX_DEPTH)
+        for name in ("batch", "threads", "rounds", "min_reps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BackendError(f"{name} must be a positive integer, got {value!r}")
+        if self.warmup < 0 or self.max_reps < self.min_reps or not self.round_seconds > 0:
+            raise BackendError("warmup must be >= 0, max_reps >= min_reps and round_seconds > 0")
+        if self.device not in ("cpu", "cuda"):
+            raise BackendError(f"unknown device {self.device!r}", hint="use cpu or cuda")
+        if self.backend == "tensorrt" and self.device != "cuda":
+            raise BackendError("the tensorrt backend runs on a GPU", hint="use --backend onnxruntime or torch on CPU")
+
+
+class Runner(Protocol):
+    """One timed inference per call, returning its latency in milliseconds."""
+
+    def __call__(self) -> float: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability
+
+
+def require_backend(backend: str, device: str = "cpu") -> None:
+    """Raise ``BackendError`` saying what to install when ``backend`` cannot run here."""
+    import importlib.util
+
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
+    if importlib.util.find_spec(backend) is None:
+        raise BackendError(f"the {backend} package is not installed", hint=INSTALL_HINTS[backend])
+    if device == "cuda" or backend == "tensorrt":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendError(f"{backend} on cuda needs an NVIDIA GPU, and none is visible",
+                               hint="run on the GPU machine, or use --backend onnxruntime for this CPU")
+    if backend == "onnxruntime" and device == "cuda":
+        import onnxruntime as ort
+
+        if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()):
+            raise BackendError("onnxruntime has no CUDA execution provider here", hint=INSTALL_HINTS["onnxruntime"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and runners
+
+
+def build_model(spec: ViTSpec, depth: int, learngene: Any = None) -> Any:
+    """The depth-``depth`` ViT to time: the learngene's expansion when it fits the spec, else a
+    seeded random init (latency does not depend on the weights' values)."""
+    import torch
+
+    from tleg_deploy.vit import ViT, init_vit_
+
+    if learngene is not None and learngene.spec == spec:
+        from tleg_deploy.expand import expand
+
+        return expand(learngene, depth).eval()
+    return init_vit_(ViT(spec, depth), torch.Generator().manual_seed(depth)).eval()
+
+
+def ort_session(path: str | os.PathLike[str], *, threads: int, device: str, ort: Any = None) -> Any:
+    """An ONNX Runtime session with our timing protocol's options."""
+    if ort is None:
+        import onnxruntime
+
+        ort = onnxruntime
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        have = ort.get_available_providers()
+        providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in have] + providers
+    return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+
+
+def export_artifact(model: Any, precision: str, backend: str, workdir: Path) -> Path:
+    """The ONNX file a backend times, in ``precision``."""
+    from tleg_deploy.export.onnx import export_onnx
+
+    path = export_onnx(model, workdir / f"depth{model.depth}.onnx")
+    if precision == "fp32" or backend == "tensorrt":
+        return path  # TensorRT takes fp16 as a builder flag
+    try:
+        from tleg_deploy.export import quantize
+    except ImportError:
+        raise BackendError(f"{precision} needs tleg_deploy.export.quantize, which this build lacks",
+                           hint="measure fp32, or update tleg-deploy") from None
+    if precision == "int8":
+        return Path(quantize.quantize_int8(path, workdir / f"depth{model.depth}.int8.onnx"))
+    return Path(quantize.convert_fp16(path, workdir / f"depth{model.depth}.fp16.onnx"))
+
+
+class OrtRunner:
+    def __init__(self, path: Path, spec: ViTSpec, batch: int, threads: int, device: str) -> None:
+        import numpy as np
+
+        self.session = ort_session(path, threads=threads, device=device)
+        self.feed = {"pixel_values": np.random.default_rng(0).standard_normal(
+            (batch, spec.in_chans, spec.img_size, spec.img_size), dtype=np.float32)}
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter_ns()
+        self.session.run(None, self.feed)
+        return (time.perf_counter_ns() - t0) / 1e6
+
+
+def torch_runner_model(spec: ViTSpec, depth: int, precision: str, batch: int, device: str) -> tuple[Any, Any]:
+    """The model and input the torch backend times (fp16 on CUDA only, int8 = dynamic quantization on CPU)."""
+    import torch
+
+    model = build_model(spec, depth)
+    x = torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size, generator=torch.Generator().manual_seed(0))
+    if precision == "int8":
+        if device != "cpu":
+            raise BackendError("torch int8 (dynamic quantization) runs on CPU only", hint="use --device cpu")
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    elif precision == "fp16":
+        if device != "cuda":
+            raise BackendError("torch fp16 is measured on CUDA only", hint="use fp32 or int8 on CPU")
+        model, x = model.half(), x.half()
+    return model.to(device), x.to(device)
+
+
+class TorchRunner:
+    def __init__(self, model: Any, x: Any, device: str) -> None:
+        import torch
+
+        self.model, self.x, self.cuda = model, x, device == "cuda"
+        self.torch = torch
+
+    def __call__(self) -> float:
+        torch = self.torch
+        with torch.inference_mode():
+            if self.cuda:
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                self.model(self.x)
+                end.record()
+                end.synchronize()
+                return float(start.elapsed_time(end))
+            t0 = time.perf_counter_ns()
+            self.model(self.x)
+            return (time.perf_counter_ns() - t0) / 1e6
+
+
+class TensorRTRunner:
+    """A TensorRT engine built from an ONNX file (fp16/int8 via builder flags), timed with CUDA events."""
+
+    def __init__(self, onnx_path: Path, spec: ViTSpec, batch: int, precision: str = "fp32") -> None:
+        import tensorrt as trt
+        import torch
+
+        logger = trt.Logger(trt.Logger.ERROR)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse(onnx_path.read_bytes()):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise BackendError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+        config = builder.create_builder_config()
+        shape = (batch, spec.in_chans, spec.img_size, spec.img_size)
+        prof = builder.create_optimization_profile()
+        prof.set_shape("pixel_values", shape, shape, shape)
+        config.add_optimization_profile(prof)
+        if precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            # Without a calibrated (QDQ) graph TensorRT would use made-up ranges; times are what matter here.
+            config.set_flag(trt.BuilderFlag.INT8)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise BackendError(f"TensorRT failed to build an engine from {onnx_path.name}")
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+        self.context = self.engine.create_execution_context()
+        self.context.set_input_shape("pixel_values", shape)
+        self.x = torch.randn(shape, device="cuda")
+        self.y = torch.empty((batch, spec.num_classes), device="cuda")
+        self.context.set_tensor_address("pixel_values", self.x.data_ptr())
+        self.context.set_tensor_address("logits", self.y.data_ptr())
+        self.stream = torch.cuda.Stream()
+        self.torch = torch
+
+    def __call__(self) -> float:
+        torch = self.torch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        self.context.execute_async_v3(self.stream.cuda_stream)
+        end.record(self.stream)
+        end.synchronize()
+        return float(start.elapsed_time(end))
+
+
+def make_runner(cfg: MeasureConfig, spec: ViTSpec, depth: int, precision: str, workdir: Path,
+                learngene: Any = None) -> tuple[Runner, str | None]:
+    """The runner for one point, and the artifact the memory probe loads (``None`` for torch)."""
+    if cfg.backend == "torch":
+        model, x = torch_runner_model(spec, depth, precision, cfg.batch, cfg.device)
+        return TorchRunner(model, x, cfg.device), None
+    model = build_model(spec, depth, learngene)
+    path = export_artifact(model, precision, cfg.backend, workdir)
+    if cfg.backend == "onnxruntime":
+        return OrtRunner(path, spec, cfg.batch, cfg.threads, cfg.device), str(path)
+    return TensorRTRunner(path, spec, cfg.batch, precision), str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _percentile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    pos = (len(s) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def time_runners(runners: dict[int, Runner], cfg: MeasureConfig,
+                 tick: Callable[[], None] | None = None) -> dict[int, dict[str, float]]:
+    """Warm up, then ``cfg.rounds`` interleaved rounds over all depths; statistics per depth."""
+    reps: dict[int, int] = {}
+    for depth, run in runners.items():
+        warm = [run() for _ in range(max(cfg.warmup, 1))]
+        per_call_s = min(warm) / 1e3
+        reps[depth] = max(cfg.min_reps, min(cfg.max_reps, round(cfg.round_seconds / max(per_call_s, 1e-6))))
+    samples: dict[int, list[float]] = {d: [] for d in runners}
+    round_p50: dict[int, list[float]] = {d: [] for d in runners}
+    round_p90: dict[int, list[float]] = {d: [] for d in runners}
+    rng = random.Random(cfg.seed)
+    order = list(runners)
+    for _ in range(cfg.rounds):
+        rng.shuffle(order)
+        for depth in order:
+            times = [runners[depth]() for _ in range(reps[depth])]
+            samples[depth] += times
+            round_p50[depth].append(statistics.median(times))
+            round_p90[depth].append(_percentile(times, 0.9))
+        if tick is not None:
+            tick()
+    stats = {}
+    for depth, xs in samples.items():
+        k = len(round_p50[depth])
+        stats[depth] = {
+            "p50": statistics.median(xs), "p90": _percentile(xs, 0.9), "p99": _percentile(xs, 0.99),
+            "mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs),
+            "rounds": k, "p50_se": _se(round_p50[depth]), "p90_se": _se(round_p90[depth]),
+        }
+    return stats
+
+
+def _se(values: Sequence[float]) -> float:
+    """Standard error of the mean of per-round statistics."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
+def peak_memory_mb(cfg: MeasureConfig, spec: ViTSpec, depth: int, precision: str, artifact: str | None) -> float:
+    """Peak memory of one point, in a fresh interpreter (see ``_probe``)."""
+    payload = {"backend": cfg.backend, "device": cfg.device, "spec": spec.to_dict(), "depth": depth,
+               "precision": precision, "batch": cfg.batch, "threads": cfg.threads, "artifact": artifact}
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "tleg_deploy.profile._probe", json.dumps(payload)],
+                          capture_output=True, text=True, env=env, check=False, timeout=900)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BackendError(f"memory probe for depth {depth} ({precision}) failed: {tail}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def measure_points(
+    spec: ViTSpec, cfg: MeasureConfig, precision: str, *, learngene: Any = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> list[Point]:
+    """Measure ``cfg.depths`` in one interleaved session; ``progress(message, fraction)``."""
+    require_backend(cfg.backend, cfg.device)
+    report = progress or (lambda msg, frac: None)
+    with tempfile.TemporaryDirectory(prefix="tleg-profile-") as tmp, _threads(cfg.threads):
+        runners: dict[int, Runner] = {}
+        artifacts: dict[int, str | None] = {}
+        total = len(cfg.depths) * (2 if cfg.memory else 1) + cfg.rounds
+        done = 0
+        for depth in cfg.depths:
+            report(f"{precision}: building depth {depth}", done / total)
+            runners[depth], artifacts[depth] = make_runner(cfg, spec, depth, precision, Path(tmp), learngene)
+            done += 1
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            report(f"{precision}: timing round", done / total)
+
+        stats = time_runners(runners, cfg, tick)
+        runners.clear()
+        memory: dict[int, float] = {}
+        for depth in cfg.depths:
+            if cfg.memory:
+                report(f"{precision}: peak memory of depth {depth}", done / total)
+                memory[depth] = peak_memory_mb(cfg, spec, depth, precision, artifacts[depth])
+                done += 1
+            else:
+                memory[depth] = 0.0
+    report(f"{precision}: done", 1.0)
+    return [Point(depth=d, p50_ms=s["p50"], p90_ms=s["p90"], p99_ms=s["p99"], mean_ms=s["mean"], std_ms=s["std"],
+                  n=int(s["n"]), rounds=int(s["rounds"]), p50_se_ms=s["p50_se"], p90_se_ms=s["p90_se"],
+                  memory_mb=memory[d]) for d, s in sorted(stats.items())]
+
+
+def measure_command(name: str, cfg: MeasureConfig, spec: ViTSpec) -> str:
+    parts = [f"tleg-deploy profile --device {name} --backend {cfg.backend}",
+             f"--precision {','.join(cfg.precisions)}", f"--spec {spec.preset_name() or 'SPEC'}",
+             f"--depths {','.join(map(str, cfg.depths))}", f"--batch {cfg.batch}", f"--threads {cfg.threads}"]
+    return " ".join(parts) + f" -o profiles/{name}.json"
+
+
+def runtime_info(cfg: MeasureConfig) -> dict[str, Any]:
+    info: dict[str, Any] = {"threads": cfg.threads, "device": cfg.device, "warmup": cfg.warmup,
+                            "rounds": cfg.rounds, "round_seconds": cfg.round_seconds,
+                            "versions": envmod.library_versions()}
+    if cfg.backend == "onnxruntime":
+        info["options"] = {"intra_op_num_threads": cfg.threads, "inter_op_num_threads": 1,
+                           "session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0",
+                           "graph_optimization_level": "ORT_ENABLE_ALL"}
+    return info
+
+
+def profile(
+    spec: ViTSpec, *, name: str = "host", config: MeasureConfig | None = None, learngene: Any = None,
+    quiet: bool = True, aliases: Sequence[str] = (), base: DeviceProfile | None = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> DeviceProfile:
+    """Measure this machine for ``spec`` and return a ``source="measured"`` profile.
+
+    Entries of ``base`` (a profile of the same device/backend) for other specs or precisions are
+    kept, so one file can hold several architectures.
+    """
+    cfg = config or MeasureConfig()
+    require_backend(cfg.backend, cfg.device)
+    entries: list[Entry] = []
+    with _progress(quiet, progress) as report:
+        for precision in cfg.precisions:
+            points = measure_points(spec, cfg, precision, learngene=learngene, progress=report)
+            entries.append(make_entry(spec, precision, cfg.batch, points))
+    kind = "jetson" if envmod.is_jetson() else ("gpu" if cfg.device == "cuda" else "cpu")
+    hardware = {"cpu": {"value": envmod.cpu_model(), "unit": "", "source": "/proc/cpuinfo"},
+                "cores": {"value": os.cpu_count(), "unit": "", "source": "os.cpu_count()"}}
+    fresh = DeviceProfile(
+        name=name, aliases=tuple(aliases), source="measured", kind=kind, backend=cfg.backend,
+        measure_command=measure_command(name, cfg, spec), entries=tuple(entries), hardware=hardware,
+        runtime=runtime_info(cfg), environment=envmod.environment(cfg.threads),
+        host_fingerprint=envmod.host_fingerprint(),
+        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    if base is not None and base.backend == cfg.backend and base.source == "measured":
+        return dataclasses.replace(fresh, entries=base.with_entries(entries).entries)
+    return fresh
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool, callback: Callable[[str, float], None] | None) -> Iterator[Callable[[str, float], None]]:
+    if quiet:
+        yield callback or (lambda msg, frac: None)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]profiling[/bold] {task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("", total=1.0)
+
+        def report(msg: str, frac: float) -> None:
+            bar.update(task, description=msg, completed=frac)
+            if callback is not None:
+                callback(msg, frac)
+
+        yield report
