@@ -60,3 +60,24 @@ def test_export_bad_options(tiny_lg, tmp_path):
     with pytest.raises(ExportError, match="exporter"):
         export_onnx(model, tmp_path / "m.onnx", exporter="magic")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_depth_template_matches_pytorch_at_every_depth(tiny_lg, tmp_path):
+    from tleg_deploy.export.onnx import export_proto, save_proto
+    from tleg_deploy.export.template import DepthTemplate
+
+    template = DepthTemplate(tiny_lg.spec)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for depth in (1, 2, 5):
+        model = expand(tiny_lg, depth).eval()
+        proto = template.proto(model, {"learngene_sha256": "x"})
+        onnx.checker.check_model(proto)
+        blocks = {n.name.split("/")[2] for n in proto.graph.node if n.name.startswith("/blocks/")}
+        assert blocks == {f"blocks.{i}" for i in range(depth)}
+        ops = sorted(n.op_type for n in proto.graph.node if n.op_type not in ("Constant", "Identity"))
+        direct = sorted(n.op_type for n in export_proto(model).graph.node if n.op_type not in ("Constant", "Identity"))
+        assert ops == direct  # the same computation as a direct export
+        path = save_proto(proto, tmp_path / f"d{depth}.onnx")
+        with torch.no_grad():
+            assert np.abs(_ort_run(path, x) - model(x).numpy()).max() < 1e-4
+        assert {p.key: p.value for p in proto.metadata_props}["depth"] == str(depth)

@@ -1,0 +1,169 @@
+"""``DepthTemplate``: the ONNX graph of a ViT of any depth, built from one exported probe.
+
+Every member of a depth family has the same stem, the same head and ``L`` blocks of one structure;
+only the weights and the count differ. Tracing the exporter once per member repeats work that is
+the same every time, so this exports a *depth-2 probe* once (the exporter of ``export_onnx``) and
+builds the graph of depth ``L`` by copying the probe's second block ``L - 1`` times (renaming its
+tensors ``/blocks/blocks.1/...`` to ``/blocks/blocks.i/...`` and chaining each copy's input to the
+previous block's output) and filling the initializers from the member's own state dict.
+
+Which initializer holds which parameter is found by value: the probe's parameters are distinct
+random numbers, and the exporter stores each either as is or transposed (``Linear`` as ``MatMul``).
+Anything unexpected in the probe raises ``ExportError`` (callers then fall back to a plain export);
+the graphs built here are validated against PyTorch like any other export.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from tleg_deploy.config import ViTSpec
+from tleg_deploy.errors import ExportError
+from tleg_deploy.export.onnx import export_proto, model_metadata, set_metadata
+from tleg_deploy.vit import ViT
+
+_B0, _B1 = "/blocks/blocks.0/", "/blocks/blocks.1/"
+
+
+class DepthTemplate:
+    """Export once with ``DepthTemplate(spec)``, then ``template.proto(model)`` for any depth."""
+
+    def __init__(self, spec: ViTSpec, *, opset: int = 18, seed: int = 0) -> None:
+        from onnx import TensorProto, numpy_helper
+
+        self.spec = spec
+        probe = ViT(spec, 2)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in probe.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        proto = export_proto(probe, opset=opset, exporter="torchscript")
+        self._probe = proto
+        lookup: dict[tuple[tuple[int, ...], bytes], tuple[str, bool]] = {}
+        for name, t in probe.state_dict().items():
+            a = t.detach().numpy()
+            lookup[(a.shape, a.tobytes())] = (name, False)
+            if a.ndim == 2:
+                at = np.ascontiguousarray(a.T)
+                lookup[(at.shape, at.tobytes())] = (name, True)
+        # initializer name -> (parameter name, stored transposed?)
+        self._params: dict[str, tuple[str, bool]] = {}
+        self._consts: dict[str, Any] = {}
+        for init in proto.graph.initializer:
+            arr = numpy_helper.to_array(init)
+            key = (arr.shape, np.ascontiguousarray(arr).tobytes())
+            if init.data_type == TensorProto.FLOAT and key in lookup:
+                self._params[init.name] = lookup[key]
+            else:
+                self._consts[init.name] = init
+        mapped = {p for p, _ in self._params.values()}
+        missing = sorted(set(probe.state_dict()) - mapped)
+        if missing:
+            raise ExportError(f"depth template: parameter {missing[0]!r} not found in the exported probe")
+        self._split(proto)
+
+    def _split(self, proto: Any) -> None:
+        self._pre: list[Any] = []
+        self._block0: list[Any] = []
+        self._block1: list[Any] = []
+        self._tail: list[Any] = []
+        block_out: set[str] = set()
+        for node in proto.graph.node:
+            if node.name.startswith(_B0):
+                self._block0.append(node)
+                block_out.update(node.output)
+            elif node.name.startswith(_B1):
+                self._block1.append(node)
+                block_out.update(node.output)
+            elif node.name.startswith("/blocks/"):
+                raise ExportError(f"depth template: unexpected node {node.name!r}")
+            elif any(i in block_out for i in node.input):
+                self._tail.append(node)
+                block_out.update(node.output)
+            else:
+                self._pre.append(node)
+        b0_out = {o for n in self._block0 for o in n.output}
+        crossing = {i for n in self._block1 for i in n.input if i in b0_out}
+        if len(crossing) != 1 or not next(iter(crossing)).startswith(_B0):
+            raise ExportError(f"depth template: block 1 reads {sorted(crossing)} from block 0, expected one tensor")
+        self._stream_out = next(iter(crossing)).removeprefix(_B0)  # e.g. "Add_1_output_0"
+        tail_in = {i for n in self._tail for i in n.input if i.startswith(_B1)}
+        if tail_in != {_B1 + self._stream_out}:
+            raise ExportError(f"depth template: the head reads {sorted(tail_in)}, expected the last block's output")
+        if not self._block0 or not self._block1:
+            raise ExportError("depth template: the probe has no block nodes")
+
+    def proto(self, model: ViT, metadata: dict[str, str] | None = None) -> Any:
+        """The ``onnx.ModelProto`` of ``model`` (any depth >= 1), with metadata props."""
+        from onnx import helper, numpy_helper
+
+        if model.spec != self.spec:
+            raise ExportError("depth template: the model's spec differs from the template's")
+        depth = model.depth
+        if depth < 1:
+            raise ExportError("depth template needs depth >= 1")
+        state = model.state_dict()
+        inits: dict[str, Any] = {}
+
+        def param_ref(name: str, block: int | None) -> str:
+            if name not in self._params:
+                if name in self._consts:
+                    inits.setdefault(name, self._consts[name])
+                return name
+            param, transposed = self._params[name]
+            if block is not None:
+                param = f"blocks.{block}." + param.split(".", 2)[2]
+            ref = param + (".T" if transposed else "")
+            if ref not in inits:
+                arr = state[param].detach().cpu().numpy()
+                inits[ref] = numpy_helper.from_array(np.ascontiguousarray(arr.T if transposed else arr), ref)
+            return ref
+
+        def copy(node: Any, block: int | None, rename: dict[str, str]) -> Any:
+            new = type(node)()
+            new.CopyFrom(node)
+            for prefix, repl in rename.items():
+                if new.name.startswith(prefix):
+                    new.name = repl + new.name[len(prefix):]
+            new.input[:] = [param_ref(_rename(i, rename), block) for i in node.input]
+            new.output[:] = [_rename(o, rename) for o in node.output]
+            return new
+
+        last = f"/blocks/blocks.{depth - 1}/"
+        nodes = [copy(n, None, {}) for n in self._pre]
+        nodes += [copy(n, 0, {}) for n in self._block0]
+        for i in range(1, depth):
+            rename = {_B1: f"/blocks/blocks.{i}/", _B0: f"/blocks/blocks.{i - 1}/"}
+            nodes += [copy(n, i, rename) for n in self._block1]
+        nodes += [copy(n, None, {_B1: last}) for n in self._tail]
+        nodes = _prune(nodes, [o.name for o in self._probe.graph.output])
+        used = {i for n in nodes for i in n.input}
+        graph = helper.make_graph(
+            nodes, "tleg_vit", list(self._probe.graph.input), list(self._probe.graph.output),
+            initializer=[t for name, t in inits.items() if name in used],
+        )
+        proto = helper.make_model(graph, opset_imports=list(self._probe.opset_import))
+        proto.ir_version = self._probe.ir_version
+        set_metadata(proto, model_metadata(model) | dict(metadata or {}))
+        return proto
+
+
+def _rename(name: str, rename: dict[str, str]) -> str:
+    for prefix, repl in rename.items():
+        if name.startswith(prefix):
+            return repl + name[len(prefix):]
+    return name
+
+
+def _prune(nodes: list[Any], outputs: list[str]) -> list[Any]:
+    """Drop nodes whose outputs nothing reads (e.g. constants only the probe's block 1 used)."""
+    needed = set(outputs)
+    keep: list[Any] = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    return keep[::-1]
