@@ -92,6 +92,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 def _register_commands() -> None:
     # Imported for their @command side effect.
     from tleg_deploy.cli import core  # noqa: F401
+    from tleg_deploy.cli import train  # noqa: F401
     from tleg_deploy.cli import fit  # noqa: F401
 
 

@@ -81,3 +81,8 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
         dist.barrier()
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a torchrun launch (works before ``setup``)."""
+    return int(os.environ.get("RANK", "0")) == 0

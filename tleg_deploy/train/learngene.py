@@ -45,9 +45,9 @@ def train_learngene(
         teacher_meta["file"] = str(teacher)
         teacher, _ = load_descendant(teacher)
     if learngene is not None:  # the Aux-Net trains its tensors in place: work on a copy
-        lg = Learngene(learngene.spec, learngene.aux_depth, *(
-            {k: v.detach().clone() for k, v in d.items()} for d in (learngene.shared, learngene.base, learngene.slope)
-        ), dict(learngene.provenance))
+        copy = lambda d: {k: v.detach().clone() for k, v in d.items()}  # noqa: E731
+        lg = Learngene(learngene.spec, learngene.aux_depth, copy(learngene.shared), copy(learngene.base),
+                       copy(learngene.slope), dict(learngene.provenance))
     else:
         lg = Learngene.init(spec or teacher.spec, aux_depth, seed)
     for f in ("img_size", "patch_size", "in_chans", "num_classes"):

@@ -1,0 +1,131 @@
+"""Training commands: ``train-teacher``, ``train-learngene``, ``finetune``. Each also runs unchanged
+under ``torchrun --nproc_per_node=N`` (only rank 0 writes or prints). Checkpoints and
+``metrics.jsonl`` go to ``<output>.run/``; ``--resume`` continues from there."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, out
+
+DataOpt = Annotated[str, typer.Option("--data", help="digits, folder:PATH (ImageFolder) or npz:PATH.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", "-e", min=0, help="Training epochs.")]
+LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="Peak AdamW learning rate (cosine, warm-up).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Global batch size (split over processes).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (init, shuffling).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from <output>.run/checkpoint.safetensors.")]
+OutOpt = Annotated[Path, typer.Option("--output", "-o", help=".safetensors file to write.")]
+ClipOpt = Annotated[float | None, typer.Option("--clip-grad", min=0.0, help="Clip the gradient norm to this.")]
+WarmupOpt = Annotated[float, typer.Option("--warmup", min=0.0, help="Warm-up epochs.")]
+AugmentOpt = Annotated[bool, typer.Option("--augment/--no-augment", help="Random shifts of the training images.")]
+
+
+def _common(epochs: int, lr: float, batch_size: int, seed: int, quiet: bool, output: Path, resume: bool,
+            clip_grad: float | None, warmup: float, augment: bool) -> dict[str, Any]:
+    return dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, quiet=quiet, run_dir=output.with_suffix(".run"),
+                resume=resume, clip_grad=clip_grad, warmup_epochs=warmup, augment=augment)
+
+
+def _report(result: dict[str, Any], json_: bool, text: str) -> None:
+    from tleg_deploy.train.distributed import is_main_process
+
+    if not is_main_process():
+        return
+    if json_:
+        emit_json(result)
+    else:
+        out.print(text)
+
+
+@command("train-teacher")
+def train_teacher_cmd(
+    output: OutOpt, depth: Annotated[int, typer.Option("--depth", "-d", min=1, max=4096, help="Blocks.")] = 12,
+    spec: Annotated[str, typer.Option(help="Spec preset the teacher follows.")] = "digits",
+    width: Annotated[int | None, typer.Option(min=1, help="Embedding width (default: the spec's).")] = None,
+    heads: Annotated[int | None, typer.Option(min=1, help="Attention heads (default: the spec's).")] = None,
+    data: DataOpt = "digits", epochs: EpochsOpt = 30, lr: LrOpt = 1e-3, batch_size: BatchOpt = 32, seed: SeedOpt = 0,
+    clip_grad: ClipOpt = None, warmup: WarmupOpt = 1.0, augment: AugmentOpt = False, resume: ResumeOpt = False,
+    quiet: QuietOpt = False, json_: JsonOpt = False,
+) -> None:
+    """Train a plain ViT from a random init, to serve as the Aux-Net's distillation teacher.
+
+    Example: tleg-deploy train-teacher --width 96 --heads 6 --depth 12 --epochs 30 -o teacher.safetensors
+    """
+    from tleg_deploy.config import ViTSpec
+    from tleg_deploy.expand import save_descendant
+    from tleg_deploy.train.distributed import is_main_process
+    from tleg_deploy.train.finetune import train_teacher
+
+    s = ViTSpec.preset(spec)
+    s = dataclasses.replace(s, embed_dim=width or s.embed_dim, num_heads=heads or s.num_heads)
+    res = train_teacher(data, s, depth, **_common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad,
+                                                  warmup, augment))
+    if is_main_process():
+        save_descendant(res.model, output, "", {"made_by": "train-teacher", "data": data, **res.metrics})
+    _report({"output": str(output), **res.metrics}, json_,
+            f"wrote {output}: teacher depth {depth}, test accuracy {res.metrics['test_acc']:.3f}")
+
+
+@command("train-learngene")
+def train_learngene_cmd(
+    output: OutOpt,
+    teacher: Annotated[Path, typer.Option(help="Teacher: a plain ViT .safetensors (see train-teacher).")],
+    spec: Annotated[str, typer.Option(help="Spec preset of the learngene.")] = "digits",
+    aux_depth: Annotated[int, typer.Option(min=1, max=4096, help="Aux-Net depth.")] = 12,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the soft-distillation term.")] = 1.0,
+    tau: Annotated[float, typer.Option(min=0.0, help="Distillation temperature.")] = 1.0,
+    data: DataOpt = "digits", epochs: EpochsOpt = 30, lr: LrOpt = 1e-3, batch_size: BatchOpt = 32, seed: SeedOpt = 0,
+    clip_grad: ClipOpt = None, warmup: WarmupOpt = 1.0, augment: AugmentOpt = False, resume: ResumeOpt = False,
+    quiet: QuietOpt = False, json_: JsonOpt = False,
+) -> None:
+    """Learn a learngene: train its Aux-Net with soft distillation from a teacher (TLEG, alpha=1, tau=1).
+
+    Example: tleg-deploy train-learngene --teacher teacher.safetensors --aux-depth 12 --epochs 30 -o lg.safetensors
+    """
+    from tleg_deploy.config import ViTSpec
+    from tleg_deploy.train.distributed import is_main_process
+    from tleg_deploy.train.learngene import train_learngene
+
+    res = train_learngene(data, teacher, spec=ViTSpec.preset(spec), aux_depth=aux_depth, alpha=alpha, tau=tau,
+                          **_common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad, warmup, augment))
+    if is_main_process():
+        res.learngene.save(output)
+    _report({"output": str(output), "sha256": res.learngene.sha256(), **res.metrics}, json_,
+            f"wrote {output}: Aux-Net test accuracy {res.metrics['aux_test_acc']:.3f} "
+            f"(teacher {res.metrics['teacher_test_acc']:.3f})")
+
+
+@command("finetune")
+def finetune_cmd(
+    output: OutOpt, depth: Annotated[int, typer.Option("--depth", "-d", min=1, max=4096, help="Blocks.")],
+    learngene: LearngeneOpt = "demo",
+    init: Annotated[str, typer.Option(help="tleg, scratch, weight-selection or base-only.")] = "tleg",
+    teacher: Annotated[Path | None, typer.Option(help="Teacher .safetensors for --init weight-selection.")] = None,
+    data: DataOpt = "digits", epochs: EpochsOpt = 10, lr: LrOpt = 1e-3, batch_size: BatchOpt = 32, seed: SeedOpt = 0,
+    clip_grad: ClipOpt = None, warmup: WarmupOpt = 1.0, augment: AugmentOpt = False, resume: ResumeOpt = False,
+    quiet: QuietOpt = False, json_: JsonOpt = False,
+) -> None:
+    """Fine-tune a descendant of DEPTH blocks (no linear constraint) and save it.
+
+    Example: tleg-deploy finetune --learngene demo --depth 6 --epochs 10 -o digits6.safetensors
+    """
+    from tleg_deploy.expand import load_descendant, save_descendant
+    from tleg_deploy.resources import load_learngene
+    from tleg_deploy.train.distributed import is_main_process
+    from tleg_deploy.train.finetune import finetune
+    from tleg_deploy.train.inits import init_model
+
+    lg = load_learngene(learngene)
+    teacher_model = load_descendant(teacher)[0] if teacher is not None else None
+    model = init_model(init, depth, learngene=lg, teacher=teacher_model, seed=seed)
+    res = finetune(model, data, **_common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad, warmup,
+                                          augment))
+    if is_main_process():
+        save_descendant(res.model, output, lg.sha256(),
+                        {"made_by": "finetune", "init": init, "data": data, "learngene": str(learngene), **res.metrics})
+    _report({"output": str(output), "depth": depth, "init": init, **res.metrics}, json_,
+            f"wrote {output}: depth {depth} ({init}), test accuracy {res.metrics['test_acc']:.3f}")
