@@ -166,8 +166,8 @@ def estimate_profile(name: str, *, specs: Sequence[str] = SHIPPED_SPECS,
                     for p in precisions]
     return DeviceProfile(
         name=name, aliases=tuple(dev["aliases"]), source="estimated", kind=dev["kind"], backend="tensorrt",
-        measure_command=(f"tleg-deploy profile --device {name} --backend tensorrt --precision fp16,int8 "
-                         f"--spec SPEC -o profiles/{name}.json   (run on the {name} itself)"),
+        measure_command=(f"tleg-deploy profile --device {name} --backend tensorrt --precision "
+                         f"{','.join(precisions)} --spec {','.join(specs)} --batch {batch} -o profiles/{name}.json"),
         entries=tuple(entries), hardware=dev["facts"],
         runtime={"precisions": list(precisions), "batch": batch, "engine": "TensorRT (estimated, not measured)"},
         environment={}, host_fingerprint=None, date=date,

@@ -163,21 +163,42 @@ def ort_session(path: str | os.PathLike[str], *, threads: int, device: str, ort:
     return ort.InferenceSession(str(path), sess_options=so, providers=providers)
 
 
-def export_artifact(model: Any, precision: str, backend: str, workdir: Path) -> Path:
-    """The ONNX file a backend times, in ``precision``."""
+def export_artifact(model: Any, precision: str, backend: str, workdir: Path, batch: int = 1) -> Path:
+    """The file a backend times: an ONNX file in ``precision`` (ONNX Runtime), or an engine built
+    with ``tleg_deploy.export.tensorrt.build_tensorrt_engine`` (TensorRT)."""
     from tleg_deploy.export.onnx import export_onnx
 
-    path = export_onnx(model, workdir / f"depth{model.depth}.onnx")
-    if precision == "fp32" or backend == "tensorrt":
-        return path  # TensorRT takes fp16 as a builder flag
-    try:
-        from tleg_deploy.export import quantize
-    except ImportError:
-        raise BackendError(f"{precision} needs tleg_deploy.export.quantize, which this build lacks",
-                           hint="measure fp32, or update tleg-deploy") from None
+    stem = workdir / f"depth{model.depth}"
+    path = export_onnx(model, stem.with_suffix(".onnx"))
+    if backend == "tensorrt":
+        return _tensorrt_engine(model, path, precision, stem, batch)
+    if precision == "fp32":
+        return path
+    from tleg_deploy.export import quantize
+
     if precision == "int8":
-        return Path(quantize.quantize_int8(path, workdir / f"depth{model.depth}.int8.onnx"))
-    return Path(quantize.convert_fp16(path, workdir / f"depth{model.depth}.fp16.onnx"))
+        return Path(quantize.quantize_int8(path, stem.with_suffix(".int8.onnx")))
+    return Path(quantize.convert_fp16(path, stem.with_suffix(".fp16.onnx")))
+
+
+def _tensorrt_engine(model: Any, fp32_onnx: Path, precision: str, stem: Path, batch: int) -> Path:
+    import torch
+
+    from tleg_deploy.export import quantize
+    from tleg_deploy.export.tensorrt import BatchRange, build_tensorrt_engine, tensorrt_major
+
+    source = fp32_onnx
+    if precision == "int8":
+        # Static Q/DQ; random calibration images are enough for timing (scales don't change speed).
+        spec = model.spec
+        images = torch.randn(8, spec.in_chans, spec.img_size, spec.img_size, generator=torch.Generator().manual_seed(0))
+        source = Path(quantize.quantize_int8(fp32_onnx, stem.with_suffix(".qdq.onnx"), mode="qdq",
+                                             calibration=images))
+    elif precision == "fp16" and tensorrt_major() >= 11:
+        source = Path(quantize.convert_fp16(fp32_onnx, stem.with_suffix(".fp16.onnx")))
+    return build_tensorrt_engine(source, stem.with_suffix(f".{precision}.engine"), spec=model.spec,
+                                 precision=precision, batch=BatchRange(batch, batch, batch),
+                                 timing_cache=stem.parent / "timing.cache")
 
 
 class OrtRunner:
@@ -235,34 +256,18 @@ class TorchRunner:
 
 
 class TensorRTRunner:
-    """A TensorRT engine built from an ONNX file (fp16/int8 via builder flags), timed with CUDA events."""
+    """A serialized TensorRT engine, timed with CUDA events on its own stream."""
 
-    def __init__(self, onnx_path: Path, spec: ViTSpec, batch: int, precision: str = "fp32") -> None:
+    def __init__(self, engine_path: Path, spec: ViTSpec, batch: int) -> None:
         import tensorrt as trt
         import torch
 
         logger = trt.Logger(trt.Logger.ERROR)
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse(onnx_path.read_bytes()):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise BackendError(f"TensorRT could not parse {onnx_path.name}: {errors}")
-        config = builder.create_builder_config()
-        shape = (batch, spec.in_chans, spec.img_size, spec.img_size)
-        prof = builder.create_optimization_profile()
-        prof.set_shape("pixel_values", shape, shape, shape)
-        config.add_optimization_profile(prof)
-        if precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            # Without a calibrated (QDQ) graph TensorRT would use made-up ranges; times are what matter here.
-            config.set_flag(trt.BuilderFlag.INT8)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise BackendError(f"TensorRT failed to build an engine from {onnx_path.name}")
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise BackendError(f"TensorRT could not load the engine {Path(engine_path).name}")
         self.context = self.engine.create_execution_context()
+        shape = (batch, spec.in_chans, spec.img_size, spec.img_size)
         self.context.set_input_shape("pixel_values", shape)
         self.x = torch.randn(shape, device="cuda")
         self.y = torch.empty((batch, spec.num_classes), device="cuda")
@@ -288,10 +293,10 @@ def make_runner(cfg: MeasureConfig, spec: ViTSpec, depth: int, precision: str, w
         model, x = torch_runner_model(spec, depth, precision, cfg.batch, cfg.device)
         return TorchRunner(model, x, cfg.device), None
     model = build_model(spec, depth, learngene)
-    path = export_artifact(model, precision, cfg.backend, workdir)
+    path = export_artifact(model, precision, cfg.backend, workdir, cfg.batch)
     if cfg.backend == "onnxruntime":
         return OrtRunner(path, spec, cfg.batch, cfg.threads, cfg.device), str(path)
-    return TensorRTRunner(path, spec, cfg.batch, precision), str(path)
+    return TensorRTRunner(path, spec, cfg.batch), str(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,8 +405,10 @@ def measure_points(
                 report(f"{precision}: peak memory of depth {depth}", done / total)
                 memory[depth] = peak_memory_mb(cfg, spec, depth, precision, artifacts[depth])
                 done += 1
-            else:
-                memory[depth] = 0.0
+            else:  # not measured: the weights alone, a lower bound (recorded in the entry's basis)
+                from tleg_deploy import costs
+
+                memory[depth] = costs.artifact_bytes(spec, depth, precision) / 1e6
     report(f"{precision}: done", 1.0)
     return [Point(depth=d, p50_ms=s["p50"], p90_ms=s["p90"], p99_ms=s["p99"], mean_ms=s["mean"], std_ms=s["std"],
                   n=int(s["n"]), rounds=int(s["rounds"]), p50_se_ms=s["p50_se"], p90_se_ms=s["p90_se"],
@@ -442,7 +449,8 @@ def profile(
     with _progress(quiet, progress) as report:
         for precision in cfg.precisions:
             points = measure_points(spec, cfg, precision, learngene=learngene, progress=report)
-            entries.append(make_entry(spec, precision, cfg.batch, points))
+            basis = None if cfg.memory else {"memory": "not measured (--no-memory): weight bytes only, a lower bound"}
+            entries.append(make_entry(spec, precision, cfg.batch, points, basis=basis))
     kind = "jetson" if envmod.is_jetson() else ("gpu" if cfg.device == "cuda" else "cpu")
     hardware = {"cpu": {"value": envmod.cpu_model(), "unit": "", "source": "/proc/cpuinfo"},
                 "cores": {"value": os.cpu_count(), "unit": "", "source": "os.cpu_count()"}}

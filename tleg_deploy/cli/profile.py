@@ -1,0 +1,200 @@
+"""Profile commands: ``profile`` (measure this machine, fit the depth cost model, write a profile)
+and ``devices`` (the profiles ``--device`` can name)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from tleg_deploy.cli.app import JsonOpt, QuietOpt, command, emit_json, err, out
+
+if TYPE_CHECKING:
+    from tleg_deploy.profile.table import DeviceProfile
+
+
+def parse_depths(text: str) -> tuple[int, ...]:
+    """``'1,6,12'`` or ``'1-4,8'`` -> sorted distinct depths, each in 1..MAX_DEPTH."""
+    from tleg_deploy.config import check_depth
+    from tleg_deploy.errors import DepthError
+
+    depths: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise DepthError(f"cannot read depths {text!r}", hint="write them like 1,6,12 or 1-12") from None
+        check_depth(first)
+        check_depth(last)
+        if first > last:
+            raise DepthError(f"depth range {part.strip()!r} is empty", hint="write it low-high, e.g. 1-12")
+        depths.update(range(first, last + 1))
+    return tuple(sorted(depths))
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+@command()
+def profile(
+    device: Annotated[str, typer.Option("--device", help="Name of the profile to write; 'host' = this machine.")]
+    = "host",
+    backend: Annotated[str, typer.Option(help="onnxruntime, torch or tensorrt.")] = "onnxruntime",
+    precision: Annotated[str | None, typer.Option(help="Comma list: fp32, fp16, int8 (default: fp32; "
+                                                       "fp16,int8 for tensorrt).")] = None,
+    depths: Annotated[str, typer.Option(help="Depths to measure: 1,6,12 or 1-12 (at least two).")] = "1,6,12",
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
+    threads: Annotated[int, typer.Option(help="Intra-op threads (recorded in the profile).")] = 1,
+    spec: Annotated[str, typer.Option(help="Architecture preset(s), comma list: deit-tiny, deit-small, deit-base, "
+                                           "digits.")]
+    = "digits",
+    gpu: Annotated[bool, typer.Option("--gpu", help="Measure on CUDA (torch/onnxruntime); tensorrt always is.")]
+    = False,
+    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds.")] = 5,
+    no_memory: Annotated[bool, typer.Option("--no-memory", help="Skip the peak-memory subprocesses.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Profile .json to write.")] = None,
+    refresh: Annotated[bool, typer.Option(help="Re-measure host even if a cached profile exists.")] = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure this machine at a few depths, fit latency and memory as intercept + slope x depth, and write
+    the profile (host: also cached for --device host elsewhere).
+
+    Example: tleg-deploy profile --device host --backend onnxruntime --depths 1,6,12 -o profiles/laptop.json
+    """
+    from tleg_deploy.config import ViTSpec
+    from tleg_deploy.errors import TlegError
+    from tleg_deploy.profile import registry
+    from tleg_deploy.profile.measure import MeasureConfig
+    from tleg_deploy.profile.measure import profile as measure
+    from tleg_deploy.profile.table import DeviceProfile
+    from tleg_deploy.resources import load_learngene
+
+    archs = [ViTSpec.preset(name) for name in _csv(spec)] or [ViTSpec.preset("digits")]
+    precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
+    cfg = MeasureConfig(backend=backend, precisions=precisions, depths=parse_depths(depths), batch=batch,
+                        threads=threads, device="cuda" if (gpu or backend == "tensorrt") else "cpu", rounds=rounds,
+                        memory=not no_memory)
+    host_default = (device == registry.HOST and output is None and backend == "onnxruntime" and not gpu
+                    and precision is None and cfg.depths == registry.HOST_DEPTHS and batch == 1 and threads == 1
+                    and rounds == 5 and not no_memory)
+    result: DeviceProfile | None = None
+    if host_default:
+        for arch in archs:
+            result = registry.host_profile(arch, refresh=refresh, quiet=quiet or json_)
+    else:
+        aliases: tuple[str, ...] = ()
+        if device != registry.HOST:
+            try:  # keep the shipped profile's aliases (jetson-orin-nano -> jetson)
+                aliases = registry.resolve_profile(device).aliases
+            except TlegError:
+                aliases = ()
+        if output is not None and output.is_file():  # add to a profile measured earlier, e.g. another spec
+            result = DeviceProfile.load(output)
+        for arch in archs:
+            lg = load_learngene("demo") if arch == ViTSpec.preset("digits") else None
+            result = measure(arch, name=device, config=cfg, learngene=lg, aliases=aliases, quiet=quiet or json_,
+                             base=result)
+    if result is None:  # unreachable: archs is never empty
+        raise TlegError("no spec to measure", hint="pass --spec digits")
+    if output is not None:
+        result.save(output)
+    if json_:
+        emit_json({**result.to_dict(), "written": str(output) if output else None})
+        return
+    for arch in archs:
+        render_profile(result, arch)
+    if output is not None:
+        out.print(f"wrote {output}")
+
+
+def render_profile(prof: DeviceProfile, arch: Any) -> None:
+    from rich.table import Table
+
+    for entry in prof.entries:
+        if entry.spec != arch:
+            continue
+        table = Table("depth", "p50 ms", "p90 ms", "p99 ms", "runs", "peak MB",
+                      title=f"{prof.name}: {prof.backend} {entry.precision}, batch {entry.batch}, "
+                            f"{arch.preset_name() or 'custom spec'} ({prof.source})")
+        for p in entry.points:
+            table.add_row(str(p.depth), f"{p.p50_ms:.4g}", f"{p.p90_ms:.4g}", f"{p.p99_ms:.4g}", str(p.n),
+                          f"{p.memory_mb:.1f}")
+        out.print(table)
+        for label, f, unit in (("latency p50", entry.fit.latency_p50, "ms"), ("latency p90", entry.fit.latency_p90,
+                                                                               "ms"), ("peak memory", entry.fit.memory,
+                                                                                      "MB")):
+            out.print(f"  {label}: {f.intercept:.4g} + {f.slope:.4g}·depth {unit}  (R² {f.r2:.4f}, worst residual "
+                      f"{f.worst_residual_rel:.1%}, leave-one-out {f.loo_error_rel:.1%})", highlight=False)
+
+
+@command()
+def devices(
+    name: Annotated[str | None, typer.Argument(help="Show one profile (name, alias or .json path) in detail.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """List the device profiles --device can name: shipped estimates, your ./profiles and $TLEG_DEPLOY_PROFILES,
+    and the cached host measurement; with NAME, show that profile's fits and sources.
+
+    Example: tleg-deploy devices jetson
+    """
+    from rich.table import Table
+
+    from tleg_deploy.profile import registry
+
+    if name is not None:
+        show_device(registry.resolve_profile(name), json_)
+        return
+    scan = registry.scan_profiles()
+    rows: list[dict[str, Any]] = []
+    for p in scan.profiles:
+        specs = sorted({e.spec.preset_name() or "custom" for e in p.entries})
+        rows.append({"name": p.name, "aliases": list(p.aliases), "source": p.source, "kind": p.kind,
+                     "backends": [p.backend], "precisions": sorted({e.precision for e in p.entries}),
+                     "specs": specs, "date": p.date, "measure_command": p.measure_command})
+    if not any(r["name"] == registry.HOST for r in rows):
+        rows.insert(0, {"name": registry.HOST, "aliases": [], "source": "measured on first use", "kind": "cpu",
+                        "backends": ["onnxruntime"], "precisions": list(registry.host_precisions()), "specs": [],
+                        "date": "", "measure_command": "tleg-deploy profile --device host"})
+    if json_:
+        emit_json({"devices": rows, "problems": scan.problems})
+        return
+    table = Table("aliases", "source", "backend", "precisions", "specs", "date")
+    table.add_column("name", no_wrap=True)
+    table.columns.insert(0, table.columns.pop())
+    for r in rows:
+        table.add_row(r["name"], ",".join(r["aliases"]), r["source"], ",".join(r["backends"]),
+                      ",".join(r["precisions"]), ",".join(r["specs"]), r["date"][:10])
+    out.print(table)
+    for problem in scan.problems:
+        err.print(f"[yellow]skipped[/yellow] {problem}", highlight=False)
+
+
+def show_device(prof: DeviceProfile, json_: bool) -> None:
+    from rich.table import Table
+
+    from tleg_deploy.profile.registry import estimate_notice
+
+    if json_:
+        emit_json(prof.to_dict())
+        return
+    aliases = f" (aliases: {', '.join(prof.aliases)})" if prof.aliases else ""
+    out.print(f"[bold]{prof.name}[/bold]{aliases}: {prof.source} {prof.kind} profile, backend {prof.backend}, "
+              f"{prof.date or 'undated'}", highlight=False)
+    for key, fact in prof.hardware.items():
+        out.print(f"  {key}: {fact['value']} {fact.get('unit', '')}  [dim]— {fact['source']}[/dim]", highlight=False)
+    table = Table("spec", "precision", "batch", "p50 ms = a + b·depth", "p90 ms = a + b·depth", "MB = a + b·depth",
+                  "depths")
+    for e in prof.entries:
+        f = e.fit
+        table.add_row(e.spec.preset_name() or "custom", e.precision, str(e.batch),
+                      f"{f.latency_p50.intercept:.4g} + {f.latency_p50.slope:.4g}",
+                      f"{f.latency_p90.intercept:.4g} + {f.latency_p90.slope:.4g}",
+                      f"{f.memory.intercept:.4g} + {f.memory.slope:.4g}", f"{min(e.depths)}-{max(e.depths)}")
+    out.print(table)
+    notice = estimate_notice(prof)
+    if notice:
+        err.print(f"[yellow]note[/yellow]: {notice}", highlight=False)

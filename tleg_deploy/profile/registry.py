@@ -1,0 +1,174 @@
+"""Find a device profile by name, alias or path; ``host`` is this machine, measured on first use.
+
+Lookup order for a name (first match wins, so a profile measured on the device replaces the
+shipped estimate of the same name):
+
+1. ``host`` — the cached measurement of this machine for the requested spec (user cache dir,
+   keyed by a host fingerprint; re-measured when the fingerprint changes or with ``refresh``);
+2. a path to a ``.json`` file;
+3. ``./profiles/<name>.json``, then the directories in ``$TLEG_DEPLOY_PROFILES`` (``os.pathsep``
+   separated), then the profiles shipped in the package (``tleg_deploy/profiles``) — by file
+   name first, then by a profile's name or aliases.
+
+Torch-free: torch / onnxruntime are imported only when ``host`` must be measured.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tleg_deploy.config import ViTSpec
+from tleg_deploy.errors import DeviceError, TlegError
+from tleg_deploy.profile.table import DeviceProfile
+
+ENV_DIRS = "TLEG_DEPLOY_PROFILES"
+ENV_CACHE = "TLEG_DEPLOY_CACHE_DIR"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
+HOST = "host"
+HOST_DEPTHS = (1, 6, 12)
+
+
+def search_dirs() -> list[Path]:
+    """Where profiles are looked up by name, in order."""
+    dirs = [Path.cwd() / "profiles"]
+    dirs += [Path(p) for p in os.environ.get(ENV_DIRS, "").split(os.pathsep) if p.strip()]
+    dirs.append(SHIPPED_DIR)
+    return dirs
+
+
+def cache_dir() -> Path:
+    override = os.environ.get(ENV_CACHE)
+    if override:
+        return Path(override)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("tleg-deploy")) / "profiles"
+
+
+def _is_path(name: str) -> bool:
+    return name.endswith(".json") or os.sep in name or "/" in name
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    profiles: list[DeviceProfile]
+    problems: list[str]   # "path: why" for files that could not be read
+
+
+def scan_profiles() -> ScanResult:
+    """Every readable profile in the search directories (first of a name wins), plus a cached
+    ``host`` profile for this machine if one exists; unreadable files are listed as problems."""
+    seen: set[str] = set()
+    found: list[DeviceProfile] = []
+    problems: list[str] = []
+    host = _cached_host()
+    if host is not None:
+        found.append(host)
+        seen.add(HOST)
+    for d in search_dirs():
+        if not d.is_dir():
+            continue
+        for path in sorted(d.glob("*.json")):
+            try:
+                prof = DeviceProfile.load(path)
+            except TlegError as e:
+                problems.append(str(e))
+                continue
+            if prof.name not in seen:
+                seen.add(prof.name)
+                found.append(prof)
+    return ScanResult(found, problems)
+
+
+def list_profiles() -> list[DeviceProfile]:
+    return scan_profiles().profiles
+
+
+def resolve_profile(name_or_path: str, *, spec: ViTSpec | None = None, refresh: bool = False,
+                    quiet: bool = True) -> DeviceProfile:
+    """The profile ``name_or_path`` names (see the module docstring for the order)."""
+    name = str(name_or_path).strip()
+    if not name:
+        raise DeviceError("empty device name", hint="use host, a profile name (tleg-deploy devices) or a path")
+    if name == HOST:
+        return host_profile(spec, refresh=refresh, quiet=quiet)
+    if _is_path(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise DeviceError(f"profile file {name!r} does not exist")
+        return DeviceProfile.load(path)
+    for d in search_dirs():  # by file name first: a broken file of that name is an error, not skipped
+        path = d / f"{name}.json"
+        if path.is_file():
+            return DeviceProfile.load(path)
+    scan = scan_profiles()
+    for prof in scan.profiles:
+        if name in prof.names:
+            return prof
+    known = sorted({HOST, *(n for p in scan.profiles for n in p.names)})
+    hint = f"known devices: {', '.join(known)}; or give a path to a profile .json"
+    if scan.problems:
+        hint += f" ({len(scan.problems)} unreadable profile file(s): {scan.problems[0]})"
+    raise DeviceError(f"unknown device {name!r}", hint=hint)
+
+
+# ---------------------------------------------------------------------------------------------
+# host
+
+
+def _host_path() -> Path:
+    from tleg_deploy.profile.env import host_fingerprint
+
+    return cache_dir() / f"host-{host_fingerprint()}.json"
+
+
+def _cached_host() -> DeviceProfile | None:
+    path = _host_path()
+    if not path.is_file():
+        return None
+    try:
+        return DeviceProfile.load(path)
+    except TlegError:
+        return None  # a damaged cache is simply re-measured
+
+
+def host_precisions() -> tuple[str, ...]:
+    """fp32, plus int8 when ONNX Runtime quantization is available."""
+    import importlib.util
+
+    try:
+        have_quant = importlib.util.find_spec("onnxruntime.quantization") is not None
+    except ModuleNotFoundError:
+        have_quant = False
+    return ("fp32", "int8") if have_quant else ("fp32",)
+
+
+def host_profile(spec: ViTSpec | None = None, *, refresh: bool = False, quiet: bool = True) -> DeviceProfile:
+    """This machine (ONNX Runtime CPU, 1 thread, batch 1), measured for ``spec`` on first use and
+    cached; other specs already cached are kept."""
+    cached = None if refresh else _cached_host()
+    if cached is not None and (spec is None or cached.precisions(spec)):
+        return cached
+    from tleg_deploy.profile.measure import MeasureConfig, profile
+
+    spec = spec or ViTSpec.preset("digits")
+    cfg = MeasureConfig(backend="onnxruntime", precisions=host_precisions(), depths=HOST_DEPTHS, batch=1, threads=1)
+    learngene = None
+    if spec == ViTSpec.preset("digits"):
+        from tleg_deploy.resources import load_learngene
+
+        learngene = load_learngene("demo")
+    prof = profile(spec, name=HOST, config=cfg, learngene=learngene, quiet=quiet,
+                   base=None if refresh else _cached_host())
+    prof.save(_host_path())
+    return prof
+
+
+def estimate_notice(profile: DeviceProfile) -> str | None:
+    """For an estimated profile, the line every command using it prints; ``None`` if measured."""
+    if profile.source != "estimated":
+        return None
+    return (f"{profile.name} is an ESTIMATED profile (datasheet roofline, not a measurement); "
+            f"measure the real device with: {profile.measure_command}")
