@@ -94,6 +94,7 @@ def _register_commands() -> None:
     from tleg_deploy.cli import core  # noqa: F401
     from tleg_deploy.cli import train  # noqa: F401
     from tleg_deploy.cli import fit  # noqa: F401
+    from tleg_deploy.cli import profile  # noqa: F401
 
 
 _register_commands()
