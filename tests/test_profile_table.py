@@ -159,7 +159,7 @@ def test_not_json(tmp_path) -> None:
 
 
 def test_table_is_torch_free() -> None:
-    code = ("import sys, tleg_deploy.profile.table, tleg_deploy.profile; "
+    code = ("import sys, tleg_deploy.profile.table, tleg_deploy.profile, tleg_deploy.profile.registry; "
             "bad = [m for m in ('torch', 'onnxruntime', 'numpy') if m in sys.modules]; print(bad); "
             "sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,9 @@ def fvcore_macs(spec: ViTSpec, batch: int = 1, *, matmul_only: bool = True) -> t
         flops = FlopCountAnalysis(model, x).set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
         flops.unsupported_ops_warnings(False)
         flops.uncalled_modules_warnings(False)
-        by_op = flops.by_operator()
+        with warnings.catch_warnings():  # fvcore traces with torch.jit, which warns it is deprecated
+            warnings.simplefilter("ignore")
+            by_op = flops.by_operator()
         keep = ("conv", "linear", "addmm", "matmul", "bmm", "mm", "einsum", "scaled_dot_product_attention")
         totals.append(sum(v for k, v in by_op.items() if k in keep) if matmul_only else flops.total())
     block = totals[1] - totals[0]

@@ -1,0 +1,124 @@
+"""Real (tiny, quick) measurements, the fvcore attention handle, and the roofline estimates."""
+
+from __future__ import annotations
+
+import pytest
+
+from tleg_deploy import costs
+from tleg_deploy.config import ViTSpec
+from tleg_deploy.errors import BackendError, DepthError
+from tleg_deploy.profile.estimate import (
+    calibrate_efficiency,
+    estimate_entry,
+    fvcore_macs,
+    load_datasheets,
+)
+from tleg_deploy.profile.measure import MeasureConfig, profile, require_backend
+from tleg_deploy.profile.table import DeviceProfile
+
+
+@pytest.fixture
+def small_spec() -> ViTSpec:
+    # Wide enough that a block costs more than ORT's per-call overhead, still milliseconds at depth 16.
+    return ViTSpec(img_size=16, patch_size=4, in_chans=3, embed_dim=64, num_heads=4, mlp_ratio=4.0, num_classes=10)
+
+
+@pytest.mark.parametrize("name", ["deit-tiny", "digits"])
+def test_fvcore_with_sdpa_handle_matches_analytic_macs(name: str) -> None:
+    spec = ViTSpec.preset(name)
+    block, fixed = fvcore_macs(spec)
+    assert block == costs.block_macs(spec)
+    assert fixed == costs.fixed_macs(spec)
+    # Attention is a real share of the block: without the handle the count would be short by 2·N²·D.
+    assert block - spec.num_tokens * (4 * spec.embed_dim**2 + 2 * spec.embed_dim * spec.mlp_hidden) == (
+        2 * spec.num_tokens**2 * spec.embed_dim)
+
+
+def test_fvcore_counts_batch_and_class_token() -> None:
+    spec = ViTSpec(img_size=8, patch_size=4, in_chans=3, embed_dim=16, num_heads=2, mlp_ratio=2.0, num_classes=5,
+                   class_token=True)
+    block, fixed = fvcore_macs(spec, batch=3)
+    assert block == 3 * costs.block_macs(spec)
+    assert fixed == 3 * costs.fixed_macs(spec)
+
+
+def test_real_onnxruntime_measurement_is_linear(small_spec: ViTSpec, tmp_path) -> None:
+    cfg = MeasureConfig(depths=(1, 8, 16), rounds=3, round_seconds=0.05, max_reps=60, memory=True)
+    prof = profile(small_spec, name="testhost", config=cfg)
+    entry = prof.entries[0]
+    assert [p.depth for p in entry.points] == [1, 8, 16]
+    p50 = [p.p50_ms for p in entry.points]
+    assert p50[0] < p50[1] < p50[2]
+    assert entry.fit.latency_p50.r2 > 0.9
+    assert entry.fit.latency_p50.slope > 0
+    mem = [p.memory_mb for p in entry.points]
+    assert mem[2] > mem[0] > 0  # deeper models hold more weights
+    for p in entry.points:
+        assert p.p50_ms <= p.p90_ms <= p.p99_ms and p.n >= 3 * 3 and p.rounds == 3
+    assert prof.runtime["threads"] == 1
+    assert prof.runtime["options"]["session.intra_op.allow_spinning"] == "0"
+    assert prof.environment["cpu"] and prof.environment["libraries"]["onnxruntime"]
+    # Round trip of a real profile, and a prediction inside the measured range.
+    again = DeviceProfile.load(prof.save(tmp_path / "testhost.json"))
+    pred = again.predict(12, spec=small_spec, precision="fp32")
+    assert not pred.extrapolated and p50[1] < pred.latency_p50_ms < p50[2] * 1.2
+
+
+def test_measure_config_rejects_bad_input() -> None:
+    with pytest.raises(BackendError, match="unknown backend"):
+        MeasureConfig(backend="tflite")
+    with pytest.raises(BackendError, match="threads"):
+        MeasureConfig(threads=0)
+    with pytest.raises(BackendError, match="2 distinct depths"):
+        MeasureConfig(depths=(4, 4))
+    with pytest.raises(DepthError):
+        MeasureConfig(depths=(1, 5000))
+    with pytest.raises(BackendError, match="precision"):
+        MeasureConfig(precisions=("fp8",))
+    with pytest.raises(BackendError, match="GPU"):
+        MeasureConfig(backend="tensorrt", device="cpu")
+
+
+def test_missing_backend_says_what_to_install() -> None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendError, match="pip install"):
+            require_backend("tensorrt", "cuda")
+    else:
+        pytest.skip("tensorrt is installed here")
+
+
+def test_calibration_and_estimates_are_consistent() -> None:
+    sheets = load_datasheets()
+    eff = calibrate_efficiency(sheets)["value"]
+    assert 0.05 < eff < 1.0  # a fraction of the datasheet peak
+    spec = ViTSpec.preset("deit-small")
+    macs = fvcore_macs(spec)
+    nano = estimate_entry("jetson-orin-nano", spec, "fp16", sheets=sheets, macs=macs)
+    agx = estimate_entry("jetson-agx-orin", spec, "fp16", sheets=sheets, macs=macs)
+    nano_int8 = estimate_entry("jetson-orin-nano", spec, "int8", sheets=sheets, macs=macs)
+    assert nano.fit.latency_p50.slope > agx.fit.latency_p50.slope  # the smaller module is slower per block
+    assert nano_int8.fit.latency_p50.slope < nano.fit.latency_p50.slope  # int8 helps, ...
+    assert nano_int8.fit.latency_p50.slope > nano.fit.latency_p50.slope / 2.5  # ... but less than the peak ratio
+    assert nano_int8.fit.memory.slope == pytest.approx(nano.fit.memory.slope / 2)  # 1 vs 2 bytes per weight
+    assert nano.basis is not None and nano.basis["macs_per_block"] == costs.block_macs(spec)
+
+
+def test_shipped_profiles_are_estimated_and_cite_sources() -> None:
+    from tleg_deploy.profile.registry import SHIPPED_DIR
+
+    names = {p.stem for p in SHIPPED_DIR.glob("*.json")}
+    assert {"jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin", "h100"} <= names
+    for name in names:
+        prof = DeviceProfile.load(SHIPPED_DIR / f"{name}.json")
+        assert prof.source == "estimated" and prof.backend == "tensorrt"
+        assert prof.measure_command.startswith(f"tleg-deploy profile --device {name} --backend tensorrt")
+        for fact in prof.hardware.values():
+            assert fact["source"].strip()
+        for spec_name in ("deit-tiny", "deit-small", "deit-base", "digits"):
+            assert prof.precisions(ViTSpec.preset(spec_name)) == ("fp16", "int8")
+        tiny = prof.predict(12, spec=ViTSpec.preset("deit-tiny"), precision="fp16")
+        base = prof.predict(12, spec=ViTSpec.preset("deit-base"), precision="fp16")
+        assert base.latency_p50_ms > tiny.latency_p50_ms and base.memory_mb > tiny.memory_mb
+        assert tiny.latency_p50_upper_ms > tiny.latency_p50_ms * 1.2  # an estimate is not sure of itself
