@@ -23,7 +23,7 @@ test: setup lint
 	$(BIN)/python -m pytest
 
 demo: setup
-	$(BIN)/tleg-deploy demo
+	$(BIN)/tleg-deploy demo -o out/demo
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -24,6 +24,7 @@ import datetime as dt
 import functools
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -169,6 +170,7 @@ def fit(
         notes.append(f"{profile.name} cannot be run here: figures are predicted, not measured"
                      if profile.source == "measured" else
                      f"{profile.name} is an estimated profile: figures are predicted from a roofline")
+    out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         depth, measured = plan.depth, None
@@ -209,6 +211,10 @@ def fit(
             "budget": budget.to_dict(), "finetune": metrics})
         pick = plan.pick if depth == plan.depth else evaluate(
             profile, budget, spec=spec, depth=depth, precision=plan.precision, margin=margin, accuracy=accuracy)
+        if measured is not None and measured.at(budget.percentile) < 0.5 * pick.latency_ms:
+            notes.append(f"measured {budget.percentile} {measured.at(budget.percentile):.3g} ms is under half the "
+                         f"predicted {pick.latency_ms:.3g} ms: the profile was probably taken under load; "
+                         "re-measure with --refresh-profile for a deeper pick")
         result = FitResult(
             plan=plan, pick=pick, out_dir=out, files=(), measured=measured,
             steps=tuple(steps), finetune=metrics, measure_command=profile.measure_command, notes=tuple(notes))
@@ -363,7 +369,7 @@ def _write_outputs(d: Path, result: FitResult, profile: DeviceProfile, files: Ma
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "artifacts": artifacts,
     })
     chosen_file = files[result.precision]["file"]
-    script = build_engine_script(profile, chosen_file, result.precision, spec)
+    script = build_engine_script(profile, {p: f["file"] for p, f in files.items()}, result.precision, spec)
     write_text_atomic(d / "build_engine.sh", script)
     with contextlib.suppress(OSError):
         os.chmod(d / "build_engine.sh", 0o755)
@@ -371,22 +377,20 @@ def _write_outputs(d: Path, result: FitResult, profile: DeviceProfile, files: Ma
     write_text_atomic(d / "REPORT.md", render_report(result, profile, chosen_file, budget, pred))
 
 
-def build_engine_script(profile: DeviceProfile, onnx_file: str, precision: str, spec: ViTSpec) -> str:
-    """The script to run on the target: a TensorRT engine build (trtexec) for TensorRT targets; an
-    ONNX Runtime smoke run otherwise."""
-    shape = f"{spec.in_chans}x{spec.img_size}x{spec.img_size}"
+def build_engine_script(profile: DeviceProfile, files: Mapping[str, str], precision: str, spec: ViTSpec) -> str:
+    """The script to run on the target: TensorRT engine builds (``export.tensorrt.build_script``:
+    trtexec + a Polygraphy check) for TensorRT targets; an ONNX Runtime timing run otherwise.
+    ``files``: ONNX file per precision (``fp32`` and the chosen one)."""
+    onnx_file = files[precision]
+    if profile.backend == "tensorrt":
+        from tleg_deploy.export.tensorrt import build_script
+
+        trt_files = {("int8-qdq" if p == "int8" else p): f for p, f in files.items()}
+        done = f"engines built; now replace the estimate with a measurement: {profile.measure_command}"
+        return build_script(trt_files, spec) + f"echo {shlex.quote(done)}\n"
     head = ("#!/usr/bin/env bash\n"
             f"# Written by tleg-deploy fit for {profile.name} ({profile.backend}, {precision}). Run it on the device.\n"
             "set -euo pipefail\ncd \"$(dirname \"$0\")\"\n")
-    if profile.backend == "tensorrt":
-        flag = {"fp16": " --fp16", "int8": " --int8 --fp16", "fp32": ""}[precision]
-        engine = onnx_file.replace(".onnx", ".engine")
-        return head + (
-            "TRTEXEC=${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}\n"
-            f"\"$TRTEXEC\" --onnx={onnx_file} --saveEngine={engine}{flag} \\\n"
-            f"    --minShapes=pixel_values:1x{shape} --optShapes=pixel_values:1x{shape} "
-            f"--maxShapes=pixel_values:8x{shape} \\\n    --useCudaGraph --noDataTransfers --percentile=50,90\n"
-            f"echo \"built {engine}; now measure the device: {profile.measure_command}\"\n")
     return head + (
         "PY=${PYTHON:-python3}\n"
         "\"$PY\" - <<'EOF'\nimport numpy as np, onnxruntime as ort, time\n"

@@ -63,10 +63,14 @@ class _Prediction(Protocol):
 class Profile(Protocol):
     """What the solver needs of a ``tleg_deploy.profile.table.DeviceProfile``."""
 
-    name: str
-    source: str
-    backend: str
-    measure_command: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def measure_command(self) -> str: ...
 
     def precisions(self, spec: ViTSpec, batch: int = 1) -> tuple[str, ...]: ...
 

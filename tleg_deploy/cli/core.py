@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from tleg_deploy.cli.app import DepthOpt, JsonOpt, LearngeneOpt, command, emit_json, out
+from tleg_deploy.cli.app import DepthOpt, JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, out
 from tleg_deploy.config import ViTSpec
 
 
@@ -106,24 +106,35 @@ def info(
 
 
 @command()
-def demo() -> None:
-    """The main job on bundled defaults (run by `make demo`).
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the two fit outputs.")] = Path(
+        "tleg-demo"),
+    jetson_latency: Annotated[str, typer.Option(help="The Jetson latency budget.")] = "0.5ms",
+    quiet: QuietOpt = False,
+) -> None:
+    """The main job on bundled defaults (run by `make demo`): `fit` the demo learngene to this host
+    (measured here) and to a Jetson Orin Nano (estimated profile), each with a budget that gives a
+    non-trivial depth. The host budget is what depth 6 costs on this machine (its p90 upper bound),
+    so the demo means the same on a fast or a slow CPU.
 
-    Example: tleg-deploy demo
+    Example: tleg-deploy demo -o tleg-demo
     """
-    from tleg_deploy.inspect import describe_file
+    from tleg_deploy.cli.fit import render_summary
+    from tleg_deploy.fit import fit, learngene_spec
+    from tleg_deploy.profile.registry import resolve_profile
+    from tleg_deploy.solve import Budget, evaluate
 
-    facts = describe_file("demo")
-    _render_info(facts)
-    out.print("\n[bold]expanding the demo learngene[/bold]")
-    from tleg_deploy.inspect import expansion_table
-
-    rows = expansion_table("demo", depths=(1, 3, 6, 12, 24))
-    table = Table("depth", "params", "fp32 bytes", "vs learngene", "top-1 agrees with AuxNet")
-    for r in rows:
-        table.add_row(str(r["depth"]), f"{r['params']:,}", f"{r['bytes']:,}",
-                      f"{r['bytes'] / facts['bytes']:.2f}x", f"{r['agreement']:.0%}")
-    out.print(table)
+    spec = learngene_spec("demo")
+    out.rule("[bold]1/2 host[/bold]: this machine, ONNX Runtime CPU, 1 thread (measured on first use, then cached)")
+    host = resolve_profile("host", spec=spec, quiet=quiet)
+    probe = Budget(latency_ms=1e9)
+    depth6 = min((evaluate(host, probe, spec=spec, depth=6, precision=p) for p in host.precisions(spec)),
+                 key=lambda c: c.latency_upper_ms)
+    budget = Budget(latency_ms=round(depth6.latency_upper_ms * 1.02, 4))
+    render_summary(fit(budget, device=host, out_dir=output / "host", quiet=quiet))
+    out.rule("[bold]2/2 jetson[/bold]: Jetson Orin Nano, TensorRT (estimated profile: nothing is run)")
+    budget = Budget.from_strings(latency=jetson_latency, memory="256MB")
+    render_summary(fit(budget, device="jetson", out_dir=output / "jetson", quiet=quiet))
 
 
 def _render_info(facts: dict[str, Any]) -> None:

@@ -73,8 +73,8 @@ def render_summary(result: FitResult) -> None:
     else:
         out.print(f"figures: [bold yellow]estimated[/bold yellow] ({plan.device} was not run here); "
                   f"measure the device: [cyan]{result.measure_command}[/cyan]", highlight=False)
-    for note in plan.warnings:
-        if "estimated profile" not in note:
+    for note in result.notes:
+        if "estimated profile" not in note and "cannot be run here" not in note:
             out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     table = Table("depth", "precision", f"{pct} ms", "upper ms", "memory MB", "fits", box=None, padding=(0, 1))
     for c in plan.candidates:

@@ -1,0 +1,95 @@
+"""``tleg-deploy fit`` end to end: host (measured here) for the digits spec, jetson (estimated)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tleg_deploy.cli.app import app
+from tleg_deploy.config import ViTSpec
+from tleg_deploy.fileio import sha256_file
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the host profile this test measures out of the user's cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TLEG_DEPLOY_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _check_dir(out: Path) -> dict:
+    plan = json.loads((out / "plan.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert plan["format"] == "tleg-fit" and manifest["format"] == "tleg-manifest"
+    depth, precision = plan["depth"], plan["precision"]
+    names = {a["file"] for a in manifest["artifacts"]}
+    assert {f"model_d{depth}.safetensors", f"model_d{depth}_fp32.onnx", f"model_d{depth}_{precision}.onnx"} <= names
+    for a in manifest["artifacts"]:
+        assert sha256_file(out / a["file"]) == a["sha256"] and (out / a["file"]).stat().st_size == a["bytes"]
+    assert (out / "build_engine.sh").stat().st_mode & 0o100
+    report = (out / "REPORT.md").read_text()
+    assert f"depth **{depth}**" in report and "## Candidates" in report
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging left
+    return plan
+
+
+def test_fit_host_measured_then_jetson_estimated(tmp_path: Path, cache: Path) -> None:
+    from tleg_deploy.profile.registry import resolve_profile
+    from tleg_deploy.solve import Budget, solve
+
+    spec = ViTSpec.preset("digits")
+    host = resolve_profile("host", spec=spec)  # measured once here, then read from the cache by `fit`
+    up = {d: min(host.predict(d, spec=spec, precision=p).latency_p90_upper_ms for p in host.precisions(spec))
+          for d in (4, 5)}
+    budget_ms = (up[4] + up[5]) / 2  # between depth 4 and 5 of the fastest option
+    expected = solve(host, Budget(latency_ms=budget_ms), spec=spec)
+
+    out = tmp_path / "host"
+    res = runner.invoke(app, ["fit", "--device", "host", "--latency", f"{budget_ms * 1000:.1f}us", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "measured" in res.output and "why not deeper" in res.output
+    plan = _check_dir(out)
+    assert plan["figures"] == "measured" and plan["measured"]["p90_ms"] <= budget_ms
+    assert plan["depth"] <= expected.depth and plan["depth"] == expected.depth - len(plan["steps"])
+    assert plan["plan"]["why_not_deeper"].startswith(f"depth {expected.depth + 1} does not fit")
+
+    # The same budget again, as JSON, into the same directory: replaced, never half-written.
+    res = runner.invoke(app, ["fit", "--device", "host", "--latency", f"{budget_ms:.4f}ms", "-o", str(out),
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["format"] == "tleg-fit"
+
+    out = tmp_path / "new" / "jetson"  # parents are created
+    res = runner.invoke(app, ["fit", "--device", "jetson", "--latency", "1ms", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "estimated" in res.output and "tleg-deploy profile" in res.output
+    plan = _check_dir(out)
+    assert plan["figures"] == "estimated" and plan["measured"] is None and plan["depth"] >= 2
+    assert "trtexec" in (out / "build_engine.sh").read_text()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--latency", "5parsecs"], "time unit"),
+    (["--latency", "-1ms"], "positive"),
+    (["--latency", "1us"], "no depth fits"),
+    ([], "no limit"),
+])
+def test_fit_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    res = runner.invoke(app, ["fit", "--device", "jetson", "-o", str(tmp_path / "x"), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_fit_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    res = runner.invoke(app, ["fit", "--device", "jetson", "--latency", "1ms", "-o", str(tmp_path / "mine")])
+    assert res.exit_code != 0 and "not an earlier fit output" in res.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
