@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tleg_deploy.errors import DepthError, ExportError
+from tleg_deploy.expand import expand
+from tleg_deploy.family import (
+    LOCK_NAME,
+    export_family,
+    load_manifest,
+    member_is_intact,
+    parse_depths,
+    parse_formats,
+)
+from tleg_deploy.fileio import sha256_file
+
+
+def _claims_are_intact(out):
+    manifest = load_manifest(out)
+    for member in manifest["members"].values():
+        assert member_is_intact(out, member)
+    for a in manifest["artifacts"]:
+        assert sha256_file(out / a["file"]) == a["sha256"] and (out / a["file"]).stat().st_size == a["bytes"]
+    return manifest
+
+
+def test_parse_depths_and_formats():
+    assert parse_depths("1-12") == list(range(1, 13))
+    assert parse_depths("2,4,8") == [2, 4, 8]
+    assert parse_depths("1-24:2") == list(range(1, 25, 2))
+    assert parse_depths("1-3, 8,2") == [1, 2, 3, 8]
+    for bad in ("", "a-3", "5-2", "1-4:0", "0-3", "1-5000"):
+        with pytest.raises(DepthError):
+            parse_depths(bad)
+    assert parse_formats("int8,onnx") == ("onnx", "int8")
+    assert parse_formats(["fp16"]) == ("onnx", "fp16")  # fp32 ONNX is the base of every variant
+    with pytest.raises(ExportError, match="unknown format 'magic'"):
+        parse_formats("onnx,magic")
+
+
+def test_family_manifest(tiny_lg, tmp_path):
+    out = tmp_path / "fam"
+    manifest = export_family(tiny_lg, [1, 3], out, "onnx", data=None)
+    assert sorted(p.name for p in out.iterdir()) == ["depth_01", "depth_03", "manifest.json"]  # no lock, no temp
+    m = _claims_are_intact(out)
+    assert m == json.loads((out / "manifest.json").read_text()) == manifest
+    assert m["learngene"]["sha256"] == tiny_lg.sha256() and m["spec"] == tiny_lg.spec.to_dict()
+    from tleg_deploy import costs
+
+    for a in m["artifacts"]:
+        assert a["precision"] == "fp32" and a["params"] == costs.params(tiny_lg.spec, a["depth"])
+        assert a["macs"] == costs.macs(tiny_lg.spec, a["depth"]) and 0 <= a["parity"]["max_abs_diff"] < 1e-4
+        assert (out / a["file"]).with_name("model.validation.json").exists()
+    s = m["storage"]
+    assert s["learngene_params"] == tiny_lg.num_params() and s["members"] == 2
+    assert s["family_params"] == costs.params(tiny_lg.spec, 1) + costs.params(tiny_lg.spec, 3)
+
+
+def test_resume_after_interrupted_family_export(tiny_lg, tmp_path):
+    out = tmp_path / "fam"
+    export_family(tiny_lg, [1, 2], out, "onnx", data=None)
+    # Ctrl-C in the middle of member 3: its ONNX file is written, validation is running.
+    model3 = expand(tiny_lg, 3).eval()
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+
+    handle = model3.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_family(tiny_lg, [1, 2, 3], out, "onnx", data=None, models={3: model3})
+    handle.remove()
+    m = _claims_are_intact(out)
+    assert sorted(m["members"]) == ["1", "2"]
+    assert sorted(p.name for p in out.iterdir()) == ["depth_01", "depth_02", "manifest.json"]  # nothing half-written
+    # A crash can also leave a staging dir, and a file can rot: the re-run cleans up and redoes what is needed.
+    (out / ".depth_03.partial").mkdir()
+    (out / ".depth_03.partial" / "model.onnx").write_bytes(b"half")
+    with open(out / "depth_02" / "model.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    before = sha256_file(out / "depth_01" / "model.onnx"), (out / "depth_01" / "model.onnx").stat().st_mtime_ns
+    messages = []
+    export_family(tiny_lg, [1, 2, 3], out, "onnx", data=None, progress=lambda text, done, total: messages.append(text))
+    assert messages[0] == "1 of 3 members already exported"  # depth 1 skipped; 2 (corrupted) and 3 redone
+    first = out / "depth_01" / "model.onnx"
+    assert (sha256_file(first), first.stat().st_mtime_ns) == before
+    m = _claims_are_intact(out)
+    assert sorted(m["members"]) == ["1", "2", "3"] and not (out / ".depth_03.partial").exists()
+    assert sorted(a["depth"] for a in m["artifacts"]) == [1, 2, 3]
+
+
+def test_lock_blocks_a_second_run_and_stale_lock_is_taken_over(tiny_lg, tmp_path):
+    out = tmp_path / "fam"
+    out.mkdir()
+    # A live process holds the lock: a clear error, and the directory is untouched.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        (out / LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": "x"}))
+        with pytest.raises(ExportError, match="being written by another export"):
+            export_family(tiny_lg, [1], out, "onnx", data=None)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale and the next run takes over.
+    export_family(tiny_lg, [1], out, "onnx", data=None)
+    assert not (out / LOCK_NAME).exists() and load_manifest(out)["members"].keys() == {"1"}
+
+
+def test_bad_manifest_and_other_learngene_are_errors(tiny_lg, tmp_path):
+    out = tmp_path / "fam"
+    export_family(tiny_lg, [1], out, "onnx", data=None)
+    files = sorted(p.name for p in out.rglob("*"))
+    other = type(tiny_lg).init(tiny_lg.spec, aux_depth=4, seed=7)
+    with pytest.raises(ExportError, match="another learngene"):
+        export_family(other, [2], out, "onnx", data=None)
+    (out / "manifest.json").write_text('{"format": "tleg-export-manifest", "schema_ver')
+    with pytest.raises(ExportError, match="corrupted"):
+        export_family(tiny_lg, [2], out, "onnx", data=None)
+    assert sorted(p.name for p in out.rglob("*")) == files  # nothing new, no lock left behind
+
+
+def test_not_a_directory_and_unwritable(tiny_lg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises((ExportError, OSError)):
+        export_family(tiny_lg, [1], blocker, "onnx", data=None)
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(ExportError, match="permission denied"):
+            export_family(tiny_lg, [1], ro / "out", "onnx", data=None)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_family_variants_and_build_script(tiny_lg, tmp_path):
+    images = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    np_path = tmp_path / "imgs.npz"
+    import numpy as np
+
+    x = (images.permute(0, 2, 3, 1).numpy() * 40 + 128).clip(0, 255).astype(np.uint8)  # (N, H, W, C)
+    np.savez(np_path, x=np.concatenate([x] * 4), y=np.arange(256) % 5)
+    out = tmp_path / "fam"
+    m = export_family(tiny_lg, [2], out, "onnx,fp16,tensorrt", data=f"npz:{np_path}")
+    precisions = {a["precision"] for a in m["artifacts"]}
+    assert {"fp32", "fp16", "int8-qdq"} <= precisions
+    script = (out / "depth_02" / "build_engine.sh").read_text()
+    assert "--timingCacheFile=../timing.cache" in script and "model_int8_qdq.onnx" in script
+    _claims_are_intact(out)

@@ -1,0 +1,149 @@
+"""Export commands: ``export`` (one depth, or fine-tuned ``--weights``) and ``export-family``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, err, out
+
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help="Comma-separated: onnx,int8,fp16,tensorrt.")]
+DataOpt = Annotated[str, typer.Option("--data", help="Images for int8/fp16 checks: digits, folder:PATH, npz:PATH.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="Device profile for predicted latency (e.g. jetson).")]
+MeasureOpt = Annotated[bool, typer.Option("--measure", help="Measure ONNX Runtime CPU latency of each file here.")]
+OutDirOpt = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (manifest.json at the top).")]
+
+
+@command("export")
+def export_cmd(
+    output: OutDirOpt,
+    depth: Annotated[int, typer.Option("--depth", "-d", help="Number of blocks.")],
+    learngene: LearngeneOpt = "demo",
+    weights: Annotated[Path | None, typer.Option("--weights", help="Fine-tuned descendant .safetensors.")] = None,
+    format_: FormatOpt = "onnx",
+    data: DataOpt = "digits",
+    device: DeviceOpt = None,
+    measure: MeasureOpt = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export one depth to validated ONNX (and int8 / fp16 / TensorRT build script) in DIR.
+
+    Example: tleg-deploy export --learngene demo --depth 6 --format onnx,int8,fp16,tensorrt -o out/
+    """
+    from tleg_deploy.config import check_depth
+    from tleg_deploy.errors import SpecError
+    from tleg_deploy.family import export_family, parse_formats
+    from tleg_deploy.fileio import sha256_file
+    from tleg_deploy.resources import learngene_path, load_learngene
+
+    check_depth(depth)
+    formats = parse_formats(format_)
+    lg = load_learngene(learngene)
+    models, source = None, "expand"
+    if weights is not None:
+        from tleg_deploy.expand import load_descendant
+
+        model, _ = load_descendant(weights)
+        if model.spec != lg.spec:
+            raise SpecError(f"{weights} has spec {model.spec.preset_name() or model.spec.to_dict()}, but the "
+                            f"learngene has {lg.spec.preset_name() or lg.spec.to_dict()}",
+                            hint="pass the learngene these weights were expanded from")
+        if model.depth != depth:
+            raise SpecError(f"{weights} has depth {model.depth}, not --depth {depth}",
+                            hint=f"use --depth {model.depth}")
+        models, source = {depth: model.eval()}, f"weights:{sha256_file(weights)}"
+    profile = _profile(device, lg.spec)
+    with _progress(quiet or json_) as progress:
+        manifest = export_family(lg, [depth], output, formats, data=data, learngene_file=learngene_path(learngene),
+                                 models=models, source=source, profile=profile, measure_latency=measure,
+                                 progress=progress)
+    _render(manifest, output, json_, depths=[depth])
+
+
+@command("export-family")
+def export_family_cmd(
+    output: OutDirOpt,
+    depths: Annotated[str, typer.Option("--depths", help="Depths: 1-12, 2,4,8 or 1-24:2.")] = "1-12",
+    learngene: LearngeneOpt = "demo",
+    format_: FormatOpt = "onnx",
+    data: DataOpt = "digits",
+    device: DeviceOpt = None,
+    measure: MeasureOpt = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export and validate every depth of a learngene's family; re-runs skip finished members.
+
+    Example: tleg-deploy export-family --learngene demo --depths 1-12 --format onnx,int8 -o family/
+    """
+    from tleg_deploy.family import export_family, parse_depths, parse_formats
+    from tleg_deploy.resources import learngene_path, load_learngene
+
+    wanted = parse_depths(depths)
+    formats = parse_formats(format_)
+    lg = load_learngene(learngene)
+    profile = _profile(device, lg.spec)
+    with _progress(quiet or json_) as progress:
+        manifest = export_family(lg, wanted, output, formats, data=data, learngene_file=learngene_path(learngene),
+                                 profile=profile, measure_latency=measure, progress=progress)
+    _render(manifest, output, json_, depths=wanted)
+
+
+def _profile(device: str | None, spec: Any) -> Any:
+    if device is None:
+        return None
+    from tleg_deploy.profile.registry import resolve_profile
+
+    return resolve_profile(device, spec=spec)
+
+
+@contextmanager
+def _progress(off: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    if off or not err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("exporting", total=None)
+
+        def update(text: str, done: int, total: int) -> None:
+            bar.update(task, description=f"exporting {text}", completed=done, total=total)
+
+        yield update
+
+
+def _render(manifest: dict[str, Any], output: Path, json_: bool, depths: list[int]) -> None:
+    if json_:
+        emit_json(manifest)
+        return
+    table = Table("depth", "precision", "file", "MB", "params", "GMACs", "|Δ| torch", "agree", "p50 ms")
+    for a in manifest["artifacts"]:
+        if a["depth"] not in depths:
+            continue
+        parity = a.get("parity") or {}
+        lat = a.get("latency") or {}
+        measured = (lat.get("measured") or {}).get("p50_ms")
+        predicted = (lat.get("predicted") or {}).get("p50_ms")
+        latency = f"{measured:.2f}" if measured else f"~{predicted:.2f}" if predicted else "-"
+        diff = parity.get("max_abs_diff")
+        agree = parity.get("agreement")
+        table.add_row(str(a["depth"]), a["precision"] if a["format"] == "onnx" else f"{a['precision']} engine",
+                      Path(a["file"]).name, f"{a['bytes'] / 1e6:.2f}", f"{a['params']:,}", f"{a['macs'] / 1e9:.3f}",
+                      "-" if diff is None else f"{diff:.1e}", "-" if agree is None else f"{agree:.1%}", latency)
+    out.print(table)
+    s = manifest["storage"]
+    out.print(f"learngene {s['learngene_bytes'] / 1e6:.2f} MB ({s['learngene_params']:,} params) -> "
+              f"{s['members']} members: {s['family_fp32_onnx_bytes'] / 1e6:.2f} MB fp32 ONNX "
+              f"({s['fp32_bytes_ratio']}x), {s['family_params']:,} params ({s['params_ratio']}x); "
+              f"all files {s['family_bytes'] / 1e6:.2f} MB")
+    if "tensorrt" in manifest["formats"]:
+        out.print("TensorRT: run build_engine.sh in each depth directory on the target device")
+    out.print(f"manifest: {output / 'manifest.json'} (p50 ms: measured here, ~predicted from the device profile)")

@@ -1,0 +1,491 @@
+"""``export_family``: export and validate a whole family of depths from one learngene.
+
+One directory per depth (``depth_03/model.onnx``, its variants, their validation reports and
+``build_engine.sh``) and ``manifest.json`` at the top (DESIGN.md §4): the learngene's sha256 and
+spec, and one entry per artifact with depth, precision, file, bytes, sha256, params, MACs
+(``tleg_deploy.costs``), parity with PyTorch, and predicted / measured latency when asked for.
+The manifest also records what the paper calls storage savings: the learngene's bytes and
+parameters against the family's.
+
+Robustness: a member is built in a hidden staging directory and renamed into place only after
+every file in it has been written and validated; the manifest is rewritten atomically after each
+member, so at any moment (Ctrl-C, crash) every file it claims exists and matches its sha256. A
+re-run skips members whose files still match and redoes the rest. A lock file makes a second
+concurrent run into the same directory fail with a clear error instead of interleaving writes.
+
+Speed: the members share one block structure, so the ONNX graphs come from one exported depth-2
+probe (``export.template.DepthTemplate``) instead of one exporter trace per member.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tleg_deploy import costs
+from tleg_deploy.config import MAX_DEPTH, ViTSpec, check_depth
+from tleg_deploy.errors import DepthError, ExportError, TlegError
+from tleg_deploy.fileio import sha256_file, write_json_atomic
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "tleg-export-manifest"
+MANIFEST_VERSION = "1"
+LOCK_NAME = ".tleg-export.lock"
+FORMATS = ("onnx", "int8", "fp16", "tensorrt")
+_MANIFEST_KEYS = {"format", "schema_version", "tool_version", "updated", "learngene", "spec", "spec_preset",
+                  "formats", "batch", "members", "artifacts", "storage"}
+
+Progress = Callable[[str, int, int], None]
+
+
+# -- parsing user input (torch-free) -------------------------------------------------------------
+def parse_depths(text: str, *, maximum: int = MAX_DEPTH) -> list[int]:
+    """``"1-12"``, ``"2,4,8"``, ``"1-24:2"`` (start-stop:step, inclusive) or mixes like ``"1-4,8"``."""
+    depths: set[int] = set()
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            span, _, step_s = part.partition(":")
+            lo_s, dash, hi_s = span.partition("-")
+            lo = int(lo_s)
+            hi = int(hi_s) if dash else lo
+            step = int(step_s) if step_s else 1
+        except ValueError:
+            raise DepthError(f"cannot read depths {text!r}", hint="write them like 1-12, 2,4,8 or 1-24:2") from None
+        if step < 1 or hi < lo:
+            raise DepthError(f"bad depth range {part!r}", hint="use start-stop:step with start <= stop, step >= 1")
+        for d in range(lo, hi + 1, step):
+            depths.add(check_depth(d, maximum=maximum))
+    if not depths:
+        raise DepthError(f"no depths in {text!r}", hint="e.g. --depths 1-12")
+    return sorted(depths)
+
+
+def parse_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
+    """Validated format names in canonical order; ``onnx`` (fp32, the base of the others) is always in."""
+    names = formats.split(",") if isinstance(formats, str) else list(formats)
+    names = [n.strip().lower() for n in names if n.strip()]
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown:
+        raise ExportError(f"unknown format {unknown[0]!r}", hint=f"choose from {','.join(FORMATS)}")
+    return tuple(f for f in FORMATS if f in names or f == "onnx")
+
+
+# -- the lock --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def directory_lock(out_dir: Path) -> Iterator[Path]:
+    """Hold ``out_dir/.tleg-export.lock`` (created exclusively); a stale lock of a dead process on
+    this host is taken over."""
+    lock = out_dir / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if attempt == 0 and _is_stale(holder):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                continue
+            who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}" if holder else "?"
+            raise ExportError(f"{out_dir} is being written by another export ({who})",
+                              hint=f"wait for it to finish, or delete {lock} if that process is gone") from None
+        except PermissionError:
+            raise ExportError(f"cannot write to {out_dir}: permission denied",
+                              hint="choose a writable output directory") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def _read_lock(lock: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(lock.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _is_stale(holder: dict[str, Any]) -> bool:
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+# -- the manifest ------------------------------------------------------------------------------------
+def load_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest in ``out_dir``, ``None`` if there is none, ``ExportError`` if it is corrupted."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    hint = "delete it to start over, or export to another directory"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path} is corrupted: {str(e).splitlines()[0][:120]}", hint=hint) from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ExportError(f"{path} is not a tleg-deploy export manifest", hint=hint)
+    if data.get("schema_version") != MANIFEST_VERSION:
+        raise ExportError(f"{path} has schema_version {data.get('schema_version')!r}, expected {MANIFEST_VERSION!r}",
+                          hint=hint)
+    missing = sorted(_MANIFEST_KEYS - set(data))
+    extra = sorted(set(data) - _MANIFEST_KEYS)
+    if missing or extra:
+        key = (missing or extra)[0]
+        raise ExportError(f"{path} is corrupted: {'missing' if missing else 'unexpected'} key {key!r}", hint=hint)
+    if not isinstance(data["members"], dict) or not isinstance(data["artifacts"], list):
+        raise ExportError(f"{path} is corrupted: members/artifacts have the wrong type", hint=hint)
+    return data
+
+
+def member_is_intact(out_dir: Path, member: Mapping[str, Any]) -> bool:
+    """Every file the member claims exists and matches its recorded sha256."""
+    files = member.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for rel, sha in files.items():
+        path = out_dir / rel
+        if not path.is_file() or sha256_file(path) != sha:
+            return False
+    return True
+
+
+# -- exporting -------------------------------------------------------------------------------------------
+@dataclass
+class _Context:
+    out_dir: Path
+    formats: tuple[str, ...]
+    learngene_sha256: str
+    data: str | None
+    batch: Any
+    profile: Any
+    measure_latency: bool
+    template: Any
+    _images: Any = None
+    _calibration: Any = None
+
+    def images(self, spec: ViTSpec) -> Any:
+        if self._images is None:
+            self._images = _load_images(self.data, spec, "test")
+        return self._images
+
+    def calibration(self, spec: ViTSpec) -> Any:
+        if self._calibration is None:
+            self._calibration = _load_images(self.data, spec, "train")[:256]
+        return self._calibration
+
+
+def _load_images(data: str | None, spec: ViTSpec, split: str) -> Any:
+    if data is None:
+        raise ExportError("int8 and fp16 variants are validated on real images, but no data was given",
+                          hint="pass data='digits' (or folder:PATH / npz:PATH)")
+    from tleg_deploy.train.data import load_data
+
+    return load_data(data, spec, split)[0]
+
+
+def export_family(
+    lg: Any,
+    depths: Sequence[int],
+    out_dir: str | os.PathLike[str],
+    formats: str | Iterable[str] = ("onnx",),
+    *,
+    data: str | None = "digits",
+    learngene_file: str | os.PathLike[str] | None = None,
+    models: Mapping[int, Any] | None = None,
+    source: str = "expand",
+    batch: Any = None,
+    profile: Any = None,
+    measure_latency: bool = False,
+    use_template: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Export and validate ``depths`` of ``lg`` into ``out_dir``; returns the manifest.
+
+    ``models`` maps a depth to a model to export instead of ``expand(lg, depth)`` (fine-tuned
+    weights; ``source`` then names them, and a re-run redoes members whose source differs).
+    ``data`` gives the real images int8/fp16 are validated on and the int8 calibration set.
+    ``profile`` (a ``DeviceProfile``) adds predicted latencies; ``measure_latency`` measures the
+    ONNX Runtime latency of every ONNX file here (1 thread, batch 1).
+    """
+    from tleg_deploy.export.tensorrt import BatchRange
+
+    fmts = parse_formats(formats)
+    depths = sorted({check_depth(d) for d in depths})
+    if not depths:
+        raise DepthError("no depths to export")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise ExportError(f"cannot create {out}: permission denied",
+                          hint="choose a writable output directory") from None
+    if not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory", hint="choose another output directory")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write to {out}: permission denied", hint="choose a writable output directory")
+    batch = batch or BatchRange()
+    lg_sha = lg.sha256()
+    with directory_lock(out):
+        manifest = load_manifest(out)
+        if manifest is not None and manifest["learngene"].get("sha256") != lg_sha:
+            raise ExportError(f"{out} holds a family of another learngene ({manifest['learngene'].get('sha256')})",
+                              hint="export to another directory, or delete that one")
+        if manifest is None:
+            manifest = _new_manifest(lg, learngene_file, fmts, batch)
+        _clean_staging(out)
+        todo = []
+        for d in depths:
+            member = manifest["members"].get(str(d))
+            fresh = (member is not None and member.get("source") == source
+                     and set(fmts) <= set(member.get("formats", [])) and member_is_intact(out, member))
+            if not fresh:
+                todo.append(d)
+        template = None
+        if use_template and todo and (models is None or any(d not in models for d in todo)):
+            from tleg_deploy.export.template import DepthTemplate
+
+            with contextlib.suppress(ExportError):  # unexpected graph: fall back to one export per member
+                template = DepthTemplate(lg.spec)
+        ctx = _Context(out, fmts, lg_sha, data, batch, profile, measure_latency, template)
+        done = len(depths) - len(todo)
+        if progress:
+            progress(f"{done} of {len(depths)} members already exported", done, len(depths))
+        for d in todo:
+            if progress:
+                progress(f"depth {d}", done, len(depths))
+            model = models[d] if models and d in models else _expand(lg, d)
+            _export_member(ctx, manifest, model, source)
+            done += 1
+            if progress:
+                progress(f"depth {d} done", done, len(depths))
+        return manifest
+
+
+def _expand(lg: Any, depth: int) -> Any:
+    from tleg_deploy.expand import expand
+
+    return expand(lg, depth).eval()
+
+
+def _member_dir(depth: int) -> str:
+    return f"depth_{depth:02d}"
+
+
+def _clean_staging(out: Path) -> None:
+    for p in out.glob(".depth_*.partial"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _export_member(ctx: _Context, manifest: dict[str, Any], model: Any, source: str) -> None:
+    depth = model.depth
+    name = _member_dir(depth)
+    final = ctx.out_dir / name
+    stage = ctx.out_dir / f".{name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        artifacts = _build_member(ctx, model, stage)
+        # Forget the old member first, so the manifest never claims files that are being replaced.
+        if str(depth) in manifest["members"]:
+            _drop_member(manifest, depth)
+            _write_manifest(ctx.out_dir, manifest)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    files = {}
+    for path in sorted(final.iterdir()):
+        rel = f"{name}/{path.name}"
+        files[rel] = sha256_file(path)
+    for a in artifacts:
+        a["file"] = f"{name}/{a['file']}"
+        a["sha256"] = files[a["file"]]
+    manifest["members"][str(depth)] = {"dir": name, "source": source, "formats": list(ctx.formats), "files": files}
+    manifest["artifacts"].extend(artifacts)
+    manifest["artifacts"].sort(key=lambda a: (a["depth"], a["precision"]))
+    _write_manifest(ctx.out_dir, manifest)
+
+
+def _drop_member(manifest: dict[str, Any], depth: int) -> None:
+    manifest["members"].pop(str(depth), None)
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["depth"] != depth]
+
+
+def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]]:
+    """Write and validate every requested file of one member into ``stage``; artifact entries."""
+    from tleg_deploy.export.onnx import export_proto, model_metadata, save_proto, set_metadata
+    from tleg_deploy.export.quantize import convert_fp16, quantize_int8
+    from tleg_deploy.export.validate import validate_onnx
+
+    spec, depth = model.spec, model.depth
+    meta = {"learngene_sha256": ctx.learngene_sha256, "precision": "fp32"}
+    if ctx.template is not None:
+        proto = ctx.template.proto(model, meta)
+    else:
+        proto = export_proto(model)
+        set_metadata(proto, model_metadata(model) | meta)
+    fp32 = save_proto(proto, stage / "model.onnx")
+    reports = {"fp32": validate_onnx(fp32, model, precision="fp32")}
+    files = {"fp32": fp32}
+    if "int8" in ctx.formats:
+        files["int8"] = quantize_int8(fp32, stage / "model_int8.onnx")
+        reports["int8"] = validate_onnx(files["int8"], model, precision="int8", images=ctx.images(spec), data=ctx.data)
+    if "fp16" in ctx.formats or "tensorrt" in ctx.formats:
+        files["fp16"] = convert_fp16(fp32, stage / "model_fp16.onnx")
+        images = ctx.images(spec) if ctx.data else None
+        reports["fp16"] = validate_onnx(files["fp16"], model, precision="fp16", images=images, data=ctx.data)
+    if "tensorrt" in ctx.formats:
+        files["int8-qdq"] = quantize_int8(fp32, stage / "model_int8_qdq.onnx", mode="qdq",
+                                          calibration=ctx.calibration(spec))
+        reports["int8-qdq"] = validate_onnx(files["int8-qdq"], model, precision="int8-qdq",
+                                            images=ctx.images(spec), data=ctx.data)
+        _tensorrt(ctx, spec, stage, files)
+    artifacts = []
+    for precision, path in files.items():
+        r = reports.get(precision)
+        artifacts.append({
+            "depth": depth, "precision": precision, "format": "onnx", "file": path.name,
+            "bytes": path.stat().st_size, "sha256": "", "params": costs.params(spec, depth),
+            "macs": costs.macs(spec, depth),
+            "parity": None if r is None else {
+                "max_abs_diff": r.max_abs_diff["logits"], "tolerance": _finite(r.tolerance["logits"]),
+                "agreement": r.agreement, "images": r.images, "data": r.data,
+                "report": path.stem + ".validation.json",
+            },
+            "latency": _latency(ctx, spec, depth, precision, path),
+        })
+    for precision in ("fp32", "fp16", "int8"):
+        engine = stage / f"model_{precision}.engine"
+        if engine.exists():
+            artifacts.append({
+                "depth": depth, "precision": precision, "format": "tensorrt", "file": engine.name,
+                "bytes": engine.stat().st_size, "sha256": "", "params": costs.params(spec, depth),
+                "macs": costs.macs(spec, depth), "parity": None,
+                "latency": _latency(ctx, spec, depth, precision, None),
+            })
+    return artifacts
+
+
+def _tensorrt(ctx: _Context, spec: ViTSpec, stage: Path, files: dict[str, Path]) -> None:
+    from tleg_deploy.export.tensorrt import build_tensorrt_engine, tensorrt_major, write_build_script
+
+    names = {k: p.name for k, p in files.items() if k in ("fp32", "fp16", "int8-qdq")}
+    write_build_script(stage, names, spec, batch=ctx.batch, timing_cache="../timing.cache")
+    try:
+        major = tensorrt_major()
+    except TlegError:
+        return  # no TensorRT here: build_engine.sh builds the engines on the target
+    sources = {"fp32": files["fp32"], "fp16": files["fp16"] if major >= 11 else files["fp32"],
+               "int8": files["int8-qdq"]}
+    for precision, onnx_file in sources.items():
+        build_tensorrt_engine(onnx_file, stage / f"model_{precision}.engine", spec=spec, precision=precision,
+                              batch=ctx.batch, timing_cache=ctx.out_dir / "timing.cache")
+
+
+def _latency(ctx: _Context, spec: ViTSpec, depth: int, precision: str, path: Path | None) -> dict[str, Any] | None:
+    out: dict[str, Any] = {}
+    prec = {"int8-qdq": "int8"}.get(precision, precision)
+    if ctx.profile is not None:
+        try:
+            p = ctx.profile.predict(depth, spec=spec, precision=prec)
+            out["predicted"] = {"device": getattr(ctx.profile, "name", "?"), "source": p.source,
+                                "p50_ms": p.latency_p50_ms, "p90_ms": p.latency_p90_ms,
+                                "p90_upper_ms": p.latency_p90_upper_ms, "extrapolated": p.extrapolated}
+        except TlegError:
+            out["predicted"] = None
+    if ctx.measure_latency and path is not None:
+        out["measured"] = measure_onnx_latency(path, spec)
+    return out or None
+
+
+def measure_onnx_latency(path: Path, spec: ViTSpec, *, runs: int = 30, warmup: int = 5) -> dict[str, Any]:
+    """ONNX Runtime CPU latency of one file at batch 1 (1 thread, no spinning): median and p90."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from tleg_deploy.export.validate import make_session
+
+    session = make_session(path, threads=1)
+    x = np.random.default_rng(0).standard_normal((1, spec.in_chans, spec.img_size, spec.img_size)).astype(np.float32)
+    for _ in range(warmup):
+        session.run(None, {"pixel_values": x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, {"pixel_values": x})
+        times.append((time.perf_counter() - t) * 1000)
+    return {"backend": f"onnxruntime {ort.__version__} cpu, 1 thread", "batch": 1, "runs": runs,
+            "p50_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
+
+
+def _finite(x: float) -> float | None:
+    return x if x != float("inf") else None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _new_manifest(lg: Any, learngene_file: str | os.PathLike[str] | None, fmts: tuple[str, ...], batch: Any) -> dict:
+    from tleg_deploy import __version__
+
+    file_bytes = Path(learngene_file).stat().st_size if learngene_file and Path(learngene_file).is_file() else None
+    return {
+        "format": MANIFEST_FORMAT, "schema_version": MANIFEST_VERSION, "tool_version": f"tleg-deploy {__version__}",
+        "updated": _now(),
+        "learngene": {"sha256": lg.sha256(), "file": str(learngene_file) if learngene_file else None,
+                      "file_bytes": file_bytes, "tensor_bytes": lg.nbytes(), "params": lg.num_params(),
+                      "aux_depth": lg.aux_depth},
+        "spec": lg.spec.to_dict(), "spec_preset": lg.spec.preset_name(), "formats": list(fmts),
+        "batch": {"min": batch.min, "opt": batch.opt, "max": batch.max},
+        "members": {}, "artifacts": [], "storage": {},
+    }
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    manifest["updated"] = _now()
+    manifest["formats"] = sorted({f for m in manifest["members"].values() for f in m.get("formats", [])},
+                                 key=FORMATS.index)
+    manifest["storage"] = storage_summary(manifest)
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+
+
+def storage_summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Learngene vs family: bytes (all files, and fp32 ONNX only) and parameters."""
+    lg = manifest["learngene"]
+    arts = manifest["artifacts"]
+    lg_bytes = lg.get("file_bytes") or lg["tensor_bytes"]
+    fp32 = [a for a in arts if a["precision"] == "fp32" and a["format"] == "onnx"]
+    fp32_bytes = sum(a["bytes"] for a in fp32)
+    params = sum(a["params"] for a in fp32)
+    all_bytes = sum(a["bytes"] for a in arts)
+    return {
+        "learngene_bytes": lg_bytes, "learngene_params": lg["params"], "members": len(fp32),
+        "family_bytes": all_bytes, "family_fp32_onnx_bytes": fp32_bytes, "family_params": params,
+        "fp32_bytes_ratio": round(fp32_bytes / lg_bytes, 3) if lg_bytes else None,
+        "params_ratio": round(params / lg["params"], 3) if lg["params"] else None,
+    }
