@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from tleg_deploy.cli.app import app
+from tleg_deploy.expand import load_descendant
+from tleg_deploy.learngene import Learngene
+
+runner = CliRunner()
+
+
+def _ok(args: list[str]) -> dict:
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_teacher_learngene_finetune_chain(tmp_path: Path) -> None:
+    t, lg, m = tmp_path / "t.safetensors", tmp_path / "lg.safetensors", tmp_path / "m.safetensors"
+    fast = ["--epochs", "1", "--batch-size", "256", "--quiet", "--json"]
+    r = _ok(["train-teacher", "--depth", "2", "--width", "96", "--heads", "6", "-o", str(t), *fast])
+    assert 0 <= r["test_acc"] <= 1 and load_descendant(t)[0].spec.embed_dim == 96
+    r = _ok(["train-learngene", "--teacher", str(t), "--aux-depth", "2", "-o", str(lg), *fast])
+    learned = Learngene.load(lg)
+    assert learned.provenance["trained"] is True and learned.aux_depth == 2 and r["sha256"] == learned.sha256()
+    r = _ok(["finetune", "--learngene", str(lg), "--depth", "2", "--init", "weight-selection", "--teacher", str(t),
+             "-o", str(m), *fast])
+    assert r["init"] == "weight-selection" and (tmp_path / "m.run" / "metrics.jsonl").is_file()
+    # --resume with a longer schedule continues after the saved epoch
+    r = _ok(["finetune", "--learngene", str(lg), "--depth", "2", "--init", "weight-selection", "--teacher", str(t),
+             "-o", str(m), "--resume", *fast[:-4], "--epochs", "2", "--quiet", "--json"])
+    assert r["resumed_from_epoch"] == 1
+    lines = (tmp_path / "m.run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+def test_bad_data_is_one_line_error(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["finetune", "--depth", "1", "--data", f"folder:{tmp_path / 'nope'}", "-o",
+                              str(tmp_path / "m.safetensors"), "--quiet"])
+    assert res.exit_code == 2
+    assert "no such data folder" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_help_has_examples() -> None:
+    for cmd in ("train-teacher", "train-learngene", "finetune"):
+        res = runner.invoke(app, [cmd, "--help"])
+        assert res.exit_code == 0 and "Example:" in res.output
