@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +13,7 @@ from tleg_deploy import costs
 from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import DeviceError, InfeasibleError, TlegError, UnitError
 from tleg_deploy.profile.table import DeviceProfile, Point, make_entry
-from tleg_deploy.solve import Budget, Plan, solve
+from tleg_deploy.solve import Budget, Plan, load_accuracy_table, solve
 from tleg_deploy.units import parse_percentile
 
 SPEC = ViTSpec.preset("digits")
@@ -212,8 +214,23 @@ def test_parse_percentile() -> None:
             parse_percentile(bad)
 
 
+def test_accuracy_table_files(tmp_path: Path) -> None:
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"2": 0.5, "6": 0.75}))
+    claims = tmp_path / "claims.json"
+    claims.write_text(json.dumps({"accuracy": {"tleg": {"3": {"mean": 0.6, "std": 0.01, "runs": [0.6]}}}}))
+    assert load_accuracy_table(flat) == {2: 0.5, 6: 0.75}
+    assert load_accuracy_table(claims) == {3: 0.6}
+    with pytest.raises(TlegError, match="scratch"):
+        load_accuracy_table(claims, init="scratch")
+    with pytest.raises(TlegError, match="no accuracy table"):
+        load_accuracy_table(tmp_path / "missing.json")
+
+
 def test_solver_and_profile_table_are_torch_free() -> None:
-    code = ("import sys, tleg_deploy.solve, tleg_deploy.profile.table, tleg_deploy.units; "
+    # `fit --device jetson` reaches the solver without torch: fit.py and the fit command import it lazily.
+    code = ("import sys, tleg_deploy.solve, tleg_deploy.profile.table, tleg_deploy.units, tleg_deploy.fit; "
+            "import tleg_deploy.profile.registry; "
             "print('torch' in sys.modules, 'onnxruntime' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False False"

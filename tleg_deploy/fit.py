@@ -417,6 +417,8 @@ def render_report(result: FitResult, profile: DeviceProfile, chosen_file: str, b
     ]
     for step in result.steps:
         lines.append(f"- Measured step: {step}")
+    if result.finetune:
+        lines.append(f"- Fine-tuned: {', '.join(f'{k} {v}' for k, v in result.finetune.items())}")
     for note in result.notes:
         lines.append(f"- Note: {note}")
     lines += ["", "## Predicted vs measured", "", "| figure | predicted (95% upper) | measured | budget |",

@@ -316,17 +316,22 @@ def _index(plist: Sequence[Profile], pick: Candidate) -> int:
 
 
 def load_accuracy_table(path: str | Path | None = None, init: str = "tleg") -> dict[int, float]:
-    """``{depth: mean test top-1}`` from a paper-claims results file (default: the bundled benchmark's)."""
+    """``{depth: test top-1}`` from a JSON file: either the paper-claims benchmark's results
+    (``{"accuracy": {init: {depth: {"mean": ...}}}}``; default: this checkout's
+    ``benchmarks/results/paper_claims.json``) or a plain ``{depth: accuracy}`` object."""
     if path is None:
         path = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "paper_claims.json"
     try:
         data = json.loads(Path(path).read_text())
-        rows = data["accuracy"][init]
-        return _check_accuracy({int(d): float(v["mean"]) for d, v in rows.items()})
+        rows = data["accuracy"][init] if isinstance(data, dict) and "accuracy" in data else data
+        table = {int(d): float(v["mean"] if isinstance(v, dict) else v) for d, v in rows.items()}
     except FileNotFoundError:
-        raise FileNotFoundError(f"no accuracy table at {path}") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise TlegError(f"{path} has no usable accuracy table for {init!r}: {e}") from None
+        raise TlegError(f"no accuracy table at {path}",
+                        hint='pass --accuracy FILE ({"depth": top1, ...}) or run benchmarks/paper_claims.py') from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise TlegError(f"{path} has no usable accuracy table for {init!r}: {type(e).__name__}: {e}",
+                        hint='write {"depth": top1, ...} or run benchmarks/paper_claims.py') from None
+    return _check_accuracy(table)
 
 
 def _options(plist: Sequence[Profile], spec: ViTSpec, batch: int,

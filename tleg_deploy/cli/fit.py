@@ -25,6 +25,12 @@ def fit(
     finetune_data: Annotated[str | None, typer.Option(help="Fine-tune on digits, folder:PATH or npz:PATH.")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Fine-tuning epochs (with --finetune-data).")] = 5,
     max_depth: Annotated[int, typer.Option(min=1, max=4096, help="Deepest depth searched.")] = 48,
+    precision: Annotated[str | None, typer.Option(help="Only these precisions, e.g. fp16,int8 (default: all "
+                                                       "the profile has).")] = None,
+    objective: Annotated[str, typer.Option(help="deepest, or accuracy (needs an accuracy-by-depth table).")]
+    = "deepest",
+    accuracy: Annotated[Path | None, typer.Option(help="Accuracy-by-depth JSON for --objective accuracy "
+                                                       "(default: benchmarks/results/paper_claims.json).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory to write (default fit-DEVICE).")]
     = None,
     refresh_profile: Annotated[bool, typer.Option(help="Re-measure the host profile first.")] = False,
@@ -37,13 +43,16 @@ def fit(
     Example: tleg-deploy fit --latency 5ms --memory 256MB --device jetson -o fit-jetson
     """
     from tleg_deploy.fit import fit as run_fit
-    from tleg_deploy.solve import Budget
+    from tleg_deploy.solve import Budget, load_accuracy_table
 
     budget = Budget.from_strings(latency=latency, memory=memory, params=params, percentile=percentile)
+    table = load_accuracy_table(accuracy) if objective == "accuracy" or accuracy is not None else None
+    wanted = [p.strip() for p in precision.split(",") if p.strip()] if precision else None
     dest = output or Path(f"fit-{Path(device).stem}")
     log = None if (quiet or json_) else (lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
     result = run_fit(budget, device=device, out_dir=dest, learngene=learngene, finetune_data=finetune_data,
-                     epochs=epochs, margin=margin, max_depth=max_depth, refresh_profile=refresh_profile,
+                     epochs=epochs, margin=margin, max_depth=max_depth, precisions=wanted, objective=objective,
+                     accuracy=table, refresh_profile=refresh_profile,
                      quiet=quiet or json_, log=log)
     if json_:
         emit_json(result.to_dict())
@@ -63,6 +72,10 @@ def render_summary(result: FitResult) -> None:
     out.print(f"[bold green]pick: depth {result.depth}, {result.precision}[/bold green]  predicted {pct} "
               f"{p.latency_ms:.3g} ms (95% upper {p.latency_upper_ms:.3g}), memory {p.memory_mb:.1f} MB, "
               f"{p.params / 1e6:.2f}M params")
+    if result.finetune:
+        ft = result.finetune
+        out.print(f"fine-tuned {ft.get('epochs')} epoch(s): val top-1 {ft.get('val_acc', float('nan')):.1%}, "
+                  f"test top-1 {ft.get('test_acc', float('nan')):.1%}")
     for step in result.steps:
         out.print(f"[yellow]why not deeper (measured):[/yellow] {step}", highlight=False)
     out.print(f"why not deeper{' (solver)' if result.steps else ''}: {plan.why_not_deeper}", highlight=False)
