@@ -87,7 +87,10 @@ class FitResult:
 
     @property
     def figures(self) -> str:
-        return "measured" if self.measured is not None else "estimated"
+        """``measured`` here; ``predicted`` from a measured profile; ``estimated`` from a roofline profile."""
+        if self.measured is not None:
+            return "measured"
+        return "predicted" if self.plan.source == "measured" else "estimated"
 
     def to_dict(self) -> dict[str, Any]:
         return {

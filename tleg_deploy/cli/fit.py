@@ -84,7 +84,7 @@ def render_summary(result: FitResult) -> None:
         out.print(f"figures: [bold]measured[/bold] here, {pct} {m.at(pct):.3g} ms over {m.runs} runs "
                   f"({m.threads} thread{'s' if m.threads > 1 else ''})")
     else:
-        out.print(f"figures: [bold yellow]estimated[/bold yellow] ({plan.device} was not run here); "
+        out.print(f"figures: [bold yellow]{result.figures}[/bold yellow] ({plan.device} was not run here); "
                   f"measure the device: [cyan]{result.measure_command}[/cyan]", highlight=False)
     for note in result.notes:
         if "estimated profile" not in note and "cannot be run here" not in note:
