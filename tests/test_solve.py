@@ -234,3 +234,18 @@ def test_solver_and_profile_table_are_torch_free() -> None:
             "print('torch' in sys.modules, 'onnxruntime' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False False"
+
+
+def test_wide_interval_where_depth_1_does_not_fit_but_deeper_does() -> None:
+    # Nearly flat latency measured only at depths 6..8 with noisy rounds: the 95% upper bound is
+    # widest far from the measured depths, so depth 1 can cost "more" than depth 7.
+    pts = [Point(depth=d, p50_ms=1.0 + 0.001 * d, p90_ms=1.1 + 0.001 * d, p99_ms=1.3, mean_ms=1.0, std_ms=0.1, n=20,
+                 rounds=3, p50_se_ms=0.05, p90_se_ms=0.05, memory_mb=10.0 + d) for d in (6, 7, 8)]
+    prof = DeviceProfile(name="flat", source="measured", kind="cpu", backend="onnxruntime", measure_command="m",
+                         entries=(make_entry(SPEC, "fp32", 1, pts),))
+    up = {d: prof.predict(d, spec=SPEC, precision="fp32").latency_p90_upper_ms for d in range(1, 17)}
+    assert up[1] > up[7]
+    budget = Budget(latency_ms=(up[1] + max(up[7], up[8])) / 2)
+    plan = solve(prof, budget, spec=SPEC, max_depth=16)
+    assert (plan.depth, plan.precision) == brute_force(prof, budget, 16)
+    assert plan.depth > 7

@@ -255,6 +255,9 @@ def solve(
     if objective == "accuracy" and not acc:
         raise TlegError("objective 'accuracy' needs an accuracy-by-depth table",
                         hint="pass accuracy={depth: top1} or run benchmarks/paper_claims.py")
+    if isinstance(profiles, str):
+        raise DeviceError(f"solve() takes DeviceProfile objects, not the name {profiles!r}",
+                          hint="resolve it first: tleg_deploy.profile.registry.resolve_profile(name, spec=spec)")
     plist = [profiles] if not isinstance(profiles, Sequence) else list(profiles)
     if not plist:
         raise DeviceError("no device profile given")
@@ -381,10 +384,17 @@ def _candidate(prof: Profile, depth: int, precision: str, spec: ViTSpec, batch: 
 
 
 def _deepest_fitting(fits: Any, max_depth: int) -> int:
-    """Largest d in 1..max_depth with fits(d), assuming fits is monotone (True then False); 0 if none."""
-    if not fits(1):
+    """Largest d in 1..max_depth with fits(d); 0 if none.
+
+    The upper prediction is linear in depth plus an interval half-width that is convex in depth, so
+    the depths that fit form one run [a, b]. Usually a = 1 and b is found by binary search; when
+    depth 1 does not fit (a wide interval at the edge of the measured range can make the upper bound
+    of depth 1 exceed that of depth 2), a bounded scan finds a first.
+    """
+    lo = next((d for d in range(1, max_depth + 1) if fits(d)), 0) if not fits(1) else 1
+    if lo == 0:
         return 0
-    lo, hi = 1, max_depth  # invariant: fits(lo); answer in [lo, hi]
+    hi = max_depth  # invariant: fits(lo); the answer is in [lo, hi]
     while lo < hi:  # at most log2(max_depth) + 1 rounds
         mid = (lo + hi + 1) // 2
         if fits(mid):
