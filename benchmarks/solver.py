@@ -147,6 +147,8 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "depth exported and timed with the profiler's protocol (interleaved rounds). The machine was shared "
         "with other jobs while this ran, so measured latencies are noisy; rerun on a quiet machine.",
         "",
+        f"- load average (1/5/15 min) before {summary['load_average_before']}, after "
+        f"{summary['load_average_after']}, on {summary['cores']} cores",
         f"- pick's measured p90 within budget: **{summary['within']}/{summary['n']}** (target: all)",
         f"- next deeper depth (same precision) measured over budget: **{summary['tight']}/{summary['n_tight']}** "
         f"(target: >= 18 of 20); with the fastest precision at that depth: {summary['tight_any']}/{summary['n_tight']}",
@@ -178,6 +180,7 @@ def main() -> None:
     ap.add_argument("--cached", action="store_true", help="use the cached host profile instead of a fresh one")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
     for name in args.specs.split(","):
         rows += run_spec(name, args.budgets_per_spec, args.max_depth, args.cached)
     done = [r for r in rows if "infeasible" not in r]
@@ -189,6 +192,8 @@ def main() -> None:
         "solve_us_median": statistics.median(r["solve_us_median"] for r in done) if done else math.nan,
         "solve_us_p99_worst": max((r["solve_us_p99"] for r in done), default=math.nan),
         "infeasible": len(rows) - len(done),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count(),
     }
     print(summary)
     write_result("solver", {"summary": summary, "rows": rows, "args": vars(args),
