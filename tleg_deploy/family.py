@@ -241,6 +241,8 @@ def export_family(
     except PermissionError:
         raise ExportError(f"cannot create {out}: permission denied",
                           hint="choose a writable output directory") from None
+    except OSError as e:
+        raise ExportError(f"cannot create {out}: {e.strerror or e}", hint="choose another output directory") from None
     if not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory", hint="choose another output directory")
     if not os.access(out, os.W_OK | os.X_OK):
