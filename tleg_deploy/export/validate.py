@@ -132,7 +132,7 @@ def validate_onnx(
         refs = model(torch.cat(xs)).numpy()
     worst = 0.0
     start_row = 0
-    for batch, x in zip(batch_sizes, xs):
+    for batch, x in zip(batch_sizes, xs, strict=True):
         ref = refs[start_row : start_row + batch]
         start_row += batch
         got = _run(session, x)
