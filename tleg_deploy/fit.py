@@ -169,10 +169,8 @@ def fit(
     lg = load_learngene(learngene)
     runnable = measure and _runs_here(profile)
     notes = list(plan.warnings)
-    if not runnable:
-        notes.append(f"{profile.name} cannot be run here: figures are predicted, not measured"
-                     if profile.source == "measured" else
-                     f"{profile.name} is an estimated profile: figures are predicted from a roofline")
+    if not runnable and profile.source == "measured":
+        notes.append(f"{profile.name} cannot be run here: figures are predicted, not measured")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -461,7 +461,7 @@ def _fmt(constraint: str, value: float) -> str:
     if constraint == "latency":
         return f"{value:.3g} ms" if value < 10 else f"{value:.1f} ms"
     if constraint == "memory":
-        return f"{value:.1f} MB"
+        return f"{value:.4g} MB"
     if constraint == "bytes":
         return f"{value / 1e6:.2f} MB file"
     suffix = " MACs" if constraint == "macs" else " params"
