@@ -1,6 +1,6 @@
-"""``finetune``: train a descendant (or any plain ViT) with no constraint; ``train_teacher`` is the
-same from a random init. Cross-entropy on the data's train split, model selection by nothing (the
-last epoch is kept, as in TLEG's fine-tuning), accuracy reported on val and test."""
+"""``finetune``: train a descendant (or any plain ViT) with no linear constraint; ``train_teacher`` is
+the same from the standard random init. Cross-entropy on the data's train split; the model of the
+last epoch is kept (no selection on the test set); accuracy is reported on val and test."""
 
 from __future__ import annotations
 

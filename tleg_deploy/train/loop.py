@@ -216,7 +216,7 @@ class _Bar:
     def epoch_done(self, row: dict[str, Any]) -> None:
         self.last = row
         if self.progress is not None:
-            self.progress.console.log(
+            self.progress.console.print(
                 f"epoch {row['epoch']}: loss {row['train_loss']:.4f} train acc {row['train_acc']:.3f} "
                 f"val acc {row['val_acc']:.3f} {row['images_per_s']:,.0f} img/s")
 
