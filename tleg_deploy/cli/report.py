@@ -1,0 +1,50 @@
+"""``tleg-deploy report``: figures and tables of the whole story, as report.md and one report.html."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, err, out
+
+
+@command()
+def report(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write report.md, report.html and "
+                                                                "figures/ into.")],
+    device: Annotated[list[str] | None, typer.Option("--device", help="Profile name or .json; repeat for several "
+                                                     "(default: every profile `tleg-deploy devices` lists).")] = None,
+    learngene: LearngeneOpt = "demo",
+    family: Annotated[Path | None, typer.Option(help="An export-family directory (its manifest.json gives the "
+                                                     "storage figures).")] = None,
+    results: Annotated[Path, typer.Option(help="Benchmark results directory.")] = Path("benchmarks/results"),
+    latency: Annotated[str | None, typer.Option(help="Latency budget drawn on accuracy vs latency, e.g. 5ms "
+                                                     "(default: one per device, mid-range).")] = None,
+    max_depth: Annotated[int, typer.Option(min=1, max=4096, help="Deepest depth plotted and searched.")] = 24,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write report.md and a self-contained report.html (plots inlined): latency vs depth per device, the
+    deepest depth per latency budget, predicted vs measured latency, accuracy vs depth and vs latency, storage.
+    Sections whose benchmark has not run say which command produces them (`make bench` runs them all).
+
+    Example: tleg-deploy report --device host --device jetson -o out/report
+    """
+    from tleg_deploy.report import ReportConfig, build_report
+    from tleg_deploy.units import parse_latency_ms
+
+    cfg = ReportConfig(out_dir=output, devices=tuple(device or ()), learngene=learngene, family=family,
+                       results_dir=results, latency_ms=parse_latency_ms(latency) if latency else None,
+                       max_depth=max_depth)
+    log = None if (quiet or json_) else (lambda msg: err.print(f"[dim]{msg}…[/dim]", highlight=False))
+    result = build_report(cfg, progress=log)
+    if json_:
+        emit_json(result.to_dict())
+        return
+    out.print(f"wrote {result.html} and {result.markdown} ({len(result.figures)} figures)", highlight=False)
+    for section, cmd in result.missing.items():
+        out.print(f"[yellow]no data[/yellow] for {section}: run {cmd}", highlight=False, soft_wrap=True)
+    for w in result.warnings:
+        out.print(f"[yellow]note[/yellow]: {w}", highlight=False, soft_wrap=True)
