@@ -96,6 +96,7 @@ def _register_commands() -> None:
     from tleg_deploy.cli import fit  # noqa: F401
     from tleg_deploy.cli import profile  # noqa: F401
     from tleg_deploy.cli import export  # noqa: F401
+    from tleg_deploy.cli import report  # noqa: F401
 
 
 _register_commands()
