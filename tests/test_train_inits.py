@@ -86,3 +86,17 @@ def test_init_errors(tiny_lg: Learngene, tiny_spec: ViTSpec) -> None:
     narrow = init_vit_(ViT(dataclasses.replace(tiny_spec, embed_dim=8), 4))
     with pytest.raises(SpecError):
         weight_selection(narrow, tiny_spec, 2)
+
+
+def test_mimetic_attention_mimics_identity(tiny_spec: ViTSpec) -> None:
+    big = dataclasses.replace(tiny_spec, embed_dim=64, num_heads=2)  # head dim 32: a clear low-rank picture
+    model = init_model("mimetic", 2, spec=big, seed=0)
+    d, k = 64, 32
+    qkv, proj = model.blocks[1].attn.qkv.weight.detach(), model.blocks[1].attn.proj.weight.detach()
+    qk = qkv[:k].T @ qkv[d:d + k]  # head 0: W_qᵀ W_k
+    vo = proj[:, :k] @ qkv[2 * d:2 * d + k]  # head 0: W_proj W_v
+    off = ~torch.eye(d, dtype=torch.bool)
+    assert float(qk.diagonal().mean()) > 0.2 > float(qk[off].abs().mean())
+    assert float(vo.diagonal().mean()) < -0.1
+    scratch = init_model("scratch", 2, spec=big, seed=0).blocks[1].attn.qkv.weight.detach()
+    assert abs(float((scratch[:k].T @ scratch[d:d + k]).diagonal().mean())) < 0.01

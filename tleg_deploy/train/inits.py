@@ -8,6 +8,10 @@
   sliced separately so heads stay aligned).
 - ``base-only``: the learngene's intercept repeated in every layer (the slope dropped), the
   "shared-weights" ablation of TLEG: how much does the linear term itself contribute?
+- ``mimetic``: Trockman & Kolter, "Mimetic Initialization of Self-Attention Layers" (ICML 2023): no
+  stored parameters; per head, ``W_qᵀW_k ≈ 0.7·Z + 0.7·I`` and ``W_projW_v ≈ 0.4·Z − 0.4·I``
+  (``Z`` Gaussian with variance 1/d), the rank-``head_dim`` truncated SVD of each target; the rest
+  as ``scratch``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from tleg_deploy.expand import expand
 from tleg_deploy.learngene import Learngene
 from tleg_deploy.vit import ViT, block_param_shapes, init_vit_, shared_param_shapes
 
-INITS = ("tleg", "scratch", "weight-selection", "base-only")
+INITS = ("tleg", "scratch", "weight-selection", "base-only", "mimetic")
 
 
 def init_model(
@@ -33,11 +37,13 @@ def init_model(
         if learngene is None:
             raise TlegError(f"initialization {name!r} needs a learngene")
         return expand(learngene, depth) if name == "tleg" else base_only(learngene, depth)
-    if name == "scratch":
+    if name in ("scratch", "mimetic"):
         s = spec or (learngene.spec if learngene is not None else None)
         if s is None:
-            raise TlegError("initialization 'scratch' needs a spec or a learngene")
-        return init_vit_(ViT(s, depth), torch.Generator().manual_seed(seed))
+            raise TlegError(f"initialization {name!r} needs a spec or a learngene")
+        g = torch.Generator().manual_seed(seed)
+        model = init_vit_(ViT(s, depth), g)
+        return mimetic_(model, g) if name == "mimetic" else model
     if name == "weight-selection":
         if teacher is None:
             raise TlegError("initialization 'weight-selection' needs a teacher model", hint="pass --teacher FILE")
@@ -51,6 +57,32 @@ def base_only(lg: Learngene, depth: int) -> ViT:
     for i in range(depth):
         state |= {f"blocks.{i}.{k}": v.clone() for k, v in lg.base.items()}
     return _from_state(lg.spec, depth, state)
+
+
+@torch.no_grad()
+def mimetic_(model: ViT, generator: torch.Generator, alpha: tuple[float, float] = (0.7, 0.4),
+             beta: tuple[float, float] = (0.7, 0.4)) -> ViT:
+    """Mimetic init of every block's attention (Trockman & Kolter, ICML 2023), in place."""
+    d, k, heads = model.spec.embed_dim, model.spec.head_dim, model.spec.num_heads
+
+    def factors(a: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+        m = a * torch.randn(d, d, generator=generator) / d**0.5 + b * torch.eye(d)
+        u, s, vh = torch.linalg.svd(m)
+        root = s[:k].sqrt()
+        return u[:, :k] * root, vh[:k].T * root  # (d, k) each: left @ right.T ≈ m
+
+    state = model.state_dict()  # views of the parameters
+    for i in range(model.depth):
+        qkv, proj = state[f"blocks.{i}.attn.qkv.weight"], state[f"blocks.{i}.attn.proj.weight"]  # (3d, d), (d, d)
+        for h in range(heads):
+            rows = slice(h * k, (h + 1) * k)
+            wq, wk = factors(alpha[0], beta[0])
+            qkv[rows] = wq.T  # q = W_q x, so W_qᵀ W_k ≈ target
+            qkv[d:2 * d][rows] = wk.T
+            left, right = factors(alpha[1], -beta[1])
+            proj[:, rows] = left  # proj[:, head] @ W_v[head] ≈ target
+            qkv[2 * d:][rows] = right.T
+    return model
 
 
 def selected_layers(teacher_depth: int, depth: int, mode: str = "uniform") -> list[int]:
