@@ -103,7 +103,7 @@ def train_learngene_cmd(
 def finetune_cmd(
     output: OutOpt, depth: Annotated[int, typer.Option("--depth", "-d", min=1, max=4096, help="Blocks.")],
     learngene: LearngeneOpt = "demo",
-    init: Annotated[str, typer.Option(help="tleg, scratch, weight-selection or base-only.")] = "tleg",
+    init: Annotated[str, typer.Option(help="tleg, scratch, weight-selection, base-only or mimetic.")] = "tleg",
     teacher: Annotated[Path | None, typer.Option(help="Teacher .safetensors for --init weight-selection.")] = None,
     data: DataOpt = "digits", epochs: EpochsOpt = 10, lr: LrOpt = 1e-3, batch_size: BatchOpt = 32, seed: SeedOpt = 0,
     clip_grad: ClipOpt = None, warmup: WarmupOpt = 1.0, augment: AugmentOpt = False, resume: ResumeOpt = False,
