@@ -210,3 +210,17 @@ def test_cli_json(tmp_path: Path, no_host_cache: None) -> None:
     assert Path(data["html"]).is_file() and len(data["figures"]) == 4
     assert list(data["missing"]) == ["predicted vs measured"]
     assert "Budget: 0.2 ms (--latency)" in Path(data["markdown"]).read_text()
+
+
+def test_run_all_dry_run_and_bad_name() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
+    ok = subprocess.run([sys.executable, str(script), "--dry-run", "--only", "solver,export_family"],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "benchmarks: export_family, solver" in ok.stdout and "expected duration" in ok.stdout
+    bad = subprocess.run([sys.executable, str(script), "--dry-run", "--only", "nope"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "unknown benchmark 'nope'" in bad.stderr

@@ -39,7 +39,7 @@ def report(
                        results_dir=results, latency_ms=parse_latency_ms(latency) if latency else None,
                        max_depth=max_depth)
     log = None if (quiet or json_) else (lambda msg: err.print(f"[dim]{msg}…[/dim]", highlight=False))
-    result = build_report(cfg, progress=log)
+    result = build_report(cfg, progress=log, quiet=quiet or json_)
     if json_:
         emit_json(result.to_dict())
         return

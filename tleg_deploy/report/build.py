@@ -128,23 +128,24 @@ class _Report:
         self.add(results.missing(name, why), "")
 
 
-def _profiles(cfg: ReportConfig, spec: ViTSpec) -> list[Any]:
+def _profiles(cfg: ReportConfig, spec: ViTSpec, quiet: bool) -> list[Any]:
     from tleg_deploy.profile.registry import list_profiles, resolve_profile
 
-    if cfg.devices:
-        return [resolve_profile(name, spec=spec, quiet=True) for name in cfg.devices]
+    if cfg.devices:  # "host" is measured here on first use (with progress unless quiet)
+        return [resolve_profile(name, spec=spec, quiet=quiet) for name in cfg.devices]
     return list_profiles()
 
 
-def build_report(cfg: ReportConfig, *, progress: Progress | None = None) -> ReportResult:
-    """Build the report into ``cfg.out_dir`` (see the module docstring)."""
+def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: bool = True) -> ReportResult:
+    """Build the report into ``cfg.out_dir`` (see the module docstring). ``progress`` is told each step;
+    ``quiet=False`` shows the progress bars of a host measurement, if one is needed."""
     rep = _Report(cfg, progress)
     rep.step("reading the learngene")
     lg = learngene_facts(cfg.learngene)
     spec = lg.spec
     results = load_results(cfg.results_dir)
     rep.step("resolving device profiles")
-    profiles = _profiles(cfg, spec)
+    profiles = _profiles(cfg, spec, quiet)
     covered = [p for p in profiles if p.precisions(spec)]
     for p in profiles:
         if not p.precisions(spec):
