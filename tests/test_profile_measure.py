@@ -43,7 +43,7 @@ def test_fvcore_counts_batch_and_class_token() -> None:
 
 
 def test_real_onnxruntime_measurement_is_linear(small_spec: ViTSpec, tmp_path) -> None:
-    cfg = MeasureConfig(depths=(1, 8, 16), rounds=3, round_seconds=0.05, max_reps=60, memory=True)
+    cfg = MeasureConfig(depths=(1, 8, 16), rounds=3, extra_rounds=2, round_seconds=0.05, max_reps=60, memory=True)
     prof = profile(small_spec, name="testhost", config=cfg)
     entry = prof.entries[0]
     assert [p.depth for p in entry.points] == [1, 8, 16]
@@ -54,7 +54,7 @@ def test_real_onnxruntime_measurement_is_linear(small_spec: ViTSpec, tmp_path) -
     mem = [p.memory_mb for p in entry.points]
     assert mem[2] > mem[0] > 0  # deeper models hold more weights
     for p in entry.points:
-        assert p.p50_ms <= p.p90_ms <= p.p99_ms and p.n >= 3 * 3 and p.rounds == 3
+        assert p.p50_ms <= p.p90_ms <= p.p99_ms and p.n >= 3 * 3 and 3 <= p.rounds <= 5
     assert prof.runtime["threads"] == 1
     assert prof.runtime["options"]["session.intra_op.allow_spinning"] == "0"
     assert prof.environment["cpu"] and prof.environment["libraries"]["onnxruntime"]

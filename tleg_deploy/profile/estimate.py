@@ -54,7 +54,10 @@ def fvcore_macs(spec: ViTSpec, batch: int = 1, *, matmul_only: bool = True) -> t
     """(MACs per block, fixed MACs) of one forward pass of ``batch`` images, counted by fvcore on
     depth-1 and depth-2 models. ``matmul_only`` keeps conv/linear/matmul/attention (as costs.py)."""
     import torch
-    from fvcore.nn import FlopCountAnalysis
+
+    with warnings.catch_warnings():  # fvcore scripts helpers at import time; torch.jit warns it is deprecated
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
 
     from tleg_deploy.vit import ViT
 

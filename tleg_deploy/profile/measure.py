@@ -13,9 +13,10 @@ Backends sit behind one small interface (a *runner*: one call = one timed infere
 
 Protocol (same for all): fixed intra-op threads (default 1, recorded), warm-up, then several
 *interleaved rounds* (each round times every depth, in a shuffled order) so slow drift of the
-machine hits all depths alike; the statistics are p50/p90/p99/mean/std over all runs, and the
-standard error of p50/p90 across rounds feeds the fit's prediction interval. Peak memory is
-measured in a fresh subprocess per point (``_probe``).
+machine hits all depths alike, plus a few extra rounds (bounded) while a depth's p50 is still
+unsettled; the statistics are p50/p90/p99/mean/std over all runs, and the standard error of
+p50/p90 across rounds feeds the fit's prediction interval. Peak memory is measured in a fresh
+subprocess per point (``_probe``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class MeasureConfig:
     max_reps: int = 200
     memory: bool = True
     seed: int = 0
+    clock: str = "wall"  # "thread": CPU time of the timing thread (diagnostic on a shared machine, 1 thread only)
+    extra_rounds: int = 5  # at most this many more rounds while a depth's p50 is still unsettled ...
+    settle_rel_se: float = 0.01  # ... i.e. its standard error across rounds exceeds this fraction of it
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -85,12 +89,20 @@ class MeasureConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BackendError(f"{name} must be a positive integer, got {value!r}")
-        if self.warmup < 0 or self.max_reps < self.min_reps or not self.round_seconds > 0:
-            raise BackendError("warmup must be >= 0, max_reps >= min_reps and round_seconds > 0")
+        if self.warmup < 0 or self.extra_rounds < 0 or self.max_reps < self.min_reps or not self.round_seconds > 0:
+            raise BackendError("warmup and extra_rounds must be >= 0, max_reps >= min_reps and round_seconds > 0")
         if self.device not in ("cpu", "cuda"):
             raise BackendError(f"unknown device {self.device!r}", hint="use cpu or cuda")
+        if self.clock not in CLOCKS:
+            raise BackendError(f"unknown clock {self.clock!r}", hint=f"choose one of {', '.join(CLOCKS)}")
+        if self.clock == "thread" and (self.threads != 1 or self.device != "cpu"):
+            raise BackendError("clock='thread' measures the calling thread only", hint="use it with 1 thread on CPU")
         if self.backend == "tensorrt" and self.device != "cuda":
             raise BackendError("the tensorrt backend runs on a GPU", hint="use --backend onnxruntime or torch on CPU")
+
+
+CLOCKS = ("wall", "thread")
+_CLOCK_NS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
 
 
 class Runner(Protocol):
@@ -202,17 +214,18 @@ def _tensorrt_engine(model: Any, fp32_onnx: Path, precision: str, stem: Path, ba
 
 
 class OrtRunner:
-    def __init__(self, path: Path, spec: ViTSpec, batch: int, threads: int, device: str) -> None:
+    def __init__(self, path: Path, spec: ViTSpec, batch: int, threads: int, device: str, clock: str = "wall") -> None:
         import numpy as np
 
+        self.clock = _CLOCK_NS[clock]
         self.session = ort_session(path, threads=threads, device=device)
         self.feed = {"pixel_values": np.random.default_rng(0).standard_normal(
             (batch, spec.in_chans, spec.img_size, spec.img_size), dtype=np.float32)}
 
     def __call__(self) -> float:
-        t0 = time.perf_counter_ns()
+        t0 = self.clock()
         self.session.run(None, self.feed)
-        return (time.perf_counter_ns() - t0) / 1e6
+        return (self.clock() - t0) / 1e6
 
 
 def torch_runner_model(spec: ViTSpec, depth: int, precision: str, batch: int, device: str) -> tuple[Any, Any]:
@@ -233,10 +246,11 @@ def torch_runner_model(spec: ViTSpec, depth: int, precision: str, batch: int, de
 
 
 class TorchRunner:
-    def __init__(self, model: Any, x: Any, device: str) -> None:
+    def __init__(self, model: Any, x: Any, device: str, clock: str = "wall") -> None:
         import torch
 
         self.model, self.x, self.cuda = model, x, device == "cuda"
+        self.clock = _CLOCK_NS[clock]
         self.torch = torch
 
     def __call__(self) -> float:
@@ -250,9 +264,9 @@ class TorchRunner:
                 end.record()
                 end.synchronize()
                 return float(start.elapsed_time(end))
-            t0 = time.perf_counter_ns()
+            t0 = self.clock()
             self.model(self.x)
-            return (time.perf_counter_ns() - t0) / 1e6
+            return (self.clock() - t0) / 1e6
 
 
 class TensorRTRunner:
@@ -291,11 +305,11 @@ def make_runner(cfg: MeasureConfig, spec: ViTSpec, depth: int, precision: str, w
     """The runner for one point, and the artifact the memory probe loads (``None`` for torch)."""
     if cfg.backend == "torch":
         model, x = torch_runner_model(spec, depth, precision, cfg.batch, cfg.device)
-        return TorchRunner(model, x, cfg.device), None
+        return TorchRunner(model, x, cfg.device, cfg.clock), None
     model = build_model(spec, depth, learngene)
     path = export_artifact(model, precision, cfg.backend, workdir, cfg.batch)
     if cfg.backend == "onnxruntime":
-        return OrtRunner(path, spec, cfg.batch, cfg.threads, cfg.device), str(path)
+        return OrtRunner(path, spec, cfg.batch, cfg.threads, cfg.device, cfg.clock), str(path)
     return TensorRTRunner(path, spec, cfg.batch), str(path)
 
 
@@ -325,7 +339,8 @@ def _percentile(xs: Sequence[float], q: float) -> float:
 
 def time_runners(runners: dict[int, Runner], cfg: MeasureConfig,
                  tick: Callable[[], None] | None = None) -> dict[int, dict[str, float]]:
-    """Warm up, then ``cfg.rounds`` interleaved rounds over all depths; statistics per depth."""
+    """Warm up, then ``cfg.rounds`` interleaved rounds over all depths (plus up to ``cfg.extra_rounds``
+    while some depth's p50 has not settled, e.g. a neighbour's burst of load); statistics per depth."""
     reps: dict[int, int] = {}
     for depth, run in runners.items():
         warm = [run() for _ in range(max(cfg.warmup, 1))]
@@ -336,7 +351,11 @@ def time_runners(runners: dict[int, Runner], cfg: MeasureConfig,
     round_p90: dict[int, list[float]] = {d: [] for d in runners}
     rng = random.Random(cfg.seed)
     order = list(runners)
-    for _ in range(cfg.rounds):
+    for r in range(cfg.rounds + cfg.extra_rounds):
+        if r >= cfg.rounds and all(
+            _se(round_p50[d]) <= cfg.settle_rel_se * statistics.median(round_p50[d]) for d in runners
+        ):
+            break
         rng.shuffle(order)
         for depth in order:
             times = [runners[depth]() for _ in range(reps[depth])]
@@ -423,7 +442,7 @@ def measure_command(name: str, cfg: MeasureConfig, spec: ViTSpec) -> str:
 
 
 def runtime_info(cfg: MeasureConfig) -> dict[str, Any]:
-    info: dict[str, Any] = {"threads": cfg.threads, "device": cfg.device, "warmup": cfg.warmup,
+    info: dict[str, Any] = {"threads": cfg.threads, "device": cfg.device, "clock": cfg.clock, "warmup": cfg.warmup,
                             "rounds": cfg.rounds, "round_seconds": cfg.round_seconds,
                             "versions": envmod.library_versions()}
     if cfg.backend == "onnxruntime":
