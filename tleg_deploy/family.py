@@ -328,7 +328,8 @@ def _export_member(ctx: _Context, manifest: dict[str, Any], model: Any, source: 
         a["sha256"] = files[a["file"]]
     manifest["members"][str(depth)] = {"dir": name, "source": source, "formats": list(ctx.formats), "files": files}
     manifest["artifacts"].extend(artifacts)
-    manifest["artifacts"].sort(key=lambda a: (a["depth"], a["precision"]))
+    order = ("fp32", "fp16", "int8", "int8-qdq")
+    manifest["artifacts"].sort(key=lambda a: (a["depth"], a["format"] != "onnx", order.index(a["precision"])))
     _write_manifest(ctx.out_dir, manifest)
 
 

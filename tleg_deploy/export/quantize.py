@@ -2,7 +2,10 @@
 
 - ``quantize_int8(..., mode="dynamic")``: ONNX Runtime dynamic quantization (int8 weights, int8
   activations quantized on the fly) of the weight MatMuls/Gemms only (``MatMulConstBOnly``): the
-  attention products QKᵀ and AV stay fp32, which is where a ViT loses accuracy to int8.
+  attention products QKᵀ and AV stay fp32, which is where a ViT loses accuracy to int8. Weights are
+  per output channel by default: on the trained demo expanded to depths 1/3/6/9/12, top-1 agreement
+  with fp32 on the digits test split was 99.2/99.4/98.9/99.4/100% per tensor and
+  99.4/100/99.4/100/100% per channel (the 99% bar of issue 5 fails per tensor at depth 6).
 - ``quantize_int8(..., mode="qdq", calibration=images)``: static QuantizeLinear/DequantizeLinear
   pairs from calibration images, symmetric int8 with per-channel weights — the explicit-quantization
   form TensorRT reads (it cannot read ORT's dynamic ``DynamicQuantizeLinear``/``MatMulInteger``).
@@ -60,7 +63,7 @@ def quantize_int8(
             if mode == "dynamic":
                 q.quantize_dynamic(
                     src, tmp_out, op_types_to_quantize=["MatMul", "Gemm"], weight_type=q.QuantType.QInt8,
-                    per_channel=bool(per_channel), extra_options={"MatMulConstBOnly": True},
+                    per_channel=per_channel is not False, extra_options={"MatMulConstBOnly": True},
                 )
             else:
                 assert calibration is not None  # checked above; for mypy
