@@ -290,12 +290,14 @@ def _prediction_section(rep: _Report, results: Results) -> None:
     try:
         for r in data["results"]:
             pts = r["rows"]
+            extra = ", ".join(f"{r[k]} {k}" for k in ("precision", "clock", "backend") if k in r)
+            label = f"{r['spec']} ({extra})" if extra else str(r["spec"])
             panels.append(plots.PredictionPanel(
-                label=str(r["spec"]), depths=[int(x["depth"]) for x in pts],
+                label=label, depths=[int(x["depth"]) for x in pts],
                 measured_ms=[float(x["measured_p50_ms"]) for x in pts],
                 predicted_ms=[float(x["predicted_p50_ms"]) for x in pts],
                 fit_point=[bool(x.get("fit_point", False)) for x in pts]))
-            rows.append(f"| {r['spec']} | {', '.join(map(str, r['fit_depths']))} | {r['within_5pct']:.0%} | "
+            rows.append(f"| {label} | {', '.join(map(str, r['fit_depths']))} | {r['within_5pct']:.0%} | "
                         f"{r['within_10pct']:.0%} | {r['median_abs_error']:.1%} | {r['max_abs_error']:.1%} | "
                         f"{r['interval_coverage']:.0%} |")
     except (KeyError, TypeError, ValueError) as e:

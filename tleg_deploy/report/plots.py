@@ -132,7 +132,8 @@ def plot_latency_vs_depth(panels: Sequence[DevicePanel], path: Path, *, spec_lab
     fig, axes = _axes(plt, len(panels))
     for ax, panel in zip(axes, panels, strict=True):
         estimated = panel.source == "estimated"
-        for line in panel.lines:
+        for k, line in enumerate(panel.lines):
+            # Later precisions drawn thinner and smaller: where two precisions coincide, both stay visible.
             color = PRECISION_COLORS.get(line.precision, "black")
             lo, hi = line.measured_range
             inside = [i for i, d in enumerate(line.depths) if lo <= d <= hi]
@@ -140,9 +141,9 @@ def plot_latency_vs_depth(panels: Sequence[DevicePanel], path: Path, *, spec_lab
             ax.plot(line.depths, line.fit_ms, color=color, linestyle=":", linewidth=1.2)
             if inside:
                 ax.plot([line.depths[i] for i in inside], [line.fit_ms[i] for i in inside], color=color,
-                        linewidth=1.8, label=f"{line.precision} fitted p50 (95% band)")
+                        linewidth=max(2.6 - 0.8 * k, 1.0), label=f"{line.precision} fitted p50 (95% band)")
             kind = "estimated" if estimated else "measured"
-            ax.plot(line.point_depths, line.point_p50_ms, linestyle="none", marker="o", markersize=6,
+            ax.plot(line.point_depths, line.point_p50_ms, linestyle="none", marker="o", markersize=max(8 - 2.5 * k, 4),
                     color=color, markerfacecolor="white" if estimated else color,
                     label=f"{line.precision} {kind} points")
         ax.set_title(device_title(panel.device, panel.source, panel.backend), fontsize=10)
@@ -181,7 +182,7 @@ def plot_predicted_vs_measured(panels: Sequence[PredictionPanel], path: Path) ->
         ax.set_xlabel("measured latency p50 (ms)")
         ax.set_ylabel("predicted latency p50 (ms)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="best")
     fig.suptitle("Predicted vs measured latency (fit from 3 depths, every depth measured again)", fontsize=11)
     return _save(fig, path)
 
