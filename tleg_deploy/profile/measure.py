@@ -465,11 +465,23 @@ def profile(
     cfg = config or MeasureConfig()
     require_backend(cfg.backend, cfg.device)
     entries: list[Entry] = []
+    load_before = _other_load(cfg)
+    raw: list[tuple[str, list[Point]]] = []
     with _progress(quiet, progress) as report:
         for precision in cfg.precisions:
-            points = measure_points(spec, cfg, precision, learngene=learngene, progress=report)
-            basis = None if cfg.memory else {"memory": "not measured (--no-memory): weight bytes only, a lower bound"}
-            entries.append(make_entry(spec, precision, cfg.batch, points, basis=basis))
+            raw.append((precision, measure_points(spec, cfg, precision, learngene=learngene, progress=report)))
+    busy = max(load_before, _other_load(cfg)) > BUSY_LOAD_PER_CORE
+    notes = (f"measured while other processes kept the CPUs busy (load above {BUSY_LOAD_PER_CORE:.0%} of the cores "
+             f"besides this measurement): latency intervals widened to ±{BUSY_REL_FLOOR:.0%}; re-measure on a quiet "
+             "machine") if busy else ""
+    for precision, points in raw:
+        basis: dict[str, Any] = {}
+        if not cfg.memory:
+            basis["memory"] = "not measured (--no-memory): weight bytes only, a lower bound"
+        if busy:
+            basis["busy"] = notes
+        entries.append(make_entry(spec, precision, cfg.batch, points, basis=basis or None,
+                                  latency_rel_floor=BUSY_REL_FLOOR if busy else QUIET_REL_FLOOR))
     kind = "jetson" if envmod.is_jetson() else ("gpu" if cfg.device == "cuda" else "cpu")
     hardware = {"cpu": {"value": envmod.cpu_model(), "unit": "", "source": "/proc/cpuinfo"},
                 "cores": {"value": os.cpu_count(), "unit": "", "source": "os.cpu_count()"}}
@@ -478,11 +490,28 @@ def profile(
         measure_command=measure_command(name, cfg, spec), entries=tuple(entries), hardware=hardware,
         runtime=runtime_info(cfg), environment=envmod.environment(cfg.threads),
         host_fingerprint=envmod.host_fingerprint(),
-        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), notes=notes,
     )
     if base is not None and base.backend == cfg.backend and base.source == "measured":
         return dataclasses.replace(fresh, entries=base.with_entries(entries).entries)
     return fresh
+
+
+# Relative floor of the latency prediction interval: run-to-run drift between sessions, which one
+# session cannot estimate. Wider when the machine was shared during the measurement.
+QUIET_REL_FLOOR = 0.03
+BUSY_REL_FLOOR = 0.10
+BUSY_LOAD_PER_CORE = 0.5
+
+
+def _other_load(cfg: MeasureConfig) -> float:
+    """1-minute load average not due to this measurement, per core (0 where the OS has none)."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
+    own = cfg.threads if cfg.device == "cpu" else 1
+    return max(load - own, 0.0) / (os.cpu_count() or 1)
 
 
 @contextlib.contextmanager
