@@ -5,8 +5,8 @@ batch axis, opset ``>= 17`` (LayerNormalization is a single op from 17 on, which
 single fp32 op in the fp16 variant and lets TensorRT fuse it), and ``metadata_props`` that say what
 it is: ``format``, ``schema_version``, ``spec``, ``depth``, ``learngene_sha256``, ``tool_version``.
 
-Exporter choice, on evidence (torch 2.13.0 CPU, 1 thread, this project's 2-core shared machine,
-``/tmp/exp_cmp.py`` in the export note; two rounds each):
+Exporter choice, on evidence (torch 2.13.0 CPU, 1 thread, this project's 2-core shared machine;
+two rounds each of ``torch.onnx.export`` alone, same model, same opset 18):
 
     model                 TorchScript (dynamo=False)   dynamo (default)
     digits, depth 12      0.16-0.20 s, 1046 nodes      3.8-5.4 s, 499 nodes
@@ -19,6 +19,8 @@ TorchScript exporter's shape arithmetic. The TorchScript exporter is 5-30x faste
 for depth families and tests, so ``exporter="auto"`` uses it and silences its deprecation
 warnings; the dynamo exporter (with ``external_data=False`` so the file stays self-contained)
 is used where TorchScript is gone from torch or when asked for with ``exporter="dynamo"``.
+End to end (export + validation of deit-tiny depth 12), ``benchmarks/export_family.py`` records both
+paths side by side (``deepest_direct`` vs ``deepest_dynamo`` in ``benchmarks/results/export_family.json``).
 The model is exported into memory and written once, atomically, with the metadata already in.
 """
 

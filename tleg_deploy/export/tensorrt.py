@@ -110,10 +110,10 @@ def build_tensorrt_engine(
         raise ExportError(f"TensorRT failed to build an engine from {onnx_file.name} ({precision})")
     target = Path(engine_path)
     with atomic_path(target) as tmp:
-        tmp.write_bytes(bytes(serialized))
+        tmp.write_bytes(bytes(memoryview(serialized)))  # IHostMemory exposes the buffer protocol
     if cache_file is not None:
         with atomic_path(cache_file) as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+            tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
     return target
 
 
