@@ -224,3 +224,16 @@ def test_run_all_dry_run_and_bad_name() -> None:
     bad = subprocess.run([sys.executable, str(script), "--dry-run", "--only", "nope"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "unknown benchmark 'nope'" in bad.stderr
+
+
+def test_custom_spec_without_profiles_says_how_to_measure(tiny_lg: Any, tmp_path: Path, no_host_cache: None) -> None:
+    path = tmp_path / "lg.safetensors"
+    tiny_lg.save(path)
+    write_paper_claims(tmp_path / "results", depths=range(1, 4))
+    res = build_report(ReportConfig(out_dir=tmp_path / "out", devices=("jetson",), learngene=str(path),
+                                    results_dir=tmp_path / "results", max_depth=4))
+    md = res.markdown.read_text()
+    assert "No device profile covers custom spec" in md and "`--device host`" in md
+    assert "The accuracy table was measured on digits" in md
+    assert res.warnings and "has no entry for custom spec" in res.warnings[0]
+    assert sorted(p.stem for p in res.figures) == ["accuracy_vs_depth", "storage"]

@@ -203,9 +203,9 @@ def _header(rep: _Report, lg: LearngeneFacts, results: Results, profiles: Sequen
 def _latency_section(rep: _Report, profiles: Sequence[Any], spec: ViTSpec) -> None:
     rep.add("## Latency vs depth per device", "")
     if not profiles:
-        rep.add(f"_No device profile covers {spec_label(spec)}. Measure this machine with "
-                f"`tleg-deploy profile --device host --spec {spec.preset_name() or 'SPEC'}`._", "")
-        rep.result.missing["latency"] = "tleg-deploy profile --device host"
+        rep.add(f"_No device profile covers {spec_label(spec)}. Rebuild this report with `--device host`: it "
+                "measures this machine for this architecture on first use (about a minute)._", "")
+        rep.result.missing["latency"] = "tleg-deploy report --device host ..."
         return
     depths = list(range(1, rep.cfg.max_depth + 1))
     panels = []
@@ -353,8 +353,10 @@ def _tradeoff_section(rep: _Report, results: Results, acc: dict[str, dict[int, t
     if acc is None:
         rep.missing("accuracy vs latency", results, "paper_claims", "there is no accuracy table yet")
         return
-    if spec.preset_name() != PAPER_CLAIMS_SPEC:
-        rep.add(f"_The accuracy table was measured on {PAPER_CLAIMS_SPEC}, the learngene here is {spec_label(spec)}: "
+    data = results.get("paper_claims") or {}
+    acc_spec = str(data.get("spec") or PAPER_CLAIMS_SPEC)
+    if spec.preset_name() != acc_spec:
+        rep.add(f"_The accuracy table was measured on {acc_spec}, the learngene here is {spec_label(spec)}: "
                 f"rebuild the report with `--learngene demo` to pair them._", "")
         return
     if not profiles:
