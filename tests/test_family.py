@@ -159,3 +159,20 @@ def test_family_variants_and_build_script(tiny_lg, tmp_path):
     script = (out / "depth_02" / "build_engine.sh").read_text()
     assert "--timingCacheFile=../timing.cache" in script and "model_int8_qdq.onnx" in script
     _claims_are_intact(out)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.pop("members"),
+    lambda m: m.update(schema_version="99"),
+    lambda m: m["artifacts"].append({"depth": 1}),
+    lambda m: m.update(learngene="x"),
+])
+def test_structurally_corrupted_manifest(tiny_lg, tmp_path, edit):
+    out = tmp_path / "fam"
+    export_family(tiny_lg, [1], out, "onnx", data=None)
+    m = json.loads((out / "manifest.json").read_text())
+    edit(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ExportError, match="manifest.json"):
+        export_family(tiny_lg, [1, 2], out, "onnx", data=None)
+    assert not (out / "depth_02").exists()

@@ -45,6 +45,7 @@ _MANIFEST_KEYS = {"format", "schema_version", "tool_version", "updated", "learng
                   "formats", "batch", "members", "artifacts", "storage"}
 
 Progress = Callable[[str, int, int], None]
+_ARTIFACT_KEYS = {"depth", "precision", "format", "file", "bytes", "sha256", "params", "macs", "parity", "latency"}
 
 
 # -- parsing user input (torch-free) -------------------------------------------------------------
@@ -154,8 +155,15 @@ def load_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     if missing or extra:
         key = (missing or extra)[0]
         raise ExportError(f"{path} is corrupted: {'missing' if missing else 'unexpected'} key {key!r}", hint=hint)
-    if not isinstance(data["members"], dict) or not isinstance(data["artifacts"], list):
-        raise ExportError(f"{path} is corrupted: members/artifacts have the wrong type", hint=hint)
+    if not (isinstance(data["members"], dict) and isinstance(data["artifacts"], list)
+            and isinstance(data["learngene"], dict) and isinstance(data["spec"], dict)):
+        raise ExportError(f"{path} is corrupted: learngene/spec/members/artifacts have the wrong type", hint=hint)
+    for a in data["artifacts"]:
+        if not isinstance(a, dict) or not set(a) >= _ARTIFACT_KEYS:
+            raise ExportError(f"{path} is corrupted: an artifact entry lacks {sorted(_ARTIFACT_KEYS)}", hint=hint)
+    for key in ("sha256", "params", "tensor_bytes"):
+        if key not in data["learngene"]:
+            raise ExportError(f"{path} is corrupted: learngene entry lacks {key!r}", hint=hint)
     return data
 
 
