@@ -143,10 +143,12 @@ def test_cli_devices_json(isolated) -> None:
 
 
 def test_cli_profile_writes_a_measured_profile(isolated) -> None:
-    out = isolated / "profiles" / "box.json"
-    result = runner.invoke(app, ["profile", "--device", "box", "--depths", "1,3", "--rounds", "2", "--no-memory",
-                                 "-q", "-o", str(out)])
+    """Measuring a known device writes profiles/<name>.json, which then replaces the shipped estimate."""
+    result = runner.invoke(app, ["profile", "--device", "jetson", "--depths", "1,3", "--rounds", "2", "--no-memory",
+                                 "-q"])
     assert result.exit_code == 0, result.output
-    prof = registry.resolve_profile("box")
+    assert (isolated / "profiles" / "jetson-orin-nano.json").is_file()
+    prof = registry.resolve_profile("jetson")
+    assert prof.name == "jetson-orin-nano" and prof.aliases == ("jetson",)
     assert prof.source == "measured" and prof.precisions(SPEC) == ("fp32",)
     assert prof.entries[0].basis and "not measured" in prof.entries[0].basis["memory"]

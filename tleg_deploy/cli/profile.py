@@ -55,7 +55,8 @@ def profile(
     = False,
     rounds: Annotated[int, typer.Option(help="Interleaved timing rounds.")] = 5,
     no_memory: Annotated[bool, typer.Option("--no-memory", help="Skip the peak-memory subprocesses.")] = False,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Profile .json to write.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Profile .json to write (default for a "
+                                                "device other than host: profiles/DEVICE.json).")] = None,
     refresh: Annotated[bool, typer.Option(help="Re-measure host even if a cached profile exists.")] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -88,10 +89,12 @@ def profile(
     else:
         aliases: tuple[str, ...] = ()
         if device != registry.HOST:
-            try:  # keep the shipped profile's aliases (jetson-orin-nano -> jetson)
-                aliases = registry.resolve_profile(device).aliases
+            try:  # a known device keeps its canonical name and aliases (jetson -> jetson-orin-nano)
+                known = registry.resolve_profile(device)
+                device, aliases = known.name, known.aliases
             except TlegError:
-                aliases = ()
+                pass
+            output = output or Path("profiles") / f"{device}.json"
         if output is not None and output.is_file():  # add to a profile measured earlier, e.g. another spec
             result = DeviceProfile.load(output)
         for arch in archs:
