@@ -438,6 +438,8 @@ def measure_command(name: str, cfg: MeasureConfig, spec: ViTSpec) -> str:
     parts = [f"tleg-deploy profile --device {name} --backend {cfg.backend}",
              f"--precision {','.join(cfg.precisions)}", f"--spec {spec.preset_name() or 'SPEC'}",
              f"--depths {','.join(map(str, cfg.depths))}", f"--batch {cfg.batch}", f"--threads {cfg.threads}"]
+    if cfg.device == "cuda" and cfg.backend != "tensorrt":
+        parts.append("--gpu")
     return " ".join(parts) + f" -o profiles/{name}.json"
 
 
