@@ -143,20 +143,18 @@ def test_unusable_results_file_is_reported_not_raised(tmp_path: Path, no_host_ca
     assert "lacks a field the report needs" in md
 
 
-def test_family_manifest_is_used_for_storage(tmp_path: Path, no_host_cache: None) -> None:
-    fam = tmp_path / "fam"
-    fam.mkdir()
-    arts = [{"depth": d, "precision": p, "format": "onnx", "bytes": 1000 * d + (7 if p == "fp32" else 0)}
-            for d in (1, 2, 3) for p in ("fp32", "int8")]
-    manifest = {"format": "tleg-export-manifest", "schema_version": "1", "tool_version": "t", "updated": "now",
-                "learngene": {"sha256": "x", "tensor_bytes": 500, "params": 125}, "spec": {}, "spec_preset": None,
-                "formats": ["onnx", "int8"], "batch": {}, "members": {}, "artifacts": arts,
-                "storage": {"learngene_bytes": 500}}
-    (fam / "manifest.json").write_text(json.dumps(manifest))
-    res = build_report(ReportConfig(out_dir=tmp_path / "out", devices=("jetson",), family=fam,
+def test_family_manifest_is_used_for_storage(tiny_lg: Any, tmp_path: Path, no_host_cache: None) -> None:
+    from tleg_deploy.family import export_family
+
+    manifest = export_family(tiny_lg, [1, 2, 3], tmp_path / "fam", "onnx", data=None)
+    fp32 = {a["depth"]: a["bytes"] for a in manifest["artifacts"] if a["precision"] == "fp32"}
+    lg_bytes = manifest["storage"]["learngene_bytes"]
+    res = build_report(ReportConfig(out_dir=tmp_path / "out", devices=("jetson",), family=tmp_path / "fam",
                                     results_dir=tmp_path / "none", max_depth=4))
     md = res.markdown.read_text()
-    assert "Learngene: 500 bytes. Descendants 1-3 stored separately: 6,021 bytes, **12.0x**" in md
+    total = sum(fp32.values())
+    assert f"Learngene: {lg_bytes:,} bytes. Descendants 1-3 stored separately: {total:,} bytes, " \
+           f"**{total / lg_bytes:.1f}x** (fp32 ONNX files of the exported family" in md
 
 
 def test_budget_helpers() -> None:
