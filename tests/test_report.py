@@ -58,6 +58,16 @@ def write_predictor_accuracy(results: Path) -> None:
     (results / "predictor_accuracy.json").write_text(json.dumps(payload))
 
 
+def write_solver(results: Path) -> None:
+    rows = [{"spec": "digits", "budget_ms": b, "depth": d, "precision": "int8", "predicted_p90_ms": 0.5 * b,
+             "predicted_p90_upper_ms": b, "measured_p90_ms": 0.6 * b, "deeper_measured_p90_ms": 1.1 * b}
+            for d, b in enumerate((1.0, 1.5, 2.0, 3.0), start=2)]
+    payload = {"benchmark": "solver", "machine": _machine(), "summary": {"n": 4, "within": 4, "tight": 4, "n_tight": 4},
+               "rows": rows}
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "solver.json").write_text(json.dumps(payload))
+
+
 @pytest.fixture
 def no_host_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TLEG_DEPLOY_CACHE_DIR", str(tmp_path / "cache"))
@@ -77,6 +87,7 @@ def full_report(tmp_path_factory: pytest.TempPathFactory) -> Any:
     results = tmp / "results"
     write_paper_claims(results)
     write_predictor_accuracy(results)
+    write_solver(results)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TLEG_DEPLOY_CACHE_DIR", str(tmp / "cache"))
         mp.chdir(tmp)
@@ -86,7 +97,7 @@ def full_report(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def test_full_report_writes_every_figure_and_embeds_them(full_report: Any) -> None:
     names = sorted(p.stem for p in full_report.figures)
     assert names == sorted(["latency_vs_depth", "predicted_vs_measured", "accuracy_vs_depth", "accuracy_vs_latency",
-                            "storage"])
+                            "storage", "solver_check"])
     for p in full_report.figures:
         w, h = png_size(p)
         assert w > 300 and h > 200
@@ -116,6 +127,7 @@ def test_full_report_content(full_report: Any) -> None:
     # Accuracy table from the synthetic results, and the storage ratio from costs.py.
     assert "| 12 | 0.980 ± 0.016 |" in md
     assert "most accurate fitting depth is **" in md
+    assert "Picks measured within budget: 4/4" in md
     assert re.search(r"\*\*\d+\.\dx\*\* \(fp32 weights counted by costs.py", md)
     # details demoted one level
     assert not re.search(r"^## Paper claims", md, re.M) and re.search(r"^### Paper claims", md, re.M)
@@ -127,7 +139,8 @@ def test_missing_results_say_which_command_produces_them(tmp_path: Path, no_host
     md = res.markdown.read_text()
     assert "Produce it with `.venv/bin/python benchmarks/predictor_accuracy.py`" in md
     assert "Produce it with `.venv/bin/python benchmarks/paper_claims.py`" in md
-    assert set(res.missing) == {"predicted vs measured", "accuracy vs depth", "accuracy vs latency"}
+    assert "Produce it with `.venv/bin/python benchmarks/solver.py`" in md
+    assert set(res.missing) == {"predicted vs measured", "solver check", "accuracy vs depth", "accuracy vs latency"}
     assert sorted(p.stem for p in res.figures) == ["latency_vs_depth", "storage"]
     assert len(re.findall(r"<img ", res.html.read_text())) == 2
 
@@ -206,7 +219,7 @@ def test_cli_json(tmp_path: Path, no_host_cache: None) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert Path(data["html"]).is_file() and len(data["figures"]) == 4
-    assert list(data["missing"]) == ["predicted vs measured"]
+    assert list(data["missing"]) == ["predicted vs measured", "solver check"]
     assert "Budget: 0.2 ms (--latency)" in Path(data["markdown"]).read_text()
 
 

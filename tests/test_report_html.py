@@ -78,16 +78,17 @@ def test_probe_catches_broken_images_and_script_errors(tmp_path: Path) -> None:
 
 
 def test_report_loads_cleanly_and_shows_every_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_report import write_paper_claims, write_predictor_accuracy
+    from test_report import write_paper_claims, write_predictor_accuracy, write_solver
 
     monkeypatch.setenv("TLEG_DEPLOY_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     results = tmp_path / "results"
     write_paper_claims(results, depths=range(1, 7))
     write_predictor_accuracy(results)
+    write_solver(results)
     res = build_report(ReportConfig(out_dir=tmp_path / "out", devices=("jetson",), results_dir=results, max_depth=6))
     found = load_in_chromium(res.html, tmp_path)
     assert found["errors"] == []
-    assert len(found["images"]) == len(res.figures) == 5
+    assert len(found["images"]) == len(res.figures) == 6
     for img in found["images"]:
         assert img["complete"] and img["w"] > 0 and img["h"] > 0

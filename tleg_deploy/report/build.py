@@ -161,6 +161,8 @@ def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: 
     _budget_section(rep, covered, spec)
     rep.step("plotting predicted vs measured latency")
     _prediction_section(rep, results)
+    rep.step("plotting the solver check")
+    _solver_section(rep, results)
     rep.step("plotting accuracy")
     acc = _accuracy_section(rep, results)
     _tradeoff_section(rep, results, acc, covered, spec)
@@ -315,6 +317,37 @@ def _prediction_section(rep: _Report, results: Results) -> None:
             f"Machine: {machine_line(data)}; load average before/after {cfg.get('load_average', '?')}.", "",
             "| spec | fit depths | within ±5% | within ±10% | median abs error | worst | in 95% interval |",
             "|---|---|---:|---:|---:|---:|---:|", *rows, "")
+
+
+def _solver_section(rep: _Report, results: Results) -> None:
+    rep.add("## Does the solver's pick fit when measured?", "")
+    data = results.get("solver")
+    if data is None:
+        rep.missing("solver check", results, "solver")
+        return
+    by_spec: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for r in data["rows"]:
+            if r.get("measured_p90_ms") is not None:
+                by_spec.setdefault(str(r["spec"]), []).append(r)
+        panels = [plots.SolverPanel(
+            label=spec_name, budget_ms=[float(r["budget_ms"]) for r in rows],
+            predicted_upper_ms=[float(r["predicted_p90_upper_ms"]) for r in rows],
+            measured_ms=[float(r["measured_p90_ms"]) for r in rows],
+            deeper_measured_ms=[float(r["deeper_measured_p90_ms"]) if r.get("deeper_measured_p90_ms") else None
+                                for r in rows]) for spec_name, rows in by_spec.items()]
+    except (KeyError, TypeError, ValueError) as e:
+        rep.missing("solver check", results, "solver", f"the results file lacks a field the report needs ({e})")
+        return
+    if not panels:
+        rep.missing("solver check", results, "solver", "the results file has no measured picks")
+        return
+    rep.figure(plots.plot_solver_check(panels, rep.fig_path("solver_check")), "Solver picks measured against budgets")
+    s = data.get("summary", {})
+    rep.add(f"`benchmarks/solver.py` solves a range of p90 budgets on a fresh host profile, then exports and measures "
+            f"each pick and the next deeper depth. Picks measured within budget: {s.get('within', '?')}/"
+            f"{s.get('n', '?')}; next deeper depth over budget: {s.get('tight', '?')}/{s.get('n_tight', '?')}. "
+            f"Machine: {machine_line(data)}." + (f" Note: {data['note']}." if data.get("note") else ""), "")
 
 
 def _accuracy_section(rep: _Report, results: Results) -> dict[str, dict[int, tuple[float, float]]] | None:

@@ -279,3 +279,57 @@ def plot_storage(learngene_bytes: int, member_bytes: Mapping[int, int], path: Pa
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8.5, loc="upper left")
     return _save(fig, path)
+
+
+@dataclass(frozen=True)
+class SolverPanel:
+    """The solver benchmark on one architecture: per budget, the pick's predicted (upper) and measured p90, and
+    the measured p90 of the next deeper depth (None where not measured)."""
+
+    label: str
+    budget_ms: Sequence[float]
+    predicted_upper_ms: Sequence[float]
+    measured_ms: Sequence[float]
+    deeper_measured_ms: Sequence[float | None]
+
+
+def plot_solver_check(panels: Sequence[SolverPanel], path: Path) -> Path:
+    """Measured p90 of each pick against its budget: below the diagonal = the pick fits."""
+    plt = _pyplot()
+    fig, axes = _axes(plt, len(panels), height=4.4)
+    for ax, p in zip(axes, panels, strict=True):
+        vals = [*p.budget_ms, *p.measured_ms, *p.predicted_upper_ms, *(v for v in p.deeper_measured_ms if v)]
+        lo, hi = min(vals) * 0.8, max(vals) * 1.25
+        ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, label="latency = budget")
+        ax.fill_between([lo, hi], [lo, lo], [lo, hi], color="tab:green", alpha=0.08, label="fits (below)")
+        ax.scatter(p.budget_ms, p.predicted_upper_ms, marker="_", s=90, color="tab:gray",
+                   label="pick: predicted p90, upper 95%")
+        ax.scatter(p.budget_ms, p.measured_ms, s=22, color="tab:blue", zorder=3, label="pick: measured p90")
+        deeper = [(b, v) for b, v in zip(p.budget_ms, p.deeper_measured_ms, strict=True) if v]
+        if deeper:
+            ax.scatter([b for b, _ in deeper], [v for _, v in deeper], s=22, marker="x", color="tab:red", zorder=3,
+                       label="next deeper depth: measured p90")
+        within = sum(m <= b for m, b in zip(p.measured_ms, p.budget_ms, strict=True))
+        ax.set_title(f"{p.label}: {within}/{len(p.budget_ms)} picks measured within budget", fontsize=10)
+        _log_axes(ax)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel("p90 latency budget (ms)")
+        ax.set_ylabel("p90 latency (ms)")
+        ax.grid(alpha=0.3, which="major")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8.5)
+    fig.suptitle("Does the solver's pick fit when measured? (this machine, ONNX Runtime CPU)", fontsize=11)
+    return _save(fig, path)
+
+
+def _log_axes(ax: Any) -> None:
+    """Log scales with plain tick labels at 1, 2, 5 x 10^k (not 3 x 10^0)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
