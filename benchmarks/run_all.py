@@ -59,6 +59,8 @@ def recorded_seconds() -> dict[str, float]:
 def expected_line(names: list[str], known: dict[str, float]) -> str:
     have = [n for n in names if n in known]
     lacking = [n for n in names if n not in known]
+    if not names:
+        return "expected duration: nothing to run"
     if not have:
         return ("expected duration: unknown until the first run on this machine (paper_claims, which fine-tunes "
                 "hundreds of small models, dominates); each script's time is recorded in " + str(TIMINGS.name))

@@ -143,6 +143,14 @@ def test_missing_results_say_which_command_produces_them(tmp_path: Path, no_host
     assert set(res.missing) == {"predicted vs measured", "solver check", "accuracy vs depth", "accuracy vs latency"}
     assert sorted(p.stem for p in res.figures) == ["latency_vs_depth", "storage"]
     assert len(re.findall(r"<img ", res.html.read_text())) == 2
+    # Rebuilt with results: all figures; without them again: the stale ones are removed.
+    write_paper_claims(tmp_path / "res2", depths=range(1, 4))
+    again = build_report(ReportConfig(out_dir=tmp_path / "out", devices=("jetson",), results_dir=tmp_path / "res2",
+                                      max_depth=8))
+    assert (tmp_path / "out" / "figures" / "accuracy_vs_depth.png") in again.figures
+    build_report(ReportConfig(out_dir=tmp_path / "out", devices=("jetson",), results_dir=tmp_path / "none",
+                              max_depth=8))
+    assert sorted(p.stem for p in (tmp_path / "out" / "figures").iterdir()) == ["latency_vs_depth", "storage"]
 
 
 def test_unusable_results_file_is_reported_not_raised(tmp_path: Path, no_host_cache: None) -> None:

@@ -39,6 +39,8 @@ from tleg_deploy.report.inputs import (
 Progress = Callable[[str], None]
 FIGURES = "figures"
 STORAGE_DEPTHS = tuple(range(1, 13))
+FIGURE_NAMES = ("latency_vs_depth", "predicted_vs_measured", "solver_check", "accuracy_vs_depth",
+                "accuracy_vs_latency", "storage")
 _NICE = (1.0, 2.0, 5.0)
 
 
@@ -176,6 +178,10 @@ def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: 
     text = "\n".join(rep.lines).rstrip() + "\n"
     write_text_atomic(rep.result.markdown, text)
     write_text_atomic(rep.result.html, markdown_to_html(text, base_dir=cfg.out_dir, title="tleg-deploy report"))
+    for name in FIGURE_NAMES:  # a figure of an earlier build whose data is gone now would mislead
+        stale = rep.fig_path(name)
+        if stale not in rep.result.figures and stale.is_file():
+            stale.unlink()
     return rep.result
 
 
