@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from tleg_deploy.report import ReportConfig, build_report
-from tleg_deploy.report.build import budget_ladder, nice_budget
 from tleg_deploy.report.plots import pareto_front
+from tleg_deploy.report.sections import budget_ladder, nice_budget
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DEVICES = ("jetson-orin-nano", "h100")
