@@ -255,6 +255,11 @@ def export_family(
         raise ExportError(f"{out} exists and is not a directory", hint="choose another output directory")
     if not os.access(out, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write to {out}: permission denied", hint="choose a writable output directory")
+    for d, m in (models or {}).items():
+        if getattr(m, "spec", None) != lg.spec:
+            raise ExportError(f"the model given for depth {d} has another spec than the learngene")
+        if getattr(m, "depth", None) != d:
+            raise ExportError(f"the model given for depth {d} has depth {getattr(m, 'depth', '?')}")
     batch = batch or BatchRange()
     lg_sha = lg.sha256()
     with directory_lock(out):
