@@ -211,35 +211,46 @@ def plot_accuracy_vs_depth(accuracy: Mapping[str, Mapping[int, tuple[float, floa
 
 
 def plot_accuracy_vs_latency(panels: Sequence[TradeoffPanel], path: Path) -> Path:
-    """Per device: accuracy against predicted latency per depth, the tleg Pareto front and the budget."""
+    """Per device: accuracy against predicted latency per depth, the tleg Pareto front and the budget
+    (its value and the best fitting depth in each panel's title); one legend for all panels, below them."""
+    from matplotlib.lines import Line2D
+
     plt = _pyplot()
     fig, axes = _axes(plt, len(panels), height=4.2)
+    inits: dict[str, None] = {}
     for ax, p in zip(axes, panels, strict=True):
         hollow = p.source == "estimated"
         for init, pts in p.points.items():
             if not pts:
                 continue
+            inits[init] = None
             color = INIT_COLORS.get(init, "black")
             ax.scatter([q[1] for q in pts], [q[2] * 100 for q in pts], s=22 if init == "tleg" else 14,
-                       facecolor="white" if hollow else color, edgecolor=color, label=init, zorder=3,
+                       facecolor="white" if hollow else color, edgecolor=color, zorder=3,
                        alpha=1.0 if init == "tleg" else 0.7)
         if p.pareto:
             ax.step([q[1] for q in p.pareto], [q[2] * 100 for q in p.pareto], where="post", color="tab:red",
-                    linewidth=1.2, alpha=0.8, label="tleg Pareto front")
+                    linewidth=1.2, alpha=0.8)
             for q in (p.pareto[0], p.pareto[-1]):
                 ax.annotate(f"d={q[0]}", (q[1], q[2] * 100), textcoords="offset points", xytext=(4, -11),
                             fontsize=7.5, color="tab:red")
         if p.budget_ms is not None:
-            ax.axvline(p.budget_ms, color="black", linestyle="--", linewidth=1.0,
-                       label=f"budget {p.budget_ms:g} ms (p90, upper 95%)")
+            ax.axvline(p.budget_ms, color="black", linestyle="--", linewidth=1.0)
         if p.pick is not None:
-            ax.scatter([p.pick[1]], [p.pick[2] * 100], s=140, marker="*", color="gold", edgecolor="black",
-                       zorder=5, label=f"best fitting: depth {p.pick[0]}")
-        ax.set_title(device_title(p.device, p.source), fontsize=10)
+            ax.scatter([p.pick[1]], [p.pick[2] * 100], s=140, marker="*", color="gold", edgecolor="black", zorder=5)
+        budget = "" if p.budget_ms is None else f"budget {p.budget_ms:g} ms: " + (
+            f"depth {p.pick[0]} ({p.pick[2]:.1%})" if p.pick is not None else "nothing fits")
+        ax.set_title(device_title(p.device, p.source) + (f"; {budget}" if budget else ""), fontsize=10)
         ax.set_xlabel(f"predicted p90 latency at {p.precision}, upper 95% bound (ms)")
         ax.set_ylabel("test top-1 accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7.5, loc="best")
+    handles = [Line2D([], [], linestyle="none", marker="o", color=INIT_COLORS.get(i, "black"), label=i) for i in inits]
+    handles += [Line2D([], [], color="tab:red", label="tleg Pareto front"),
+                Line2D([], [], color="black", linestyle="--", label="latency budget (p90, upper 95% bound)"),
+                Line2D([], [], linestyle="none", marker="*", markersize=12, color="gold", markeredgecolor="black",
+                       label="most accurate depth within budget")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8.5,
+               title="filled markers: measured device; hollow: estimated profile", title_fontsize=8.5)
     fig.suptitle("Accuracy vs latency per device (accuracy measured in PyTorch fp32; latency from the profile)",
                  fontsize=11)
     return _save(fig, path)
