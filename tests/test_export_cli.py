@@ -93,3 +93,15 @@ def test_corrupted_manifest_and_unwritable_output(lg_file, tmp_path):
     blocker.write_text("x")
     code, _, stderr = _run("export-family", "-l", lg_file, "--depths", "1", "-o", blocker / "sub")
     assert code != 0 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+
+
+def test_failed_validation_leaves_nothing(tiny_lg, tmp_path):
+    # Head weights beyond fp16's range: the fp16 variant computes inf, its validation fails, and the
+    # export ends with a one-line error and no directory left behind.
+    tiny_lg.shared["head.weight"] = tiny_lg.shared["head.weight"] * 1e7
+    lg_file = tmp_path / "big.safetensors"
+    tiny_lg.save(lg_file)
+    out = tmp_path / "out"
+    code, _, stderr = _run("export", "-l", lg_file, "-d", 2, "-f", "onnx,fp16", "-o", out)
+    assert code == 2 and "failed validation" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -244,6 +244,12 @@ def export_family(
     if not depths:
         raise DepthError("no depths to export")
     out = Path(out_dir)
+    for d, m in (models or {}).items():
+        if getattr(m, "spec", None) != lg.spec:
+            raise ExportError(f"the model given for depth {d} has another spec than the learngene")
+        if getattr(m, "depth", None) != d:
+            raise ExportError(f"the model given for depth {d} has depth {getattr(m, 'depth', '?')}")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except PermissionError:
@@ -255,12 +261,22 @@ def export_family(
         raise ExportError(f"{out} exists and is not a directory", hint="choose another output directory")
     if not os.access(out, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write to {out}: permission denied", hint="choose a writable output directory")
-    for d, m in (models or {}).items():
-        if getattr(m, "spec", None) != lg.spec:
-            raise ExportError(f"the model given for depth {d} has another spec than the learngene")
-        if getattr(m, "depth", None) != d:
-            raise ExportError(f"the model given for depth {d} has depth {getattr(m, 'depth', '?')}")
     batch = batch or BatchRange()
+    try:
+        return _export_locked(lg, depths, out, fmts, batch, data, learngene_file, models, source, profile,
+                              measure_latency, use_template, progress)
+    except BaseException:
+        if created:  # a directory this call made and that holds nothing: leave no trace
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _export_locked(
+    lg: Any, depths: list[int], out: Path, fmts: tuple[str, ...], batch: Any, data: str | None,
+    learngene_file: str | os.PathLike[str] | None, models: Mapping[int, Any] | None, source: str, profile: Any,
+    measure_latency: bool, use_template: bool, progress: Progress | None,
+) -> dict[str, Any]:
     lg_sha = lg.sha256()
     with directory_lock(out):
         manifest = load_manifest(out)
