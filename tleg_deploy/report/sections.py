@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tleg_deploy import costs
-from tleg_deploy.config import MAX_DEPTH, ViTSpec
+from tleg_deploy.config import ViTSpec
 from tleg_deploy.report import plots
 from tleg_deploy.report.inputs import (
     BENCHMARKS,
@@ -278,7 +278,7 @@ def tradeoff_section(rep: Report, results: Results, acc: dict[str, dict[int, tup
         def lat(d: int, p: Any = p, precision: str = precision) -> float:
             return float(p.predict(d, spec=spec, precision=precision).latency_p90_upper_ms)
 
-        points = {init: [(d, lat(d), m) for d, (m, _) in sorted(table.items()) if d <= MAX_DEPTH]
+        points = {init: [(d, lat(d), m) for d, (m, _) in sorted(table.items())]
                   for init, table in acc.items()}
         tleg_pts = [(d, lat(d), m) for d, (m, _) in sorted(tleg.items())]
         budget = rep.cfg.latency_ms or nice_budget(math.sqrt(tleg_pts[0][1] * tleg_pts[-1][1]))
