@@ -79,9 +79,9 @@ def markdown(results: list[dict[str, Any]], cfg: dict[str, Any]) -> str:
         f"~{cfg['round_seconds']} s per depth per round. Target: >= 95% of depths within ±5%. "
         "Script: `benchmarks/predictor_accuracy.py`.",
         "",
-        "Latency is wall-clock time (`clock=wall`), what a deployment sees. Rows with `clock=thread` time the "
-        "same runs by the CPU time of the (single) inference thread: a diagnostic that removes preemption by other "
-        "processes on a shared machine, not a latency.",
+        "Latency is wall-clock time (`clock=wall`), what a deployment sees. Rows with `clock=thread` (only with "
+        "`--clocks wall,thread`) time the runs by the inference thread's CPU time instead: a diagnostic, not a "
+        "latency, and unreliable in a VM whose vCPUs the host preempts.",
         "",
         "| spec | clock | within ±5% | within ±10% | median abs error | worst | in 95% interval | R² (3 pts) "
         "| profiling took |",
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--specs", default="deit-tiny,digits")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--round-seconds", type=float, default=0.15)
-    parser.add_argument("--clocks", default="wall,thread", help="wall (latency) and/or thread (CPU-time diagnostic)")
+    parser.add_argument("--clocks", default="wall", help="wall (latency), or wall,thread to add a CPU-time diagnostic")
     parser.add_argument("--quick", action="store_true", help="2 rounds, digits only; prints, writes nothing")
     args = parser.parse_args()
     specs = ["digits"] if args.quick else [s.strip() for s in args.specs.split(",")]

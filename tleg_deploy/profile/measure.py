@@ -15,8 +15,11 @@ Protocol (same for all): fixed intra-op threads (default 1, recorded), warm-up, 
 *interleaved rounds* (each round times every depth, in a shuffled order) so slow drift of the
 machine hits all depths alike, plus a few extra rounds (bounded) while a depth's p50 is still
 unsettled; the statistics are p50/p90/p99/mean/std over all runs, and the standard error of
-p50/p90 across rounds feeds the fit's prediction interval. Peak memory is measured in a fresh
-subprocess per point (``_probe``).
+p50/p90 across rounds feeds the fit's prediction interval. Every block of a ViT costs the same,
+so a session whose p50 points are off a line by more than 3% was disturbed (a neighbour's burst of
+load): it is measured again, at most twice, the most linear session is kept and the others are
+recorded in the entry's ``basis``. Peak memory is measured in a fresh subprocess per point
+(``_probe``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any, Protocol
 from tleg_deploy.config import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.errors import BackendError
 from tleg_deploy.profile import env as envmod
-from tleg_deploy.profile.table import BACKENDS, PRECISIONS, DeviceProfile, Entry, Point, make_entry
+from tleg_deploy.profile.table import BACKENDS, PRECISIONS, DeviceProfile, Entry, Point, fit_line, make_entry
 
 INSTALL_HINTS = {
     "onnxruntime": "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA / TensorRT providers)",
@@ -71,6 +74,8 @@ class MeasureConfig:
     clock: str = "wall"  # "thread": CPU time of the timing thread (diagnostic on a shared machine, 1 thread only)
     extra_rounds: int = 5  # at most this many more rounds while a depth's p50 is still unsettled ...
     settle_rel_se: float = 0.01  # ... i.e. its standard error across rounds exceeds this fraction of it
+    retries: int = 2  # re-measure a session whose p50 points are not on a line within linear_tolerance ...
+    linear_tolerance: float = 0.03  # ... (worst relative residual; needs >= 3 depths), keep the most linear
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -89,6 +94,8 @@ class MeasureConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BackendError(f"{name} must be a positive integer, got {value!r}")
+        if self.retries < 0 or not 0 < self.linear_tolerance < 1:
+            raise BackendError("retries must be >= 0 and linear_tolerance in (0, 1)")
         if self.warmup < 0 or self.extra_rounds < 0 or self.max_reps < self.min_reps or not self.round_seconds > 0:
             raise BackendError("warmup and extra_rounds must be >= 0, max_reps >= min_reps and round_seconds > 0")
         if self.device not in ("cpu", "cuda"):
@@ -468,16 +475,20 @@ def profile(
     require_backend(cfg.backend, cfg.device)
     entries: list[Entry] = []
     load_before = _other_load(cfg)
-    raw: list[tuple[str, list[Point]]] = []
+    raw: list[tuple[str, list[Point], list[float]]] = []
     with _progress(quiet, progress) as report:
         for precision in cfg.precisions:
-            raw.append((precision, measure_points(spec, cfg, precision, learngene=learngene, progress=report)))
+            raw.append((precision, *_linear_session(spec, cfg, precision, learngene, report)))
     busy = max(load_before, _other_load(cfg)) > BUSY_LOAD_PER_CORE
     notes = (f"measured while other processes kept the CPUs busy (load above {BUSY_LOAD_PER_CORE:.0%} of the cores "
              f"besides this measurement): latency intervals widened to ±{BUSY_REL_FLOOR:.0%}; re-measure on a quiet "
              "machine") if busy else ""
-    for precision, points in raw:
+    for precision, points, rejected in raw:
         basis: dict[str, Any] = {}
+        if rejected:
+            basis["rejected_sessions"] = {
+                "worst_p50_residual_rel": rejected,
+                "why": f"p50 points off a line by more than {cfg.linear_tolerance:.0%} (load burst?); re-measured"}
         if not cfg.memory:
             basis["memory"] = "not measured (--no-memory): weight bytes only, a lower bound"
         if busy:
@@ -497,6 +508,24 @@ def profile(
     if base is not None and base.backend == cfg.backend and base.source == "measured":
         return dataclasses.replace(fresh, entries=base.with_entries(entries).entries)
     return fresh
+
+
+def _linear_session(spec: ViTSpec, cfg: MeasureConfig, precision: str, learngene: Any,
+                    report: Callable[[str, float], None]) -> tuple[list[Point], list[float]]:
+    """Measure; while the p50 points are not on a line (a block of a ViT always costs the same, so
+    that means a disturbed session), re-measure up to ``cfg.retries`` times and keep the most linear
+    session. Returns its points and the worst residuals of the sessions set aside."""
+    sessions: list[tuple[float, list[Point]]] = []
+    for _ in range(1 + cfg.retries):
+        points = measure_points(spec, cfg, precision, learngene=learngene, progress=report)
+        depths = [p.depth for p in points]
+        worst = fit_line(depths, [p.p50_ms for p in points]).worst_residual_rel if len(depths) > 2 else 0.0
+        sessions.append((worst, points))
+        if worst <= cfg.linear_tolerance:
+            break
+        report(f"{precision}: points off a line by {worst:.0%}, measuring again", 0.0)
+    best = min(range(len(sessions)), key=lambda i: sessions[i][0])
+    return sessions[best][1], [w for i, (w, _) in enumerate(sessions) if i != best]
 
 
 # Relative floor of the latency prediction interval: run-to-run drift between sessions, which one
