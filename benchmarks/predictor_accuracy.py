@@ -25,6 +25,7 @@ from _results import write_result  # also puts the repository root on sys.path
 
 from tleg_deploy.config import ViTSpec
 from tleg_deploy.profile.measure import MeasureConfig, measure_points, profile
+from tleg_deploy.profile.table import fit_line
 
 FIT_DEPTHS = (1, 12, 24)
 ALL_DEPTHS = tuple(range(1, 25))
@@ -58,12 +59,19 @@ def run_spec(name: str, *, rounds: int, round_seconds: float, clock: str = "wall
                      "fit_point": point.depth in FIT_DEPTHS})
     errs = [abs(r["rel_error"]) for r in rows]
     fit = prof.entries[0].fit.latency_p50
+    # Diagnostic: the same line fitted to the check session's own depths 1/12/24 separates the model's
+    # error (is latency linear in depth?) from drift between the two sessions (machine load).
+    own = fit_line(list(FIT_DEPTHS), [p.p50_ms for p in measured if p.depth in FIT_DEPTHS])
+    own_errs = [abs(own.value(p.depth) - p.p50_ms) / p.p50_ms for p in measured]
     return {
         "spec": name, "clock": clock, "fit_depths": list(FIT_DEPTHS), "checked_depths": [r["depth"] for r in rows],
         "within_5pct": sum(e <= 0.05 for e in errs) / len(errs),
         "within_10pct": sum(e <= 0.10 for e in errs) / len(errs),
         "median_abs_error": statistics.median(errs), "max_abs_error": max(errs),
         "interval_coverage": sum(r["in_interval"] for r in rows) / len(rows),
+        "same_session": {"within_5pct": sum(e <= 0.05 for e in own_errs) / len(own_errs),
+                         "median_abs_error": statistics.median(own_errs), "max_abs_error": max(own_errs)},
+        "session_drift": statistics.median(r["rel_error"] for r in rows),
         "fit": {"intercept_ms": fit.intercept, "slope_ms_per_block": fit.slope, "r2": fit.r2,
                 "loo_error_rel": fit.loo_error_rel},
         "profiling_seconds": profiling_s, "check_seconds": check_s, "rows": rows,
@@ -83,14 +91,19 @@ def markdown(results: list[dict[str, Any]], cfg: dict[str, Any]) -> str:
         "`--clocks wall,thread`) time the runs by the inference thread's CPU time instead: a diagnostic, not a "
         "latency, and unreliable in a VM whose vCPUs the host preempts.",
         "",
+        "The last two columns are a diagnostic: the same 3-depth line fitted inside the check session (within ±5% "
+        "there means latency *is* linear in depth) and the median signed error, i.e. how much slower or faster "
+        "the machine ran during the check than during profiling.",
+        "",
         "| spec | clock | within ±5% | within ±10% | median abs error | worst | in 95% interval | R² (3 pts) "
-        "| profiling took |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| profiling took | same-session fit within ±5% | session drift |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(f"| {r['spec']} | {r['clock']} | {r['within_5pct']:.0%} | {r['within_10pct']:.0%} | "
                      f"{r['median_abs_error']:.1%} | {r['max_abs_error']:.1%} | {r['interval_coverage']:.0%} | "
-                     f"{r['fit']['r2']:.4f} | {r['profiling_seconds']:.1f} s |")
+                     f"{r['fit']['r2']:.4f} | {r['profiling_seconds']:.1f} s | "
+                     f"{r['same_session']['within_5pct']:.0%} | {r['session_drift']:+.1%} |")
     load = cfg.get("load_average")
     lines += ["", f"Load average (1 min) before / after: {load[0]} / {load[1]} on {os.cpu_count()} cores"
               + (" — the machine was busy; rerun on a quiet machine for clean figures." if max(load) > 1.0 else "."),
@@ -119,7 +132,8 @@ def main() -> None:
         r = run_spec(name, rounds=rounds, round_seconds=args.round_seconds, clock=clock)
         print(f"{name} ({clock}): within ±5% {r['within_5pct']:.0%}, ±10% {r['within_10pct']:.0%}, median abs error "
               f"{r['median_abs_error']:.1%}, worst {r['max_abs_error']:.1%}, interval coverage "
-              f"{r['interval_coverage']:.0%}, profiling {r['profiling_seconds']:.1f} s", flush=True)
+              f"{r['interval_coverage']:.0%}, profiling {r['profiling_seconds']:.1f} s; same-session fit within ±5% "
+              f"{r['same_session']['within_5pct']:.0%}, drift {r['session_drift']:+.1%}", flush=True)
         results.append(r)
     cfg = {"rounds": rounds, "round_seconds": args.round_seconds, "threads": 1, "batch": 1, "precision": "fp32",
            "backend": "onnxruntime", "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}

@@ -132,6 +132,12 @@ def render_profile(prof: DeviceProfile, arch: Any) -> None:
                                                                                       "MB")):
             out.print(f"  {label}: {f.intercept:.4g} + {f.slope:.4g}·depth {unit}  (R² {f.r2:.4f}, worst residual "
                       f"{f.worst_residual_rel:.1%}, leave-one-out {f.loo_error_rel:.1%})", highlight=False)
+        if entry.fit.latency_p50.worst_residual_rel > 0.03:
+            err.print(f"[yellow]warning[/yellow]: {entry.precision} p50 points are off a line by "
+                      f"{entry.fit.latency_p50.worst_residual_rel:.0%} (a busy machine?): the prediction intervals "
+                      "are wide; re-measure on a quiet machine", highlight=False)
+    if prof.notes:
+        err.print(f"[yellow]note[/yellow]: {prof.notes}", highlight=False)
 
 
 @command()
