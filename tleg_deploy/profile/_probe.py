@@ -3,8 +3,8 @@ per point so points don't pollute each other (allocator caches, arenas, earlier 
 
 CPU: peak resident set above this interpreter's baseline once the runtime library is imported
 (Linux: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``).
-CUDA: ``torch.cuda.max_memory_allocated`` (torch, TensorRT buffers) or the device memory in use
-(ONNX Runtime). Prints one JSON line ``{"peak_mb": ...}``. Imports only what the backend needs:
+CUDA: device memory taken after the CUDA context exists (drop in free memory, or torch's peak
+allocation if larger). Prints one JSON line ``{"peak_mb": ...}``. Imports only what the backend needs:
 the ONNX Runtime probe never imports torch.
 """
 
@@ -51,69 +51,68 @@ class _CpuPeak:
         return max((peak or 0) - (self.base or 0), 0) / 1e6
 
 
+class _CudaPeak:
+    """Device memory this process takes after its CUDA context exists: the larger of the drop in free
+    device memory (TensorRT and ONNX Runtime allocate outside torch) and torch's peak allocation."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        torch.zeros(1, device="cuda")  # create the context first: it is not the model's memory
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.free, _ = torch.cuda.mem_get_info()
+        self.allocated = torch.cuda.memory_allocated()
+
+    def peak_mb(self) -> float:
+        torch = self.torch
+        torch.cuda.synchronize()
+        free, _ = torch.cuda.mem_get_info()
+        return max(self.free - free, torch.cuda.max_memory_allocated() - self.allocated, 0) / 1e6
+
+
 def probe(cfg: dict[str, Any]) -> float:
     backend, device, runs = cfg["backend"], cfg["device"], 3
+    meter: _CpuPeak | _CudaPeak
     if backend == "onnxruntime":
         import numpy as np
         import onnxruntime as ort
 
         from tleg_deploy.profile.measure import ort_session
 
+        meter = _CudaPeak() if device == "cuda" else _CpuPeak()  # after the imports: libraries are not the model
         spec = cfg["spec"]
         x = np.random.default_rng(0).standard_normal(
             (cfg["batch"], spec["in_chans"], spec["img_size"], spec["img_size"]), dtype=np.float32)
-        if device == "cpu":
-            meter = _CpuPeak()
-            sess = ort_session(cfg["artifact"], threads=cfg["threads"], device=device, ort=ort)
-            for _ in range(runs):
-                sess.run(None, {"pixel_values": x})
-            return meter.peak_mb()
         sess = ort_session(cfg["artifact"], threads=cfg["threads"], device=device, ort=ort)
         for _ in range(runs):
             sess.run(None, {"pixel_values": x})
-        return _gpu_used_mb()
+        return meter.peak_mb()
     import torch
 
-    from tleg_deploy.profile.measure import torch_runner_model
-
-    torch.set_num_threads(cfg["threads"])
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        meter = _CpuPeak()
     from tleg_deploy.config import ViTSpec
 
+    torch.set_num_threads(cfg["threads"])
     spec = ViTSpec.from_dict(cfg["spec"])
     if backend == "torch":
+        from tleg_deploy.profile.measure import torch_runner_model
+
+        meter = _CudaPeak() if device == "cuda" else _CpuPeak()
         model, x = torch_runner_model(spec, cfg["depth"], cfg["precision"], cfg["batch"], device)
         with torch.inference_mode():
             for _ in range(runs):
                 model(x)
     else:  # tensorrt
+        import tensorrt  # noqa: F401  (imported before the baseline)
+
         from tleg_deploy.profile.measure import TensorRTRunner
 
+        meter = _CudaPeak()
         runner = TensorRTRunner(Path(cfg["artifact"]), spec, cfg["batch"])
         for _ in range(runs):
             runner()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return max(torch.cuda.max_memory_allocated() - base, 0) / 1e6
     return meter.peak_mb()
-
-
-def _gpu_used_mb() -> float:
-    import subprocess
-
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=False).stdout
-    import os
-
-    for line in out.splitlines():
-        pid, used = (s.strip() for s in line.split(","))
-        if pid == str(os.getpid()):
-            return float(used) * 1.048576  # MiB -> MB
-    return 0.0
 
 
 if __name__ == "__main__":
