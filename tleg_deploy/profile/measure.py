@@ -529,8 +529,9 @@ def _linear_session(spec: ViTSpec, cfg: MeasureConfig, precision: str, learngene
 
 
 # Relative floor of the latency prediction interval: run-to-run drift between sessions, which one
-# session cannot estimate. Wider when the machine was shared during the measurement.
-QUIET_REL_FLOOR = 0.03
+# session cannot estimate (benchmarks/predictor_accuracy.py measured 2.5-3% median drift between two
+# sessions on a quiet machine). Wider when the machine was shared during the measurement.
+QUIET_REL_FLOOR = 0.05
 BUSY_REL_FLOOR = 0.10
 BUSY_LOAD_PER_CORE = 0.5
 
