@@ -7,6 +7,7 @@ joins the sections into ``benchmarks/RESULTS.md``. Numbers here always come from
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -31,10 +32,8 @@ def machine_info() -> dict[str, Any]:
         pass
     versions: dict[str, str] = {}
     for mod in ("torch", "onnxruntime", "onnx", "numpy"):
-        try:
+        with contextlib.suppress(ImportError):
             versions[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=False).stdout.strip()

@@ -10,14 +10,8 @@ import torch
 
 from tleg_deploy.errors import DepthError, ExportError
 from tleg_deploy.expand import expand
-from tleg_deploy.family import (
-    LOCK_NAME,
-    export_family,
-    load_manifest,
-    member_is_intact,
-    parse_depths,
-    parse_formats,
-)
+from tleg_deploy.export.manifest import LOCK_NAME, load_manifest, member_is_intact
+from tleg_deploy.family import export_family, parse_depths, parse_formats
 from tleg_deploy.fileio import sha256_file
 
 

@@ -26,10 +26,13 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _check_dir(out: Path) -> dict:
     plan = json.loads((out / "plan.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
-    assert plan["format"] == "tleg-fit" and manifest["format"] == "tleg-manifest"
+    assert plan["format"] == "tleg-fit" and manifest["format"] == "tleg-export-manifest"
     depth, precision = plan["depth"], plan["precision"]
-    names = {a["file"] for a in manifest["artifacts"]}
-    assert {f"model_d{depth}.safetensors", f"model_d{depth}_fp32.onnx", f"model_d{depth}_{precision}.onnx"} <= names
+    assert list(manifest["members"]) == [str(depth)]  # one member: the pick, not the depths stepped over
+    precisions = {a["precision"] for a in manifest["artifacts"] if a["format"] == "onnx"}
+    assert "fp32" in precisions and (precision in precisions or f"{precision}-qdq" in precisions)
+    weights = out / plan["weights"]["file"]
+    assert weights.name == f"model_d{depth}.safetensors" and sha256_file(weights) == plan["weights"]["sha256"]
     for a in manifest["artifacts"]:
         assert sha256_file(out / a["file"]) == a["sha256"] and (out / a["file"]).stat().st_size == a["bytes"]
     assert (out / "build_engine.sh").stat().st_mode & 0o100
@@ -71,7 +74,9 @@ def test_fit_host_measured_then_jetson_estimated(tmp_path: Path, cache: Path) ->
     assert "estimated" in res.output and "tleg-deploy profile" in res.output
     plan = _check_dir(out)
     assert plan["figures"] == "estimated" and plan["measured"] is None and plan["depth"] >= 2
-    assert "trtexec" in (out / "build_engine.sh").read_text()
+    member = f"depth_{plan['depth']:02d}"
+    assert f"{member}/build_engine.sh" in (out / "build_engine.sh").read_text()
+    assert "trtexec" in (out / member / "build_engine.sh").read_text()
 
 
 @pytest.mark.parametrize(("args", "message"), [

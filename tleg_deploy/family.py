@@ -20,13 +20,9 @@ probe (``export.template.DepthTemplate``) instead of one exporter trace per memb
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import json
 import os
 import shutil
-import socket
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,18 +30,17 @@ from typing import Any
 from tleg_deploy import costs
 from tleg_deploy.config import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.errors import DepthError, ExportError, TlegError
-from tleg_deploy.fileio import sha256_file, write_json_atomic
-
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "tleg-export-manifest"
-MANIFEST_VERSION = "1"
-LOCK_NAME = ".tleg-export.lock"
-FORMATS = ("onnx", "int8", "fp16", "tensorrt")
-_MANIFEST_KEYS = {"format", "schema_version", "tool_version", "updated", "learngene", "spec", "spec_preset",
-                  "formats", "batch", "members", "artifacts", "storage"}
+from tleg_deploy.export.manifest import (
+    FORMATS,
+    directory_lock,
+    load_manifest,
+    member_is_intact,
+    new_manifest,
+    write_manifest,
+)
+from tleg_deploy.fileio import sha256_file
 
 Progress = Callable[[str, int, int], None]
-_ARTIFACT_KEYS = {"depth", "precision", "format", "file", "bytes", "sha256", "params", "macs", "parity", "latency"}
 
 
 # -- parsing user input (torch-free) -------------------------------------------------------------
@@ -80,103 +75,6 @@ def parse_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
     if unknown:
         raise ExportError(f"unknown format {unknown[0]!r}", hint=f"choose from {','.join(FORMATS)}")
     return tuple(f for f in FORMATS if f in names or f == "onnx")
-
-
-# -- the lock --------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def directory_lock(out_dir: Path) -> Iterator[Path]:
-    """Hold ``out_dir/.tleg-export.lock`` (created exclusively); a stale lock of a dead process on
-    this host is taken over."""
-    lock = out_dir / LOCK_NAME
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if attempt == 0 and _is_stale(holder):
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                continue
-            who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}" if holder else "?"
-            raise ExportError(f"{out_dir} is being written by another export ({who})",
-                              hint=f"wait for it to finish, or delete {lock} if that process is gone") from None
-        except PermissionError:
-            raise ExportError(f"cannot write to {out_dir}: permission denied",
-                              hint="choose a writable output directory") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    try:
-        yield lock
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
-
-
-def _read_lock(lock: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(lock.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _is_stale(holder: dict[str, Any]) -> bool:
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-# -- the manifest ------------------------------------------------------------------------------------
-def load_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The manifest in ``out_dir``, ``None`` if there is none, ``ExportError`` if it is corrupted."""
-    path = Path(out_dir) / MANIFEST_NAME
-    if not path.exists():
-        return None
-    hint = "delete it to start over, or export to another directory"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path} is corrupted: {str(e).splitlines()[0][:120]}", hint=hint) from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise ExportError(f"{path} is not a tleg-deploy export manifest", hint=hint)
-    if data.get("schema_version") != MANIFEST_VERSION:
-        raise ExportError(f"{path} has schema_version {data.get('schema_version')!r}, expected {MANIFEST_VERSION!r}",
-                          hint=hint)
-    missing = sorted(_MANIFEST_KEYS - set(data))
-    extra = sorted(set(data) - _MANIFEST_KEYS)
-    if missing or extra:
-        key = (missing or extra)[0]
-        raise ExportError(f"{path} is corrupted: {'missing' if missing else 'unexpected'} key {key!r}", hint=hint)
-    if not (isinstance(data["members"], dict) and isinstance(data["artifacts"], list)
-            and isinstance(data["learngene"], dict) and isinstance(data["spec"], dict)):
-        raise ExportError(f"{path} is corrupted: learngene/spec/members/artifacts have the wrong type", hint=hint)
-    for a in data["artifacts"]:
-        if not isinstance(a, dict) or not set(a) >= _ARTIFACT_KEYS:
-            raise ExportError(f"{path} is corrupted: an artifact entry lacks {sorted(_ARTIFACT_KEYS)}", hint=hint)
-    for key in ("sha256", "params", "tensor_bytes"):
-        if key not in data["learngene"]:
-            raise ExportError(f"{path} is corrupted: learngene entry lacks {key!r}", hint=hint)
-    return data
-
-
-def member_is_intact(out_dir: Path, member: Mapping[str, Any]) -> bool:
-    """Every file the member claims exists and matches its recorded sha256."""
-    files = member.get("files")
-    if not isinstance(files, dict) or not files:
-        return False
-    for rel, sha in files.items():
-        path = out_dir / rel
-        if not path.is_file() or sha256_file(path) != sha:
-            return False
-    return True
 
 
 # -- exporting -------------------------------------------------------------------------------------------
@@ -284,7 +182,7 @@ def _export_locked(
             raise ExportError(f"{out} holds a family of another learngene ({manifest['learngene'].get('sha256')})",
                               hint="export to another directory, or delete that one")
         if manifest is None:
-            manifest = _new_manifest(lg, learngene_file, fmts, batch)
+            manifest = new_manifest(lg, learngene_file, fmts, batch)
         _clean_staging(out)
         todo = []
         for d in depths:
@@ -341,7 +239,7 @@ def _export_member(ctx: _Context, manifest: dict[str, Any], model: Any, source: 
         # Forget the old member first, so the manifest never claims files that are being replaced.
         if str(depth) in manifest["members"]:
             _drop_member(manifest, depth)
-            _write_manifest(ctx.out_dir, manifest)
+            write_manifest(ctx.out_dir, manifest)
         if final.exists():
             shutil.rmtree(final)
         os.replace(stage, final)
@@ -359,7 +257,7 @@ def _export_member(ctx: _Context, manifest: dict[str, Any], model: Any, source: 
     manifest["artifacts"].extend(artifacts)
     order = ("fp32", "fp16", "int8", "int8-qdq")
     manifest["artifacts"].sort(key=lambda a: (a["depth"], a["format"] != "onnx", order.index(a["precision"])))
-    _write_manifest(ctx.out_dir, manifest)
+    write_manifest(ctx.out_dir, manifest)
 
 
 def _drop_member(manifest: dict[str, Any], depth: int) -> None:
@@ -450,74 +348,13 @@ def _latency(ctx: _Context, spec: ViTSpec, depth: int, precision: str, path: Pat
         except TlegError:
             out["predicted"] = None
     if ctx.measure_latency and path is not None:
-        out["measured"] = measure_onnx_latency(path, spec)
+        from tleg_deploy.profile.artifact import measure_onnx
+
+        out["measured"] = measure_onnx(path, spec, depth=depth, precision=precision).to_dict()
     return out or None
-
-
-def measure_onnx_latency(path: Path, spec: ViTSpec, *, runs: int = 30, warmup: int = 5) -> dict[str, Any]:
-    """ONNX Runtime CPU latency of one file at batch 1 (1 thread, no spinning): median and p90."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from tleg_deploy.export.validate import make_session
-
-    session = make_session(path, threads=1)
-    x = np.random.default_rng(0).standard_normal((1, spec.in_chans, spec.img_size, spec.img_size)).astype(np.float32)
-    for _ in range(warmup):
-        session.run(None, {"pixel_values": x})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(None, {"pixel_values": x})
-        times.append((time.perf_counter() - t) * 1000)
-    return {"backend": f"onnxruntime {ort.__version__} cpu, 1 thread", "batch": 1, "runs": runs,
-            "p50_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
 
 
 def _finite(x: float) -> float | None:
     return x if x != float("inf") else None
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _new_manifest(lg: Any, learngene_file: str | os.PathLike[str] | None, fmts: tuple[str, ...], batch: Any) -> dict:
-    from tleg_deploy import __version__
-
-    file_bytes = Path(learngene_file).stat().st_size if learngene_file and Path(learngene_file).is_file() else None
-    return {
-        "format": MANIFEST_FORMAT, "schema_version": MANIFEST_VERSION, "tool_version": f"tleg-deploy {__version__}",
-        "updated": _now(),
-        "learngene": {"sha256": lg.sha256(), "file": str(learngene_file) if learngene_file else None,
-                      "file_bytes": file_bytes, "tensor_bytes": lg.nbytes(), "params": lg.num_params(),
-                      "aux_depth": lg.aux_depth},
-        "spec": lg.spec.to_dict(), "spec_preset": lg.spec.preset_name(), "formats": list(fmts),
-        "batch": {"min": batch.min, "opt": batch.opt, "max": batch.max},
-        "members": {}, "artifacts": [], "storage": {},
-    }
-
-
-def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    manifest["updated"] = _now()
-    manifest["formats"] = sorted({f for m in manifest["members"].values() for f in m.get("formats", [])},
-                                 key=FORMATS.index)
-    manifest["storage"] = storage_summary(manifest)
-    write_json_atomic(out / MANIFEST_NAME, manifest)
-
-
-def storage_summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """Learngene vs family: bytes (all files, and fp32 ONNX only) and parameters."""
-    lg = manifest["learngene"]
-    arts = manifest["artifacts"]
-    lg_bytes = lg.get("file_bytes") or lg["tensor_bytes"]
-    fp32 = [a for a in arts if a["precision"] == "fp32" and a["format"] == "onnx"]
-    fp32_bytes = sum(a["bytes"] for a in fp32)
-    params = sum(a["params"] for a in fp32)
-    all_bytes = sum(a["bytes"] for a in arts)
-    return {
-        "learngene_bytes": lg_bytes, "learngene_params": lg["params"], "members": len(fp32),
-        "family_bytes": all_bytes, "family_fp32_onnx_bytes": fp32_bytes, "family_params": params,
-        "fp32_bytes_ratio": round(fp32_bytes / lg_bytes, 3) if lg_bytes else None,
-        "params_ratio": round(params / lg["params"], 3) if lg["params"] else None,
-    }

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+_MAX_HEADER = 100_000_000
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -53,3 +55,20 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read from its JSON header without importing torch.
+    ``FileNotFoundError`` if missing, ``ValueError`` if the file is not safetensors."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size < _MAX_HEADER:
+            raise ValueError(f"implausible header size {size}")
+        try:
+            header = json.loads(f.read(size))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"header is not UTF-8 JSON: {e}") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(header, dict) or not isinstance(meta or {}, dict):
+        raise ValueError("header is not a JSON object")
+    return {str(k): str(v) for k, v in (meta or {}).items()}

@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tleg_deploy.config import ViTSpec
+from tleg_deploy.errors import FormatError, SpecError
+from tleg_deploy.fileio import safetensors_metadata
+
 if TYPE_CHECKING:
     from tleg_deploy.learngene import Learngene
 
@@ -22,3 +26,21 @@ def load_learngene(name_or_path: str | os.PathLike[str] = "demo") -> Learngene:
     from tleg_deploy.learngene import Learngene  # torch: only once a learngene is actually loaded
 
     return Learngene.load(learngene_path(name_or_path))
+
+
+def learngene_spec(name_or_path: str | os.PathLike[str]) -> ViTSpec:
+    """The spec of a learngene file, read from its header without importing torch (the solver's path)."""
+    path = learngene_path(name_or_path)
+    try:
+        meta = safetensors_metadata(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such learngene file: {path}") from None
+    except ValueError as e:
+        raise FormatError(f"{path} is not a readable safetensors file: {e}") from None
+    if meta.get("format") != "tleg-learngene":
+        raise FormatError(f"{path} has format {meta.get('format')!r}, expected 'tleg-learngene'",
+                          hint="pass a learngene (tleg-deploy info FILE says what a file is)")
+    try:
+        return ViTSpec.from_json(meta.get("spec", ""))
+    except SpecError as e:
+        raise FormatError(f"{path} has an invalid spec: {e}") from None

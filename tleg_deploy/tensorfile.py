@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tleg_deploy.errors import FormatError
-from tleg_deploy.fileio import atomic_path
+from tleg_deploy.fileio import atomic_path, safetensors_metadata
 
 SCHEMA_VERSION = "1"
 
@@ -33,9 +33,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The metadata of a safetensors file, or a ``FormatError`` saying why it is not one."""
     p = _existing(path)
     try:
-        with safe_open(str(p), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error type for bad headers
+        return safetensors_metadata(p)
+    except ValueError as e:
         raise FormatError(f"{p} is not a readable safetensors file: {_short(e)}") from None
 
 

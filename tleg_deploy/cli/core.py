@@ -120,8 +120,9 @@ def demo(
     Example: tleg-deploy demo -o tleg-demo
     """
     from tleg_deploy.cli.fit import render_summary
-    from tleg_deploy.fit import fit, learngene_spec
+    from tleg_deploy.fit import fit
     from tleg_deploy.profile.registry import resolve_profile
+    from tleg_deploy.resources import learngene_spec
     from tleg_deploy.solve import Budget, evaluate
 
     spec = learngene_spec("demo")

@@ -149,7 +149,7 @@ def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: 
 
 def _family_members(family: Path) -> tuple[int, dict[int, int]]:
     """(learngene bytes, {depth: fp32 ONNX bytes}) from an export-family manifest."""
-    from tleg_deploy.family import load_manifest
+    from tleg_deploy.export.manifest import load_manifest
 
     manifest = load_manifest(family)
     if manifest is None:
