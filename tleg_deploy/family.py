@@ -14,7 +14,11 @@ re-run skips members whose files still match and redoes the rest. A lock file ma
 concurrent run into the same directory fail with a clear error instead of interleaving writes.
 
 Speed: the members share one block structure, so the ONNX graphs come from one exported depth-2
-probe (``export.template.DepthTemplate``) instead of one exporter trace per member.
+probe (``export.template.DepthTemplate``) instead of one exporter trace per member, and only the
+first template-built member of depth >= 2 (and any shallower one before it) gets the full
+``validate_onnx``; the others get ``validate_member``: structure identical to the template's
+expansion, every weight bitwise equal to the model's, ONNX Runtime vs PyTorch at batch 1. Each
+validation report records its ``mode``; int8/fp16 variants keep their own validation.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class _Context:
     profile: Any
     measure_latency: bool
     template: Any
+    proven_by: str | None = None  # the template-built member (depth >= 2) that passed the full validation
     _images: Any = None
     _calibration: Any = None
 
@@ -269,7 +274,7 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
     """Write and validate every requested file of one member into ``stage``; artifact entries."""
     from tleg_deploy.export.onnx import export_proto, model_metadata, save_proto, set_metadata
     from tleg_deploy.export.quantize import convert_fp16, quantize_int8
-    from tleg_deploy.export.validate import validate_onnx
+    from tleg_deploy.export.validate import validate_member, validate_onnx
 
     spec, depth = model.spec, model.depth
     meta = {"learngene_sha256": ctx.learngene_sha256, "precision": "fp32"}
@@ -279,7 +284,12 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
         proto = export_proto(model)
         set_metadata(proto, model_metadata(model) | meta)
     fp32 = save_proto(proto, stage / "model.onnx")
-    reports = {"fp32": validate_onnx(fp32, model, precision="fp32")}
+    if ctx.template is not None and ctx.proven_by is not None:
+        reports = {"fp32": validate_member(fp32, model, ctx.template, proven_by=ctx.proven_by)}
+    else:
+        reports = {"fp32": validate_onnx(fp32, model, precision="fp32")}
+        if ctx.template is not None and depth >= 2:  # covers block 0, a copied block and the chaining
+            ctx.proven_by = f"{_member_dir(depth)}/model.onnx"
     files = {"fp32": fp32}
     if "int8" in ctx.formats:
         files["int8"] = quantize_int8(fp32, stage / "model_int8.onnx")
@@ -304,7 +314,7 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
             "parity": None if r is None else {
                 "max_abs_diff": r.max_abs_diff["logits"], "tolerance": _finite(r.tolerance["logits"]),
                 "agreement": r.agreement, "images": r.images, "data": r.data,
-                "report": path.stem + ".validation.json",
+                "report": path.stem + ".validation.json", "mode": r.mode,
             },
             "latency": _latency(ctx, spec, depth, precision, path),
         })

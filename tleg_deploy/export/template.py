@@ -63,6 +63,7 @@ class DepthTemplate:
         missing = sorted(set(probe.state_dict()) - mapped)
         if missing:
             raise ExportError(f"depth template: parameter {missing[0]!r} not found in the exported probe")
+        self._layouts: dict[int, tuple[list[Any], dict[str, Any]]] = {}
         self._split(proto)
 
     def _split(self, proto: Any) -> None:
@@ -96,30 +97,29 @@ class DepthTemplate:
         if not self._block0 or not self._block1:
             raise ExportError("depth template: the probe has no block nodes")
 
-    def proto(self, model: ViT, metadata: dict[str, str] | None = None) -> Any:
-        """The ``onnx.ModelProto`` of ``model`` (any depth >= 1), with metadata props."""
-        from onnx import helper, numpy_helper
+    def layout(self, depth: int) -> tuple[list[Any], dict[str, Any]]:
+        """The nodes of the depth-``depth`` graph and where each initializer comes from.
 
-        if model.spec != self.spec:
-            raise ExportError("depth template: the model's spec differs from the template's")
-        depth = model.depth
+        The second value maps an initializer name to ``(parameter name, stored transposed?)`` for
+        the model's parameters, or to the probe's ``TensorProto`` for constants. Cached per depth;
+        do not modify what it returns.
+        """
         if depth < 1:
             raise ExportError("depth template needs depth >= 1")
-        state = model.state_dict()
-        inits: dict[str, Any] = {}
+        if depth in self._layouts:
+            return self._layouts[depth]
+        refs: dict[str, Any] = {}
 
         def param_ref(name: str, block: int | None) -> str:
             if name not in self._params:
                 if name in self._consts:
-                    inits.setdefault(name, self._consts[name])
+                    refs.setdefault(name, self._consts[name])
                 return name
             param, transposed = self._params[name]
             if block is not None:
                 param = f"blocks.{block}." + param.split(".", 2)[2]
             ref = param + (".T" if transposed else "")
-            if ref not in inits:
-                arr = state[param].detach().cpu().numpy()
-                inits[ref] = numpy_helper.from_array(np.ascontiguousarray(arr.T if transposed else arr), ref)
+            refs.setdefault(ref, (param, transposed))
             return ref
 
         def copy(node: Any, block: int | None, rename: dict[str, str]) -> Any:
@@ -141,14 +141,93 @@ class DepthTemplate:
         nodes += [copy(n, None, {_B1: last}) for n in self._tail]
         nodes = _prune(nodes, [o.name for o in self._probe.graph.output])
         used = {i for n in nodes for i in n.input}
+        self._layouts[depth] = (nodes, {k: v for k, v in refs.items() if k in used})
+        return self._layouts[depth]
+
+    def proto(self, model: ViT, metadata: dict[str, str] | None = None) -> Any:
+        """The ``onnx.ModelProto`` of ``model`` (any depth >= 1), with metadata props."""
+        from onnx import helper, numpy_helper
+
+        if model.spec != self.spec:
+            raise ExportError("depth template: the model's spec differs from the template's")
+        nodes, refs = self.layout(model.depth)
+        state = model.state_dict()
+        inits = []
+        for ref, src in refs.items():
+            if isinstance(src, tuple):
+                arr = state[src[0]].detach().cpu().numpy()
+                inits.append(numpy_helper.from_array(np.ascontiguousarray(arr.T if src[1] else arr), ref))
+            else:
+                inits.append(src)
         graph = helper.make_graph(
-            nodes, "tleg_vit", list(self._probe.graph.input), list(self._probe.graph.output),
-            initializer=[t for name, t in inits.items() if name in used],
+            nodes, "tleg_vit", list(self._probe.graph.input), list(self._probe.graph.output), initializer=inits,
         )
         proto = helper.make_model(graph, opset_imports=list(self._probe.opset_import))
         proto.ir_version = self._probe.ir_version
         set_metadata(proto, model_metadata(model) | dict(metadata or {}))
         return proto
+
+    def verify(self, proto: Any, model: ViT) -> dict[str, int]:
+        """Prove that ``proto`` (e.g. loaded back from a written file) is this template's graph for
+        ``model``: the same nodes, wiring and attributes as ``layout(model.depth)``, the probe's
+        inputs, outputs and opsets, and every initializer bitwise equal to ``model``'s parameter
+        (or to the probe's constant) it stands for. Raises ``ExportError`` naming the first
+        difference; returns counts for the validation report.
+        """
+        from onnx import TensorProto, numpy_helper
+
+        if model.spec != self.spec:
+            raise ExportError("depth template: the model's spec differs from the template's")
+        nodes, refs = self.layout(model.depth)
+        g, probe = proto.graph, self._probe
+        if [i.SerializeToString() for i in g.input] != [i.SerializeToString() for i in probe.graph.input] or \
+                [o.SerializeToString() for o in g.output] != [o.SerializeToString() for o in probe.graph.output]:
+            raise ExportError("structure differs from the template: graph inputs or outputs")
+        if sorted((o.domain, o.version) for o in proto.opset_import) != \
+                sorted((o.domain, o.version) for o in probe.opset_import):
+            raise ExportError("structure differs from the template: opset imports")
+        if len(g.node) != len(nodes):
+            raise ExportError(f"structure differs from the template: {len(g.node)} nodes, expected {len(nodes)}")
+        for k, (got, want) in enumerate(zip(g.node, nodes, strict=True)):
+            for what in ("op_type", "domain", "input", "output"):
+                if list(_as_list(getattr(got, what))) != list(_as_list(getattr(want, what))):
+                    raise ExportError(f"structure differs from the template at node {k} ({want.name!r}): {what} "
+                                      f"{list(_as_list(getattr(got, what)))} != {list(_as_list(getattr(want, what)))}")
+            if [a.SerializeToString() for a in got.attribute] != [a.SerializeToString() for a in want.attribute]:
+                raise ExportError(f"structure differs from the template at node {k} ({want.name!r}): attributes")
+        names = [t.name for t in g.initializer]
+        if sorted(names) != sorted(refs) or len(set(names)) != len(names):
+            extra = sorted(set(names) ^ set(refs)) or ["(duplicate names)"]
+            raise ExportError(f"initializers differ from the template: {extra[0]!r}")
+        state = model.state_dict()
+        for init in g.initializer:
+            src = refs[init.name]
+            got_arr = numpy_helper.to_array(init)
+            if isinstance(src, tuple):
+                param = state[src[0]].detach().cpu().numpy()
+                want_arr = param.T if src[1] else param
+                ok = init.data_type == TensorProto.FLOAT and want_arr.dtype == np.float32
+            else:
+                want_arr = numpy_helper.to_array(src)
+                ok = init.data_type == src.data_type
+            ok = ok and got_arr.shape == want_arr.shape and got_arr.dtype == want_arr.dtype
+            if not ok or not np.array_equal(_bits(got_arr), _bits(want_arr)):
+                what = f"parameter {src[0]!r}" if isinstance(src, tuple) else "the template's constant"
+                raise ExportError(f"initializer {init.name!r} is not bitwise equal to {what}")
+        return {"nodes": len(nodes), "initializers": len(refs),
+                "parameters_bitwise_equal": sum(isinstance(s, tuple) for s in refs.values())}
+
+
+def _as_list(x: Any) -> Any:
+    return [x] if isinstance(x, str) else x
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The raw bits of ``a`` as unsigned integers (so NaNs and signed zeros compare bitwise)."""
+    kind = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(a.dtype.itemsize)
+    if kind is None or a.dtype == object:
+        return np.frombuffer(np.ascontiguousarray(a).tobytes(), np.uint8)
+    return a.view(kind)
 
 
 def _rename(name: str, rename: dict[str, str]) -> str:

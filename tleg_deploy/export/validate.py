@@ -6,6 +6,11 @@ with the max absolute difference per output compared to an explicit tolerance pe
 Quantized variants change the numbers by design, so they are judged by top-1 agreement with the
 fp32 PyTorch model on real images (``images``). A failed check raises ``ExportError``; the report
 is saved next to the model either way (``<name>.validation.json``).
+
+``validate_member`` is the cheaper proof for the members of a depth family built from one
+``DepthTemplate`` after one of them passed ``validate_onnx``: structure identical to the
+template's expansion, weights bitwise equal to the model's, ORT vs PyTorch at batch 1. The
+report's ``mode`` says which proof a file got ("full" or "template").
 """
 
 from __future__ import annotations
@@ -49,10 +54,16 @@ class ValidationReport:
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
     onnxruntime: str = ""
+    # "full": checker + ORT vs PyTorch at both batch sizes. "template" (``validate_member``): the
+    # graph is the depth template's expansion, the weights are bitwise the model's, and ORT matches
+    # PyTorch at batch 1; ``template`` then holds the counts and the fully validated member.
+    mode: str = "full"
+    template: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tolerance"] = {k: (v if np.isfinite(v) else None) for k, v in self.tolerance.items()}
+        d["max_abs_diff"] = {k: (v if np.isfinite(v) else None) for k, v in self.max_abs_diff.items()}  # not run
         return {"format": REPORT_FORMAT, "schema_version": REPORT_VERSION, **d}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -160,6 +171,66 @@ def validate_onnx(
         max_abs_diff={OUTPUT_NAME: worst}, tolerance={OUTPUT_NAME: tol}, agreement=agreement,
         min_agreement=need, images=0 if images is None else len(images), data=data, failures=failures,
         seconds=round(time.perf_counter() - start, 4), onnxruntime=ort.__version__,
+    )
+    if save:
+        report.save(report_path(path))
+    if failures:
+        raise ExportError(f"{path.name} failed validation: {failures[0]}",
+                          hint=f"details in {report_path(path).name}" if save else None)
+    return report
+
+
+def validate_member(
+    onnx_path: str | os.PathLike[str],
+    model: ViT,
+    template: Any,
+    *,
+    proven_by: str,
+    seed: int = 0,
+    threads: int = 1,
+    save: bool = True,
+) -> ValidationReport:
+    """Validate an fp32 file built by ``template`` (a ``DepthTemplate``) whose structure another
+    member of the same template, ``proven_by``, passed the full ``validate_onnx`` for.
+
+    Reads the file back and proves (1) its graph is the template's expansion for ``model.depth``
+    (nodes, wiring, attributes, inputs/outputs, opsets), (2) every initializer is bitwise equal
+    to ``model``'s parameter it stands for, (3) ONNX Runtime matches PyTorch at batch 1 within the
+    fp32 tolerance. Raises ``ExportError`` on the first failure; the report (mode "template") is
+    saved next to the file either way.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    path = Path(onnx_path)
+    tol = TOLERANCES["fp32"]
+    failures: list[str] = []
+    counts: dict[str, Any] = {"proven_by": proven_by}
+    try:
+        counts.update(template.verify(onnx.load(str(path)), model))
+    except ExportError as e:
+        failures.append(str(e))
+    except Exception as e:  # unreadable file
+        failures.append(f"cannot read {path.name}: {str(e).splitlines()[0][:300]}")
+    worst = float("nan")
+    if not failures:
+        g = torch.Generator().manual_seed(seed)
+        spec = model.spec
+        x = torch.randn(1, spec.in_chans, spec.img_size, spec.img_size, generator=g)
+        with torch.inference_mode():
+            ref = model.eval()(x).numpy()
+        got = _run(make_session(path, threads), x)
+        if got.shape != ref.shape or not np.all(np.isfinite(got)):
+            failures.append(f"{OUTPUT_NAME} has shape {got.shape} or non-finite values at batch 1")
+        else:
+            worst = float(np.abs(got - ref).max())
+            if worst > tol:
+                failures.append(f"max abs diff of {OUTPUT_NAME} {worst:.3g} exceeds the fp32 tolerance {tol:g}")
+    report = ValidationReport(
+        file=path.name, precision="fp32", passed=not failures, batch_sizes=[1], max_abs_diff={OUTPUT_NAME: worst},
+        tolerance={OUTPUT_NAME: tol}, failures=failures, seconds=round(time.perf_counter() - start, 4),
+        onnxruntime=ort.__version__, mode="template", template=counts,
     )
     if save:
         report.save(report_path(path))
