@@ -146,24 +146,34 @@ class DepthTemplate:
 
     def proto(self, model: ViT, metadata: dict[str, str] | None = None) -> Any:
         """The ``onnx.ModelProto`` of ``model`` (any depth >= 1), with metadata props."""
-        from onnx import helper, numpy_helper
+        from onnx import ModelProto, TensorProto, numpy_helper
 
         if model.spec != self.spec:
             raise ExportError("depth template: the model's spec differs from the template's")
         nodes, refs = self.layout(model.depth)
         state = model.state_dict()
-        inits = []
-        for ref, src in refs.items():
-            if isinstance(src, tuple):
-                arr = state[src[0]].detach().cpu().numpy()
-                inits.append(numpy_helper.from_array(np.ascontiguousarray(arr.T if src[1] else arr), ref))
-            else:
-                inits.append(src)
-        graph = helper.make_graph(
-            nodes, "tleg_vit", list(self._probe.graph.input), list(self._probe.graph.output), initializer=inits,
-        )
-        proto = helper.make_model(graph, opset_imports=list(self._probe.opset_import))
+        # Built in place (not helper.make_graph/make_model, which copy every initializer twice more).
+        proto = ModelProto()
         proto.ir_version = self._probe.ir_version
+        proto.opset_import.extend(self._probe.opset_import)
+        graph = proto.graph
+        graph.name = "tleg_vit"
+        graph.node.extend(nodes)
+        graph.input.extend(self._probe.graph.input)
+        graph.output.extend(self._probe.graph.output)
+        for ref, src in refs.items():
+            init = graph.initializer.add()
+            if not isinstance(src, tuple):
+                init.CopyFrom(src)
+                continue
+            arr = state[src[0]].detach().cpu().numpy()
+            arr = np.ascontiguousarray(arr.T if src[1] else arr)
+            if arr.dtype == np.float32 and arr.dtype.byteorder in "=<" and np.little_endian:
+                init.name, init.data_type = ref, TensorProto.FLOAT
+                init.dims.extend(arr.shape)
+                init.raw_data = arr.tobytes()
+            else:
+                init.CopyFrom(numpy_helper.from_array(arr, ref))
         set_metadata(proto, model_metadata(model) | dict(metadata or {}))
         return proto
 
