@@ -105,7 +105,14 @@ def _drop_last_block_node(proto):
     del proto.graph.node[idx]
 
 
-@pytest.mark.parametrize("edit", [_swap_inputs, _change_op, _drop_last_block_node])
+def _change_attribute(proto):
+    node = next(n for n in proto.graph.node if n.name.startswith("/blocks/blocks.1/")
+                and any(a.type == onnx.AttributeProto.INT for a in n.attribute))
+    attr = next(a for a in node.attribute if a.type == onnx.AttributeProto.INT)
+    attr.i += 1
+
+
+@pytest.mark.parametrize("edit", [_swap_inputs, _change_op, _drop_last_block_node, _change_attribute])
 def test_a_structurally_altered_member_fails(member, edit):
     template, model, path = member
     _rewrite(path, edit)

@@ -199,12 +199,14 @@ class DepthTemplate:
         if len(g.node) != len(nodes):
             raise ExportError(f"structure differs from the template: {len(g.node)} nodes, expected {len(nodes)}")
         for k, (got, want) in enumerate(zip(g.node, nodes, strict=True)):
+            if got == want:  # every field: name, op type, domain, inputs, outputs, attributes
+                continue
             for what in ("op_type", "domain", "input", "output"):
                 if list(_as_list(getattr(got, what))) != list(_as_list(getattr(want, what))):
                     raise ExportError(f"structure differs from the template at node {k} ({want.name!r}): {what} "
                                       f"{list(_as_list(getattr(got, what)))} != {list(_as_list(getattr(want, what)))}")
-            if [a.SerializeToString() for a in got.attribute] != [a.SerializeToString() for a in want.attribute]:
-                raise ExportError(f"structure differs from the template at node {k} ({want.name!r}): attributes")
+            what = "attributes" if list(got.attribute) != list(want.attribute) else "name or doc string"
+            raise ExportError(f"structure differs from the template at node {k} ({want.name!r}): {what}")
         names = [t.name for t in g.initializer]
         if sorted(names) != sorted(refs) or len(set(names)) != len(names):
             extra = sorted(set(names) ^ set(refs)) or ["(duplicate names)"]

@@ -208,7 +208,7 @@ def validate_member(
     failures: list[str] = []
     counts: dict[str, Any] = {"proven_by": proven_by}
     try:
-        counts.update(template.verify(onnx.load(str(path)), model))
+        counts.update(template.verify(onnx.load(str(path), load_external_data=False), model))
     except ExportError as e:
         failures.append(str(e))
     except Exception as e:  # unreadable file
