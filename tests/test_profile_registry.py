@@ -152,3 +152,14 @@ def test_cli_profile_writes_a_measured_profile(isolated) -> None:
     assert prof.name == "jetson-orin-nano" and prof.aliases == ("jetson",)
     assert prof.source == "measured" and prof.precisions(SPEC) == ("fp32",)
     assert prof.entries[0].basis and "not measured" in prof.entries[0].basis["memory"]
+
+
+def test_parse_depths() -> None:
+    from tleg_deploy.cli.profile import parse_depths
+    from tleg_deploy.errors import DepthError
+
+    assert parse_depths("12,1,6") == (1, 6, 12)
+    assert parse_depths("1-3,8") == (1, 2, 3, 8)
+    for bad in ("5-2", "0-3", "1-5000", "x"):
+        with pytest.raises(DepthError):
+            parse_depths(bad)
