@@ -91,12 +91,14 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 
 def _register_commands() -> None:
     # Imported for their @command side effect.
-    from tleg_deploy.cli import core  # noqa: F401
-    from tleg_deploy.cli import train  # noqa: F401
-    from tleg_deploy.cli import fit  # noqa: F401
-    from tleg_deploy.cli import profile  # noqa: F401
-    from tleg_deploy.cli import export  # noqa: F401
-    from tleg_deploy.cli import report  # noqa: F401
+    from tleg_deploy.cli import (
+        core,  # noqa: F401
+        export,  # noqa: F401
+        fit,  # noqa: F401
+        profile,  # noqa: F401
+        report,  # noqa: F401
+        train,  # noqa: F401
+    )
 
 
 _register_commands()
