@@ -25,8 +25,8 @@ from typing import Any
 from _results import write_result  # also puts the repository root on sys.path
 
 from tleg_deploy.config import ViTSpec
+from tleg_deploy.profile.linefit import fit_line
 from tleg_deploy.profile.measure import MeasureConfig, measure_points, profile
-from tleg_deploy.profile.table import fit_line
 
 FIT_DEPTHS = (1, 12, 24)
 ALL_DEPTHS = tuple(range(1, 25))

@@ -58,7 +58,7 @@ class Artifacts:
         self.spec, self.workdir, self.cache = spec, workdir, {}
 
     def runner(self, depth: int, precision: str) -> Any:
-        from tleg_deploy.profile.measure import OrtRunner, build_model, export_artifact
+        from tleg_deploy.profile.runners import OrtRunner, build_model, export_artifact
 
         key = (depth, precision)
         if key not in self.cache:

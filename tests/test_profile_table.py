@@ -11,7 +11,8 @@ import pytest
 
 from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import DepthError, DeviceError, FormatError
-from tleg_deploy.profile.table import DeviceProfile, Point, fit_line, make_entry, t975
+from tleg_deploy.profile.linefit import fit_line, t975
+from tleg_deploy.profile.table import DeviceProfile, Point, make_entry
 
 SPEC = ViTSpec.preset("digits")
 

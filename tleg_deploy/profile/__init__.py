@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tleg_deploy.profile.table import DeviceProfile, LinearFit, Prediction, fit_line
+from tleg_deploy.profile.linefit import LinearFit, fit_line
+from tleg_deploy.profile.table import DeviceProfile, Prediction
 
 __all__ = ["DeviceProfile", "LinearFit", "Prediction", "fit_line", "list_profiles", "profile", "resolve_profile"]
 

@@ -79,7 +79,7 @@ def probe(cfg: dict[str, Any]) -> float:
         import numpy as np
         import onnxruntime as ort
 
-        from tleg_deploy.profile.measure import ort_session
+        from tleg_deploy.profile.runners import ort_session
 
         meter = _CudaPeak() if device == "cuda" else _CpuPeak()  # after the imports: libraries are not the model
         spec = cfg["spec"]
@@ -96,7 +96,7 @@ def probe(cfg: dict[str, Any]) -> float:
     torch.set_num_threads(cfg["threads"])
     spec = ViTSpec.from_dict(cfg["spec"])
     if backend == "torch":
-        from tleg_deploy.profile.measure import torch_runner_model
+        from tleg_deploy.profile.runners import torch_runner_model
 
         meter = _CudaPeak() if device == "cuda" else _CpuPeak()
         model, x = torch_runner_model(spec, cfg["depth"], cfg["precision"], cfg["batch"], device)
@@ -106,7 +106,7 @@ def probe(cfg: dict[str, Any]) -> float:
     else:  # tensorrt
         import tensorrt  # noqa: F401  (imported before the baseline)
 
-        from tleg_deploy.profile.measure import TensorRTRunner
+        from tleg_deploy.profile.runners import TensorRTRunner
 
         meter = _CudaPeak()
         runner = TensorRTRunner(Path(cfg["artifact"]), spec, cfg["batch"])

@@ -37,7 +37,8 @@ class Measurement:
 
 def measure_onnx(path: str | os.PathLike[str], spec: ViTSpec, *, depth: int, precision: str, threads: int = 1,
                  batch: int = 1, rounds: int = 7, round_seconds: float = 0.15) -> Measurement:
-    from tleg_deploy.profile.measure import MeasureConfig, OrtRunner, time_runners
+    from tleg_deploy.profile.measure import MeasureConfig, time_runners
+    from tleg_deploy.profile.runners import OrtRunner
 
     cfg = MeasureConfig(threads=threads, batch=batch, rounds=rounds, round_seconds=round_seconds, memory=False)
     stats = time_runners({depth: OrtRunner(Path(path), spec, batch, threads, "cpu")}, cfg)[depth]

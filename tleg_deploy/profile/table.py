@@ -31,6 +31,7 @@ from typing import Any
 from tleg_deploy.config import ViTSpec, check_depth
 from tleg_deploy.errors import DeviceError, FormatError, SpecError, TlegError
 from tleg_deploy.fileio import write_json_atomic
+from tleg_deploy.profile.linefit import FIT_KEYS, LinearFit, fit_line
 
 PROFILE_FORMAT = "tleg-device-profile"
 SCHEMA_VERSION = 1
@@ -38,135 +39,6 @@ PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 SOURCES = ("measured", "estimated")
 KINDS = ("cpu", "gpu", "jetson")
-
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
-
-def t975(dof: float) -> float:
-    """Two-sided 95% Student-t quantile (table up to 30 dof, Cornish-Fisher beyond)."""
-    if dof < 1:
-        return _T975[0]
-    if dof <= 30:
-        lo = int(dof)
-        if lo == dof or lo == 30:
-            return _T975[lo - 1]
-        frac = dof - lo
-        return _T975[lo - 1] * (1 - frac) + _T975[lo] * frac
-    z = 1.959964
-    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
-
-
-# ---------------------------------------------------------------------------------------------
-# The fitted line
-
-
-@dataclass(frozen=True)
-class LinearFit:
-    """``value(depth) = intercept + slope·depth`` by least squares, with what an interval needs.
-
-    ``noise_std``/``noise_dof``: standard error of one point's value and its degrees of freedom
-    (from the spread of per-round statistics); ``rel_floor``: the interval's half-width is at least
-    this fraction of the prediction.
-    """
-
-    intercept: float
-    slope: float
-    r2: float
-    worst_residual: float       # max |y - ŷ| over the points (same unit as y)
-    worst_residual_rel: float   # max |y - ŷ| / y
-    loo_error_rel: float        # max |y_i - ŷ_(-i)(x_i)| / y_i, leave-one-out (0 with < 3 points)
-    resid_std: float            # sqrt(SSE / (n - 2)), 0 with 2 points
-    noise_std: float
-    noise_dof: float
-    rel_floor: float
-    n: int
-    depth_min: int
-    depth_max: int
-    depth_mean: float
-    sxx: float
-
-    def value(self, depth: float) -> float:
-        return self.intercept + self.slope * depth
-
-    def half_width(self, depth: float) -> float:
-        """Half-width of the 95% prediction interval for a new observation at ``depth``."""
-        resid_dof = max(self.n - 2, 0)
-        dof = resid_dof + self.noise_dof
-        if dof > 0:
-            pooled = (resid_dof * self.resid_std**2 + self.noise_dof * self.noise_std**2) / dof
-            s = max(math.sqrt(pooled), self.resid_std)
-            lever = 1.0 + 1.0 / self.n + (depth - self.depth_mean) ** 2 / self.sxx
-            stat = t975(dof) * s * math.sqrt(lever)
-        else:
-            stat = 0.0
-        # Beyond the measured depths the relative floor grows with the distance (cache capacity,
-        # memory placement and kernel choice can change there; the line has not seen it).
-        span = max(self.depth_max - self.depth_min, 1)
-        excess = max(self.depth_min - depth, depth - self.depth_max, 0) / span
-        return max(stat, self.rel_floor * (1.0 + excess) * abs(self.value(depth)))
-
-    def upper(self, depth: float) -> float:
-        return self.value(depth) + self.half_width(depth)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _FIT_KEYS}
-
-
-_FIT_KEYS = tuple(LinearFit.__dataclass_fields__)
-
-
-def fit_line(
-    depths: Sequence[int], values: Sequence[float], *, noise_std: float = 0.0, noise_dof: float = 0.0,
-    rel_floor: float = 0.0,
-) -> LinearFit:
-    """Least-squares line through (depth, value) with R², worst residual and leave-one-out error."""
-    n = len(depths)
-    if n != len(values):
-        raise FormatError(f"{n} depths but {len(values)} values")
-    if n < 2 or len(set(depths)) < 2:
-        raise FormatError(f"a fit needs at least 2 distinct depths, got {sorted(set(depths))}",
-                          hint="measure at least 2 (default 3) depths")
-    for v in values:
-        if not math.isfinite(v) or v < 0:
-            raise FormatError(f"measured value {v!r} must be a finite non-negative number")
-    intercept, slope = _lstsq(depths, values)
-    xm = sum(depths) / n
-    ym = sum(values) / n
-    sxx = sum((x - xm) ** 2 for x in depths)
-    resid = [y - (intercept + slope * x) for x, y in zip(depths, values, strict=True)]
-    sse = sum(r * r for r in resid)
-    sst = sum((y - ym) ** 2 for y in values)
-    r2 = 1.0 - sse / sst if sst > 0 else 1.0
-    loo = 0.0
-    if n >= 3:
-        for i in range(n):
-            xs = [x for j, x in enumerate(depths) if j != i]
-            if len(set(xs)) < 2:
-                continue
-            ys = [y for j, y in enumerate(values) if j != i]
-            a, b = _lstsq(xs, ys)
-            loo = max(loo, abs(values[i] - (a + b * depths[i])) / max(abs(values[i]), 1e-12))
-    return LinearFit(
-        intercept=intercept, slope=slope, r2=r2,
-        worst_residual=max(abs(r) for r in resid),
-        worst_residual_rel=max(abs(r) / max(abs(y), 1e-12) for r, y in zip(resid, values, strict=True)),
-        loo_error_rel=loo, resid_std=math.sqrt(sse / (n - 2)) if n > 2 else 0.0,
-        noise_std=float(noise_std), noise_dof=float(noise_dof), rel_floor=float(rel_floor), n=n,
-        depth_min=min(depths), depth_max=max(depths), depth_mean=xm, sxx=sxx,
-    )
-
-
-def _lstsq(xs: Sequence[int], ys: Sequence[float]) -> tuple[float, float]:
-    n = len(xs)
-    xm = sum(xs) / n
-    ym = sum(ys) / n
-    sxx = sum((x - xm) ** 2 for x in xs)
-    slope = sum((x - xm) * (y - ym) for x, y in zip(xs, ys, strict=True)) / sxx
-    return ym - slope * xm, slope
-
 
 # ---------------------------------------------------------------------------------------------
 # Points, entries, predictions
@@ -489,7 +361,7 @@ def _entry_from_dict(data: Any, where: str) -> Entry:
              "memory_mb": entry.fit.memory}
     for key, fit in stored.items():
         again = refit[key]
-        for name in _FIT_KEYS:
+        for name in FIT_KEYS:
             a, b = getattr(fit, name), getattr(again, name)
             if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9):
                 raise FormatError(f"field '{where}.fit.{key}.{name}' is {a!r} but the points give {b!r}",
@@ -500,9 +372,9 @@ def _entry_from_dict(data: Any, where: str) -> Entry:
 
 
 def _fit_from_dict(data: Any, where: str) -> LinearFit:
-    d = _obj(data, where, set(_FIT_KEYS))
+    d = _obj(data, where, set(FIT_KEYS))
     vals: dict[str, Any] = {}
-    for k in _FIT_KEYS:
+    for k in FIT_KEYS:
         if k in ("n", "depth_min", "depth_max"):
             vals[k] = _int(d[k], f"{where}.{k}", minimum=1)
         elif k in ("intercept", "slope", "r2"):
