@@ -58,7 +58,8 @@ def test_units_reject_nonsense(bad: str) -> None:
 def test_torch_free_modules_do_not_import_torch() -> None:
     code = (
         "import sys; import tleg_deploy, tleg_deploy.units, tleg_deploy.config, tleg_deploy.errors, "
-        "tleg_deploy.fileio, tleg_deploy.costs; print('torch' in sys.modules)"
+        "tleg_deploy.fileio, tleg_deploy.costs, tleg_deploy.budget, tleg_deploy.solve, tleg_deploy.profile.table, "
+        "tleg_deploy.resources; print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
