@@ -44,16 +44,18 @@ def run_spec(name: str, *, rounds: int, round_seconds: float, clock: str = "wall
         from tleg_deploy.resources import load_learngene
 
         learngene = load_learngene("demo")
-    fit_cfg = MeasureConfig(depths=FIT_DEPTHS, rounds=rounds, round_seconds=round_seconds, memory=clock == "wall",
-                            clock=clock)
+    fit_cfg = MeasureConfig(
+        depths=FIT_DEPTHS, rounds=rounds, round_seconds=round_seconds, memory=clock == "wall", clock=clock
+    )
     t0 = time.perf_counter()
     prof = profile(spec, name="host", config=fit_cfg, learngene=learngene)
     profiling_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     measured = []
     for group in CHECK_GROUPS:
-        check_cfg = MeasureConfig(depths=group, rounds=rounds, round_seconds=round_seconds, memory=False, seed=1,
-                                  clock=clock)
+        check_cfg = MeasureConfig(
+            depths=group, rounds=rounds, round_seconds=round_seconds, memory=False, seed=1, clock=clock
+        )
         measured += measure_points(spec, check_cfg, "fp32", learngene=learngene)
     measured.sort(key=lambda p: p.depth)
     check_s = time.perf_counter() - t0
@@ -62,10 +64,18 @@ def run_spec(name: str, *, rounds: int, round_seconds: float, clock: str = "wall
         pred = prof.predict(point.depth, spec=spec, precision="fp32")
         err = (pred.latency_p50_ms - point.p50_ms) / point.p50_ms
         half = pred.latency_p50_upper_ms - pred.latency_p50_ms
-        rows.append({"depth": point.depth, "measured_p50_ms": point.p50_ms, "predicted_p50_ms": pred.latency_p50_ms,
-                     "rel_error": err, "in_interval": abs(pred.latency_p50_ms - point.p50_ms) <= half,
-                     "measured_p90_ms": point.p90_ms, "predicted_p90_ms": pred.latency_p90_ms,
-                     "fit_point": point.depth in FIT_DEPTHS})
+        rows.append(
+            {
+                "depth": point.depth,
+                "measured_p50_ms": point.p50_ms,
+                "predicted_p50_ms": pred.latency_p50_ms,
+                "rel_error": err,
+                "in_interval": abs(pred.latency_p50_ms - point.p50_ms) <= half,
+                "measured_p90_ms": point.p90_ms,
+                "predicted_p90_ms": pred.latency_p90_ms,
+                "fit_point": point.depth in FIT_DEPTHS,
+            }
+        )
     errs = [abs(r["rel_error"]) for r in rows]
     fit = prof.entries[0].fit.latency_p50
     # Diagnostic: the same line fitted to the check's own depths 1/12/24 separates the model's error
@@ -73,17 +83,30 @@ def run_spec(name: str, *, rounds: int, round_seconds: float, clock: str = "wall
     own = fit_line(list(FIT_DEPTHS), [p.p50_ms for p in measured if p.depth in FIT_DEPTHS])
     own_errs = [abs(own.value(p.depth) - p.p50_ms) / p.p50_ms for p in measured]
     return {
-        "spec": name, "clock": clock, "fit_depths": list(FIT_DEPTHS), "checked_depths": [r["depth"] for r in rows],
+        "spec": name,
+        "clock": clock,
+        "fit_depths": list(FIT_DEPTHS),
+        "checked_depths": [r["depth"] for r in rows],
         "within_5pct": sum(e <= 0.05 for e in errs) / len(errs),
         "within_10pct": sum(e <= 0.10 for e in errs) / len(errs),
-        "median_abs_error": statistics.median(errs), "max_abs_error": max(errs),
+        "median_abs_error": statistics.median(errs),
+        "max_abs_error": max(errs),
         "interval_coverage": sum(r["in_interval"] for r in rows) / len(rows),
-        "check_data_fit": {"within_5pct": sum(e <= 0.05 for e in own_errs) / len(own_errs),
-                         "median_abs_error": statistics.median(own_errs), "max_abs_error": max(own_errs)},
+        "check_data_fit": {
+            "within_5pct": sum(e <= 0.05 for e in own_errs) / len(own_errs),
+            "median_abs_error": statistics.median(own_errs),
+            "max_abs_error": max(own_errs),
+        },
         "session_drift": statistics.median(r["rel_error"] for r in rows),
-        "fit": {"intercept_ms": fit.intercept, "slope_ms_per_block": fit.slope, "r2": fit.r2,
-                "loo_error_rel": fit.loo_error_rel},
-        "profiling_seconds": profiling_s, "check_seconds": check_s, "rows": rows,
+        "fit": {
+            "intercept_ms": fit.intercept,
+            "slope_ms_per_block": fit.slope,
+            "r2": fit.r2,
+            "loo_error_rel": fit.loo_error_rel,
+        },
+        "profiling_seconds": profiling_s,
+        "check_seconds": check_s,
+        "rows": rows,
     }
 
 
@@ -104,24 +127,42 @@ def markdown(results: list[dict[str, Any]], cfg: dict[str, Any]) -> str:
         "(within ±5% there means latency *is* linear in depth) and the median signed error, i.e. how much slower "
         "or faster the machine ran during the check than during profiling.",
         "",
-        "| spec | clock | within ±5% | within ±10% | median abs error | worst | in 95% interval | R² (3 pts) "
+        f"Each spec was profiled and checked {cfg.get('repeats', 1)} times, independently (run-to-run spread "
+        "is part of the result; no run is selected).",
+        "",
+        "| run | spec | clock | within ±5% | within ±10% | median abs error | worst | in 95% interval | R² (3 pts) "
         "| profiling took | check-data fit within ±5% | drift |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['spec']} | {r['clock']} | {r['within_5pct']:.0%} | {r['within_10pct']:.0%} | "
-                     f"{r['median_abs_error']:.1%} | {r['max_abs_error']:.1%} | {r['interval_coverage']:.0%} | "
-                     f"{r['fit']['r2']:.4f} | {r['profiling_seconds']:.1f} s | "
-                     f"{r['check_data_fit']['within_5pct']:.0%} | {r['session_drift']:+.1%} |")
+        lines.append(
+            f"| {r.get('run', 1)} | {r['spec']} | {r['clock']} | {r['within_5pct']:.0%} | {r['within_10pct']:.0%} | "
+            f"{r['median_abs_error']:.1%} | {r['max_abs_error']:.1%} | {r['interval_coverage']:.0%} | "
+            f"{r['fit']['r2']:.4f} | {r['profiling_seconds']:.1f} s | "
+            f"{r['check_data_fit']['within_5pct']:.0%} | {r['session_drift']:+.1%} |"
+        )
+    for spec in dict.fromkeys(r["spec"] for r in results):
+        shares = sorted(r["within_5pct"] for r in results if r["spec"] == spec and r["clock"] == "wall")
+        lines += [
+            "",
+            f"- {spec}: within ±5% over {len(shares)} run(s): median {statistics.median(shares):.0%}, "
+            f"range {shares[0]:.0%}-{shares[-1]:.0%}, runs meeting the 95% target: "
+            f"{sum(x >= 0.95 for x in shares)}/{len(shares)}",
+        ]
     load = cfg.get("load_average")
-    lines += ["", f"Load average (1 min) before / after: {load[0]} / {load[1]} on {os.cpu_count()} cores"
-              + (" — the machine was busy; rerun on a quiet machine for clean figures." if max(load) > 1.0 else "."),
-              ]
+    lines += [
+        "",
+        f"Load average (1 min) before / after: {load[0]} / {load[1]} on {os.cpu_count()} cores"
+        + (" — the machine was busy; rerun on a quiet machine for clean figures." if max(load) > 1.0 else "."),
+    ]
     for r in results:
         worst = sorted(r["rows"], key=lambda x: -abs(x["rel_error"]))[:3]
-        lines.append(f"- {r['spec']} ({r['clock']}): slope {r['fit']['slope_ms_per_block']:.4g} ms/block, intercept "
-                     f"{r['fit']['intercept_ms']:.4g} ms; largest errors at depths "
-                     + ", ".join(f"{w['depth']} ({w['rel_error']:+.1%})" for w in worst))
+        lines.append(
+            f"- run {r.get('run', 1)}, {r['spec']} ({r['clock']}): "
+            f"slope {r['fit']['slope_ms_per_block']:.4g} ms/block, intercept "
+            f"{r['fit']['intercept_ms']:.4g} ms; largest errors at depths "
+            + ", ".join(f"{w['depth']} ({w['rel_error']:+.1%})" for w in worst)
+        )
     return "\n".join(lines)
 
 
@@ -131,21 +172,43 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--round-seconds", type=float, default=0.15)
     parser.add_argument("--clocks", default="wall", help="wall (latency), or wall,thread to add a CPU-time diagnostic")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="independent profile+check runs per spec; all are reported (run-to-run spread)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds, digits only; prints, writes nothing")
     args = parser.parse_args()
     specs = ["digits"] if args.quick else [s.strip() for s in args.specs.split(",")]
     rounds = 2 if args.quick else args.rounds
     load_before = os.getloadavg()[0]
     results = []
-    for name, clock in [(n, c.strip()) for n in specs for c in args.clocks.split(",")]:
+    runs = [
+        (n, c.strip(), k) for k in range(1, max(1, args.repeats) + 1) for n in specs for c in args.clocks.split(",")
+    ]
+    for name, clock, repeat in runs:
         r = run_spec(name, rounds=rounds, round_seconds=args.round_seconds, clock=clock)
-        print(f"{name} ({clock}): within ±5% {r['within_5pct']:.0%}, ±10% {r['within_10pct']:.0%}, median abs error "
-              f"{r['median_abs_error']:.1%}, worst {r['max_abs_error']:.1%}, interval coverage "
-              f"{r['interval_coverage']:.0%}, profiling {r['profiling_seconds']:.1f} s; check-data fit within ±5% "
-              f"{r['check_data_fit']['within_5pct']:.0%}, drift {r['session_drift']:+.1%}", flush=True)
+        r["run"] = repeat
+        print(
+            f"[run {repeat}] {name} ({clock}): within ±5% {r['within_5pct']:.0%}, ±10% {r['within_10pct']:.0%}, "
+            f"median abs error "
+            f"{r['median_abs_error']:.1%}, worst {r['max_abs_error']:.1%}, interval coverage "
+            f"{r['interval_coverage']:.0%}, profiling {r['profiling_seconds']:.1f} s; check-data fit within ±5% "
+            f"{r['check_data_fit']['within_5pct']:.0%}, drift {r['session_drift']:+.1%}",
+            flush=True,
+        )
         results.append(r)
-    cfg = {"rounds": rounds, "round_seconds": args.round_seconds, "threads": 1, "batch": 1, "precision": "fp32",
-           "backend": "onnxruntime", "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    cfg = {
+        "rounds": rounds,
+        "round_seconds": args.round_seconds,
+        "repeats": max(1, args.repeats),
+        "threads": 1,
+        "batch": 1,
+        "precision": "fp32",
+        "backend": "onnxruntime",
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
     if not args.quick:
         write_result("predictor_accuracy", {"config": cfg, "results": results}, markdown(results, cfg))
 

@@ -207,6 +207,10 @@ def time_runners(runners: dict[int, Runner], cfg: MeasureConfig,
             break
         rng.shuffle(order)
         for depth in order:
+            # One untimed call after switching models: the first call after another model ran finds
+            # this one's weights evicted from the caches, which a model serving back to back never
+            # sees; with few reps per round it would land in the p90.
+            runners[depth]()
             times = [runners[depth]() for _ in range(reps[depth])]
             samples[depth] += times
             round_p50[depth].append(statistics.median(times))

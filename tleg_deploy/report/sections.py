@@ -166,7 +166,7 @@ def prediction_section(rep: Report, results: Results) -> None:
     try:
         for r in data["results"]:
             pts = r["rows"]
-            extra = ", ".join(f"{r[k]} {k}" for k in ("precision", "clock", "backend") if k in r)
+            extra = ", ".join(f"{r[k]} {k}" for k in ("precision", "clock", "backend", "run") if k in r)
             label = f"{r['spec']} ({extra})" if extra else str(r["spec"])
             panels.append(plots.PredictionPanel(
                 label=label, depths=[int(x["depth"]) for x in pts],
