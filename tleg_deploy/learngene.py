@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,19 +146,6 @@ class Learngene:
         }
 
 
-def descendant_params(spec: ViTSpec, depth: int) -> int:
-    """Parameter count of a depth-``depth`` plain ViT of ``spec``."""
-    block = sum(_numel(s) for s in block_param_shapes(spec).values())
-    return sum(_numel(s) for s in shared_param_shapes(spec).values()) + depth * block
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _init_tensor(
     name: str, shape: torch.Size | tuple[int, ...], g: torch.Generator, *, slope: bool = False,
     lecun: bool = False,
@@ -168,7 +156,7 @@ def _init_tensor(
     if name.endswith("bias"):
         return t.zero_()
     if lecun:  # PyTorch's default Conv2d init, which the official code keeps for the stem
-        fan_in = _numel(tuple(shape)[1:])
+        fan_in = math.prod(tuple(shape)[1:])
         bound = 1.0 / fan_in**0.5
         return t.uniform_(-bound, bound, generator=g)
     return nn.init.trunc_normal_(t, std=0.02, a=-2.0, b=2.0, generator=g)
