@@ -211,6 +211,7 @@ def test_cli_help_has_example() -> None:
     (("--latency", "5 parsecs"), "unknown time unit"),
     (("--learngene", "missing.safetensors"), "missing.safetensors"),
     (("--family", "."), "no manifest.json"),
+    (("--results", "no-such-results-dir"), "results directory 'no-such-results-dir' does not exist"),
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, no_host_cache: None, args: tuple[str, ...], needle: str) -> None:
     result = _invoke("report", "-o", str(tmp_path / "out"), "--quiet", *args)

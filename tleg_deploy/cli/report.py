@@ -19,7 +19,9 @@ def report(
     learngene: LearngeneOpt = "demo",
     family: Annotated[Path | None, typer.Option(help="An export-family directory (its manifest.json gives the "
                                                      "storage figures).")] = None,
-    results: Annotated[Path, typer.Option(help="Benchmark results directory.")] = Path("benchmarks/results"),
+    results: Annotated[Path | None, typer.Option(help="Benchmark results directory (default: benchmarks/results; "
+                                                      "sections whose results are missing say how to make them).")]
+    = None,
     latency: Annotated[str | None, typer.Option(help="Latency budget drawn on accuracy vs latency, e.g. 5ms "
                                                      "(default: one per device, mid-range).")] = None,
     max_depth: Annotated[int, typer.Option(min=1, max=4096, help="Deepest depth plotted and searched.")] = 24,
@@ -32,12 +34,17 @@ def report(
 
     Example: tleg-deploy report --device host --device jetson -o out/report
     """
-    from tleg_deploy.report import ReportConfig, build_report
+    from tleg_deploy.errors import TlegError
+    from tleg_deploy.report import DEFAULT_RESULTS, ReportConfig, build_report
     from tleg_deploy.units import parse_latency_ms
 
+    if results is not None and not results.is_dir():  # named on purpose: a typo must not give an empty report
+        why = "is not a directory" if results.exists() else "does not exist"
+        raise TlegError(f"results directory {str(results)!r} {why}",
+                        hint=f"leave --results out for {DEFAULT_RESULTS}, or run `make bench` to produce it")
     cfg = ReportConfig(out_dir=output, devices=tuple(device or ()), learngene=learngene, family=family,
-                       results_dir=results, latency_ms=parse_latency_ms(latency) if latency else None,
-                       max_depth=max_depth)
+                       results_dir=results or DEFAULT_RESULTS,
+                       latency_ms=parse_latency_ms(latency) if latency else None, max_depth=max_depth)
     log = None if (quiet or json_) else (lambda msg: err.print(f"[dim]{msg}…[/dim]", highlight=False))
     result = build_report(cfg, progress=log, quiet=quiet or json_)
     if json_:

@@ -27,6 +27,7 @@ from tleg_deploy.report.inputs import Results, bench_command, learngene_facts, l
 
 Progress = Callable[[str], None]
 FIGURES = "figures"
+DEFAULT_RESULTS = Path("benchmarks/results")
 FIGURE_NAMES = ("latency_vs_depth", "predicted_vs_measured", "solver_check", "accuracy_vs_depth",
                 "accuracy_vs_latency", "storage")
 
@@ -40,7 +41,7 @@ class ReportConfig:
     devices: tuple[str, ...] = ()
     learngene: str = "demo"
     family: Path | None = None
-    results_dir: Path = Path("benchmarks/results")
+    results_dir: Path = DEFAULT_RESULTS
     latency_ms: float | None = None
     max_depth: int = 24
 
@@ -104,6 +105,7 @@ def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: 
     """Build the report into ``cfg.out_dir`` (see the module docstring). ``progress`` is told each step;
     ``quiet=False`` shows the progress bars of a host measurement, if one is needed."""
     rep = Report(cfg, progress)
+    manifest = _family_members(cfg.family) if cfg.family is not None else None  # a bad --family fails first
     rep.step("reading the learngene")
     lg = learngene_facts(cfg.learngene)
     spec = lg.spec
@@ -115,8 +117,6 @@ def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: 
         if not p.precisions(spec):
             rep.result.warnings.append(f"profile {p.name!r} has no entry for {spec_label(spec)}; measure it with: "
                                        f"{p.measure_command}")
-
-    manifest = _family_members(cfg.family) if cfg.family is not None else None
 
     sections.header(rep, lg, results, profiles)
     rep.step("plotting latency vs depth")
