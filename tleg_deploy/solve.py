@@ -29,13 +29,13 @@ from tleg_deploy import costs
 from tleg_deploy.budget import CONSTRAINTS, Budget, format_limit
 from tleg_deploy.config import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.errors import DeviceError, InfeasibleError, TlegError, UnitError
+from tleg_deploy.profile.table import PRECISIONS  # highest precision first: ties go to the earlier one
 
-PRECISIONS = ("fp32", "fp16", "int8")
-"""Highest precision first: ties go to the earlier one."""
 OBJECTIVES = ("deepest", "accuracy")
 DEFAULT_MAX_DEPTH = 48
 PLAN_FORMAT = "tleg-plan"
 PLAN_SCHEMA_VERSION = 1
+
 
 class _Prediction(Protocol):
     depth: int
@@ -229,7 +229,7 @@ def solve(
         pick=pick, budget=budget, spec=spec, objective=objective, margin=margin, binding=binding,
         margins={name: (limit - pick.value(name)) / limit for name, limit in limits.items()},
         why_not_deeper=why, deeper=deeper, candidates=shown, max_depth=max_depth,
-        measure_command=str(getattr(plist[_index(plist, pick)], "measure_command", "")),
+        measure_command=plist[_index(plist, pick)].measure_command,
         warnings=tuple(warnings),
     )
 

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 from tleg_deploy.config import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.errors import BackendError
 from tleg_deploy.profile import env as envmod
+from tleg_deploy.profile.linefit import fit_line
 from tleg_deploy.profile.runners import (
     CLOCKS,
     OrtRunner,
@@ -52,7 +53,7 @@ from tleg_deploy.profile.runners import (
     export_artifact,
     torch_runner_model,
 )
-from tleg_deploy.profile.table import BACKENDS, PRECISIONS, DeviceProfile, Entry, Point, fit_line, make_entry
+from tleg_deploy.profile.table import BACKENDS, PRECISIONS, DeviceProfile, Entry, Point, make_entry
 
 INSTALL_HINTS = {
     "onnxruntime": "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA / TensorRT providers)",
@@ -114,8 +115,6 @@ class MeasureConfig:
             raise BackendError("clock='thread' measures the calling thread only", hint="use it with 1 thread on CPU")
         if self.backend == "tensorrt" and self.device != "cuda":
             raise BackendError("the tensorrt backend runs on a GPU", hint="use --backend onnxruntime or torch on CPU")
-
-
 
 
 class Runner(Protocol):

@@ -160,8 +160,7 @@ def host_profile(spec: ViTSpec | None = None, *, refresh: bool = False, quiet: b
         from tleg_deploy.resources import load_learngene
 
         learngene = load_learngene("demo")
-    prof = profile(spec, name=HOST, config=cfg, learngene=learngene, quiet=quiet,
-                   base=None if refresh else _cached_host())
+    prof = profile(spec, name=HOST, config=cfg, learngene=learngene, quiet=quiet, base=cached)
     prof.save(_host_path())
     return prof
 

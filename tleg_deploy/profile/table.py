@@ -21,10 +21,11 @@ re-derived from the stored points on load, so an edited number is caught. Torch-
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,7 @@ class DeviceProfile:
         """A copy whose entries for the same (spec, precision, batch) are replaced by ``entries``."""
         keys = {(e.spec, e.precision, e.batch) for e in entries}
         kept = tuple(e for e in self.entries if (e.spec, e.precision, e.batch) not in keys)
-        return _replace(self, entries=kept + tuple(entries))
+        return replace(self, entries=kept + tuple(entries))
 
     # -- JSON ----------------------------------------------------------------------------------
 
@@ -244,8 +245,6 @@ class DeviceProfile:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DeviceProfile:
-        import json
-
         p = Path(path)
         try:
             text = p.read_text(encoding="utf-8")
@@ -296,12 +295,6 @@ class DeviceProfile:
             environment=_obj(top["environment"], "environment", None), host_fingerprint=fp,
             date=_str(top["date"], "date"), notes=_str(top["notes"], "notes"), entries=entries,
         )
-
-
-def _replace(profile: DeviceProfile, **changes: Any) -> DeviceProfile:
-    import dataclasses
-
-    return dataclasses.replace(profile, **changes)
 
 
 # ---------------------------------------------------------------------------------------------

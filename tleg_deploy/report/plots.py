@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,6 @@ class TradeoffPanel:
     pareto: Sequence[tuple[int, float, float]]
     budget_ms: float | None
     pick: tuple[int, float, float] | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -53,7 +53,6 @@ def budget_ladder(lo: float, hi: float, limit: int = 8) -> list[float]:
     return out
 
 
-
 def header(rep: Report, lg: LearngeneFacts, results: Results, profiles: Sequence[Any]) -> None:
     from tleg_deploy import __version__
 
