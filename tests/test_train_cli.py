@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from tleg_deploy.cli.app import app
@@ -29,9 +30,10 @@ def test_teacher_learngene_finetune_chain(tmp_path: Path) -> None:
     r = _ok(["finetune", "--learngene", str(lg), "--depth", "2", "--init", "weight-selection", "--teacher", str(t),
              "-o", str(m), *fast])
     assert r["init"] == "weight-selection" and (tmp_path / "m.run" / "metrics.jsonl").is_file()
+    assert load_descendant(m)[1]["learngene_sha256"] == ""  # not derived from the learngene
     # --resume with a longer schedule continues after the saved epoch
     r = _ok(["finetune", "--learngene", str(lg), "--depth", "2", "--init", "weight-selection", "--teacher", str(t),
-             "-o", str(m), "--resume", *fast[:-4], "--epochs", "2", "--quiet", "--json"])
+             "-o", str(m), "--resume", *fast[2:], "--epochs", "2"])
     assert r["resumed_from_epoch"] == 1
     lines = (tmp_path / "m.run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
@@ -43,6 +45,24 @@ def test_bad_data_is_one_line_error(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "no such data folder" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["finetune", "--depth", "1", "--epochs", "0"], "--epochs"),
+    (["finetune", "--depth", "1", "--epochs", "abc"], "--epochs"),
+    (["train-learngene", "--teacher", "missing.safetensors"], "no such file: missing.safetensors"),
+    (["finetune", "--depth", "1", "--init", "weight-selection", "--teacher", "missing.safetensors"], "no such file"),
+])
+def test_bad_input_fails_before_writing(tmp_path: Path, args: list[str], message: str) -> None:
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "m.safetensors"), "--quiet"])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_directory_is_refused_before_training(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["finetune", "--depth", "1", "--data", "npz:missing.npz", "-o", str(tmp_path), "--quiet"])
+    assert res.exit_code == 2 and "is a directory" in res.output  # not the (later) data error
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_help_has_examples() -> None:

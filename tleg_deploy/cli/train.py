@@ -10,10 +10,12 @@ from typing import Annotated, Any
 
 import typer
 
-from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, out
+from tleg_deploy.cli.app import DepthOpt, JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, out
+from tleg_deploy.config import MAX_DEPTH
+from tleg_deploy.errors import TlegError
 
 DataOpt = Annotated[str, typer.Option("--data", help="digits, folder:PATH (ImageFolder) or npz:PATH.")]
-EpochsOpt = Annotated[int, typer.Option("--epochs", "-e", min=0, help="Training epochs.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", "-e", min=1, help="Training epochs.")]
 LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="Peak AdamW learning rate (cosine, warm-up).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Global batch size (split over processes).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (init, shuffling).")]
@@ -26,6 +28,8 @@ AugmentOpt = Annotated[bool, typer.Option("--augment/--no-augment", help="Random
 
 def _common(epochs: int, lr: float, batch_size: int, seed: int, quiet: bool, output: Path, resume: bool,
             clip_grad: float | None, warmup: float, augment: bool) -> dict[str, Any]:
+    if output.is_dir():  # found now, not after the training
+        raise TlegError(f"output {output} is a directory", hint="give a .safetensors file path")
     return dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, quiet=quiet, run_dir=output.with_suffix(".run"),
                 resume=resume, clip_grad=clip_grad, warmup_epochs=warmup, augment=augment)
 
@@ -43,7 +47,7 @@ def _report(result: dict[str, Any], json_: bool, text: str) -> None:
 
 @command("train-teacher")
 def train_teacher_cmd(
-    output: OutOpt, depth: Annotated[int, typer.Option("--depth", "-d", min=1, max=4096, help="Blocks.")] = 12,
+    output: OutOpt, depth: DepthOpt = 12,
     spec: Annotated[str, typer.Option(help="Spec preset the teacher follows.")] = "digits",
     width: Annotated[int | None, typer.Option(min=1, help="Embedding width (default: the spec's).")] = None,
     heads: Annotated[int | None, typer.Option(min=1, help="Attention heads (default: the spec's).")] = None,
@@ -75,7 +79,7 @@ def train_learngene_cmd(
     output: OutOpt,
     teacher: Annotated[Path, typer.Option(help="Teacher: a plain ViT .safetensors (see train-teacher).")],
     spec: Annotated[str, typer.Option(help="Spec preset of the learngene.")] = "digits",
-    aux_depth: Annotated[int, typer.Option(min=1, max=4096, help="Aux-Net depth.")] = 12,
+    aux_depth: Annotated[int, typer.Option(min=1, max=MAX_DEPTH, help="Aux-Net depth.")] = 12,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the soft-distillation term.")] = 1.0,
     tau: Annotated[float, typer.Option(min=0.0, help="Distillation temperature.")] = 1.0,
     data: DataOpt = "digits", epochs: EpochsOpt = 30, lr: LrOpt = 1e-3, batch_size: BatchOpt = 32, seed: SeedOpt = 0,
@@ -101,7 +105,7 @@ def train_learngene_cmd(
 
 @command("finetune")
 def finetune_cmd(
-    output: OutOpt, depth: Annotated[int, typer.Option("--depth", "-d", min=1, max=4096, help="Blocks.")],
+    output: OutOpt, depth: DepthOpt,
     learngene: LearngeneOpt = "demo",
     init: Annotated[str, typer.Option(help="tleg, scratch, weight-selection, base-only or mimetic.")] = "tleg",
     teacher: Annotated[Path | None, typer.Option(help="Teacher .safetensors for --init weight-selection.")] = None,
@@ -125,7 +129,8 @@ def finetune_cmd(
     res = finetune(model, data, **_common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad, warmup,
                                           augment))
     if is_main_process():
-        save_descendant(res.model, output, lg.sha256(),
+        derived = init in ("tleg", "base-only")  # the other inits do not come from the learngene
+        save_descendant(res.model, output, lg.sha256() if derived else "",
                         {"made_by": "finetune", "init": init, "data": data, "learngene": str(learngene), **res.metrics})
     _report({"output": str(output), "depth": depth, "init": init, **res.metrics}, json_,
             f"wrote {output}: depth {depth} ({init}), test accuracy {res.metrics['test_acc']:.3f}")
