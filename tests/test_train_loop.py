@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 from torch import Tensor
 
 from tleg_deploy.config import ViTSpec
-from tleg_deploy.errors import TlegError
+from tleg_deploy.errors import CheckpointError, TlegError
 from tleg_deploy.learngene import Learngene
 from tleg_deploy.train.finetune import finetune, splits, train_teacher
 from tleg_deploy.train.learngene import train_learngene
@@ -95,6 +96,11 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(digit_spec: ViTS
     assert not torch.equal(fresh().state_dict()["head.weight"], whole.state_dict()["head.weight"])
     assert not list((tmp_path / "b").glob(".*.tmp"))  # nothing half-written
     assert (tmp_path / "b" / CHECKPOINT).is_file()
+    # a checkpoint of other settings, or of more epochs than asked for, is refused before any step
+    for change, match in (({"seed": 4}, "seed=3"), ({"epochs": 3}, "4 epochs")):
+        with pytest.raises(CheckpointError, match=match):
+            fit(fresh(), CrossEntropy(), train, val, dataclasses.replace(cfg, **change), run_dir=tmp_path / "b",
+                resume=True)
 
 
 def test_finetune_reports_contract_metrics(digit_spec: ViTSpec) -> None:

@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from tleg_deploy.errors import TlegError
+from tleg_deploy.errors import CheckpointError, TlegError
 from tleg_deploy.fileio import write_text_atomic
 from tleg_deploy.train import distributed as D
 from tleg_deploy.train.checkpoint import load_checkpoint, restore, save_checkpoint
@@ -72,9 +72,8 @@ class Split:
 class FitResult:
     history: list[dict[str, Any]]
     seconds: float                 # wall time of this call (resumed epochs excluded)
-    train_images: int              # images seen in training over all epochs, all processes
+    train_images: int              # images seen in training by this call, all processes
     resumed_from: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
@@ -132,8 +131,10 @@ def fit(
     run = Path(run_dir) if run_dir is not None else None
     history: list[dict[str, Any]] = []
     start = 0
+    config = {"label": label, **asdict(cfg), "world": info.world, **(extra_config or {})}
     if resume and run is not None and (run / CHECKPOINT).is_file():
         ckpt = load_checkpoint(run / CHECKPOINT)
+        _check_resumable(run / CHECKPOINT, ckpt.config, ckpt.epoch, config)
         restore(ckpt, model, optimizer)
         model.to(device)
         start, history = ckpt.epoch, ckpt.history
@@ -145,7 +146,6 @@ def fit(
     loader = DataLoader(dataset, batch_size=cfg.batch_size // info.world, sampler=sampler)
     steps_per_epoch = len(loader)
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    config = {"label": label, **asdict(cfg), "world": info.world, **(extra_config or {})}
     t_start, seen = time.perf_counter(), 0
     with _progress(not quiet and info.is_main, label, cfg.epochs, start) as bar:
         for epoch in range(start, cfg.epochs):
@@ -190,6 +190,20 @@ def fit(
                 write_text_atomic(run / METRICS, "".join(json.dumps(r) + "\n" for r in history))
             D.barrier(info)
     return FitResult(history, time.perf_counter() - t_start, seen, start)
+
+
+# Settings a resumed run must share with the checkpoint (epochs, lr, ... may change: a longer schedule).
+_RESUME_KEYS = ("label", "data", "depth", "aux_depth", "alpha", "tau", "batch_size", "seed", "augment")
+
+
+def _check_resumable(path: Path, saved: dict[str, Any], epochs_done: int, config: dict[str, Any]) -> None:
+    for key in _RESUME_KEYS:
+        if key in saved and key in config and saved[key] != config[key]:
+            raise CheckpointError(f"{path} was saved with {key}={saved[key]!r}, this run has {config[key]!r}",
+                                  hint="resume with the same settings, or start afresh without --resume")
+    if epochs_done > config["epochs"]:
+        raise CheckpointError(f"{path} has {epochs_done} epochs done, more than the {config['epochs']} asked for",
+                              hint="ask for at least as many epochs")
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
