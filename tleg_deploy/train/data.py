@@ -6,7 +6,7 @@ Sources (DESIGN.md §5): ``digits`` (scikit-learn's bundled 8x8 handwritten digi
 ``(N, H, W)`` or ``(N, H, W, C)`` and integer ``y`` of shape ``(N,)``).
 
 Splits are a fixed, stratified 70/10/20 train/val/test partition drawn with ``SPLIT_SEED`` so that
-every run, seed and helper sees the same test set; ``seed`` only drives augmentation. Images come
+every run, seed and helper sees the same test set. Images come
 back as float ``(N, C, H, W)`` scaled to [-1, 1] (``(x - 0.5) / 0.5`` of the [0, 1] image), labels as
 int64. Anything unusable raises ``DataError`` naming the file, class or value.
 """
@@ -29,14 +29,9 @@ SPLIT_SEED = 0
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
-def load_data(
-    source: str, spec: ViTSpec, split: str, *, seed: int = 0, augment: bool = False
-) -> tuple[Tensor, Tensor]:
+def load_data(source: str, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
     """Images ``(N, C, H, W)`` normalised for ``spec`` and int64 labels ``(N,)`` of one split.
-
-    ``augment=True`` applies one random draw of :func:`augment_batch` (seeded by ``seed``); the
-    training loop instead augments every batch afresh.
-    """
+    The training loop augments every batch afresh with :func:`augment_batch`."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}", hint=f"choose one of {', '.join(SPLITS)}")
     kind, _, arg = source.partition(":")
@@ -48,8 +43,6 @@ def load_data(
         x, y = _npz(Path(arg), spec, split)
     else:
         raise DataError(f"unknown data source {source!r}", hint="use digits, folder:PATH or npz:PATH")
-    if augment:
-        x = augment_batch(x, torch.Generator().manual_seed(seed))
     return x, y
 
 

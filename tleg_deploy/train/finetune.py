@@ -25,8 +25,8 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def splits(data: str, spec: ViTSpec, seed: int = 0) -> tuple[Split, Split, Split]:
-    return tuple(Split(*load_data(data, spec, s, seed=seed)) for s in ("train", "val", "test"))  # type: ignore[return-value]
+def splits(data: str, spec: ViTSpec) -> tuple[Split, Split, Split]:
+    return tuple(Split(*load_data(data, spec, s)) for s in ("train", "val", "test"))  # type: ignore[return-value]
 
 
 def finetune(
@@ -40,7 +40,7 @@ def finetune(
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad, seed=seed,
                       augment=augment, device=device, track_test=track_test)
-    train, val, test = splits(data, model.spec, seed)
+    train, val, test = splits(data, model.spec)
     res = fit(model, CrossEntropy(), train, val, cfg, test=test, run_dir=Path(run_dir) if run_dir else None,
               resume=resume, quiet=quiet, label=label, extra_config={"data": data, "depth": model.depth})
     device_ = next(model.parameters()).device

@@ -57,7 +57,7 @@ def train_learngene(
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad, seed=seed,
                       augment=augment, device=device)
-    train, val, test = splits(data, lg.spec, seed)
+    train, val, test = splits(data, lg.spec)
     aux = AuxNet(lg)
     res = fit(aux, DistillationLoss(teacher, alpha, tau), train, val, cfg, test=test,
               run_dir=Path(run_dir) if run_dir else None, resume=resume, quiet=quiet, label="aux-net",
