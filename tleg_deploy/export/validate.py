@@ -15,7 +15,6 @@ report's ``mode`` says which proof a file got ("full" or "template").
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -172,12 +171,7 @@ def validate_onnx(
         min_agreement=need, images=0 if images is None else len(images), data=data, failures=failures,
         seconds=round(time.perf_counter() - start, 4), onnxruntime=ort.__version__,
     )
-    if save:
-        report.save(report_path(path))
-    if failures:
-        raise ExportError(f"{path.name} failed validation: {failures[0]}",
-                          hint=f"details in {report_path(path).name}" if save else None)
-    return report
+    return _finish(report, path, save)
 
 
 def validate_member(
@@ -232,10 +226,15 @@ def validate_member(
         tolerance={OUTPUT_NAME: tol}, failures=failures, seconds=round(time.perf_counter() - start, 4),
         onnxruntime=ort.__version__, mode="template", template=counts,
     )
+    return _finish(report, path, save)
+
+
+def _finish(report: ValidationReport, path: Path, save: bool) -> ValidationReport:
+    """Save the report next to the file (passed or not), then raise on the first failure."""
     if save:
         report.save(report_path(path))
-    if failures:
-        raise ExportError(f"{path.name} failed validation: {failures[0]}",
+    if report.failures:
+        raise ExportError(f"{path.name} failed validation: {report.failures[0]}",
                           hint=f"details in {report_path(path).name}" if save else None)
     return report
 
@@ -254,9 +253,3 @@ def top1_agreement(session: Any, model: ViT, images: torch.Tensor, batch: int = 
 def _run(session: Any, x: torch.Tensor) -> np.ndarray:
     return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy().astype(np.float32)})[0], dtype=np.float32)
 
-
-def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(Path(path).read_text())
-    if data.get("format") != REPORT_FORMAT:
-        raise ExportError(f"{path} is not a validation report")
-    return data
