@@ -80,21 +80,26 @@ def test_fit_host_measured_then_jetson_estimated(tmp_path: Path, cache: Path) ->
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--latency", "5parsecs"], "time unit"),
-    (["--latency", "-1ms"], "positive"),
-    (["--latency", "1us"], "no depth fits"),
-    ([], "no limit"),
+    (["--device", "jetson", "--latency", "5parsecs"], "time unit"),
+    (["--device", "jetson", "--latency", "-1ms"], "positive"),
+    (["--device", "jetson", "--latency", "1us"], "no depth fits"),
+    (["--device", "jetson"], "no limit"),
+    (["--device", "nosuch", "--latency", "5ms"], "unknown device 'nosuch'"),
+    (["--device", "jetson", "--latency", "5ms", "--learngene", "missing.safetensors"], "missing.safetensors"),
+    (["--device", "jetson", "--latency", "5ms", "--objective", "fastest"], "unknown objective"),
 ])
 def test_fit_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
-    res = runner.invoke(app, ["fit", "--device", "jetson", "-o", str(tmp_path / "x"), *args])
+    res = runner.invoke(app, ["fit", "-o", str(tmp_path / "x"), *args])
     assert res.exit_code == 2, res.output
-    assert message in res.output and "Traceback" not in res.output
-    assert not (tmp_path / "x").exists()
+    assert message in res.output and len(res.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # no output directory, no staging directory
 
 
 def test_fit_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     res = runner.invoke(app, ["fit", "--device", "jetson", "--latency", "1ms", "-o", str(tmp_path / "mine")])
-    assert res.exit_code != 0 and "not an earlier fit output" in res.output
+    assert res.exit_code == 2 and "not an earlier fit output" in res.output
+    assert len(res.output.strip().splitlines()) == 1
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]

@@ -20,6 +20,7 @@ GPU; the solver and profile tables are torch-free).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -30,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tleg_deploy.errors import InfeasibleError
+from tleg_deploy.errors import ExportError, InfeasibleError
 from tleg_deploy.fileio import sha256_file, write_json_atomic, write_text_atomic
 from tleg_deploy.profile.artifact import Measurement
 from tleg_deploy.solve import DEFAULT_MAX_DEPTH, Budget, Candidate, Plan, evaluate, solve
@@ -117,13 +118,13 @@ def fit(
     if isinstance(device, str):
         from tleg_deploy.profile.registry import resolve_profile
 
-        say(f"resolving device profile {device!r}")
         profile = resolve_profile(device, spec=spec, refresh=refresh_profile, quiet=quiet)
     else:
         profile = device
     plan = solve(profile, budget, spec=spec, max_depth=max_depth, precisions=precisions, objective=objective,
                  margin=margin, accuracy=accuracy)
-    say(f"solved: depth {plan.depth} {plan.precision} ({plan.binding} binds)")
+    say(f"solved on {profile.name} ({profile.source} profile): depth {plan.depth} {plan.precision} "
+        f"({plan.binding} binds)")
 
     # -- torch from here on ---------------------------------------------------------------------
     from tleg_deploy.expand import expand, save_descendant
@@ -183,13 +184,13 @@ def fit(
         result = FitResult(
             plan=plan, pick=pick, out_dir=out, files=(), measured=measured,
             steps=tuple(steps), finetune=metrics, measure_command=profile.measure_command, notes=tuple(notes))
-        _write_outputs(staging, result, profile, chosen, weights, budget)
+        _write_outputs(staging, result, profile, chosen, weights)
         names = tuple(sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()))
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return FitResult(**{**result.__dict__, "files": names})
+    return dataclasses.replace(result, files=names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ def _clear(d: Path) -> None:
 
 def _check_destination(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_fit_output(out))):
-        raise FileExistsError(f"{out} exists and is not an earlier fit output: choose another -o")
+        raise ExportError(f"{out} exists and is not an earlier fit output", hint="choose another -o")
 
 
 def _is_fit_output(out: Path) -> bool:
@@ -275,16 +276,13 @@ def _move_into_place(staging: Path, out: Path) -> None:
 # Outputs
 
 
-def _write_outputs(d: Path, result: FitResult, profile: DeviceProfile, chosen: str, weights: str,
-                   budget: Budget) -> None:
+def _write_outputs(d: Path, result: FitResult, profile: DeviceProfile, chosen: str, weights: str) -> None:
     """plan.json, REPORT.md and build_engine.sh next to the manifest ``export_family`` wrote."""
     from tleg_deploy.fit_report import build_engine_script, render_report
 
-    spec, depth = result.plan.spec, result.depth
-    pred = profile.predict(depth, spec=spec, precision=result.precision)
-    write_text_atomic(d / "build_engine.sh", build_engine_script(profile, chosen, result.precision, spec))
+    write_text_atomic(d / "build_engine.sh", build_engine_script(profile, chosen, result.precision, result.plan.spec))
     with contextlib.suppress(OSError):
         os.chmod(d / "build_engine.sh", 0o755)
     write_json_atomic(d / "plan.json", {**result.to_dict(), "weights": {
         "file": weights, "bytes": (d / weights).stat().st_size, "sha256": sha256_file(d / weights)}})
-    write_text_atomic(d / "REPORT.md", render_report(result, profile, chosen, budget, pred))
+    write_text_atomic(d / "REPORT.md", render_report(result, profile, chosen))

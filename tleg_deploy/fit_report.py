@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import shlex
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tleg_deploy import costs
 from tleg_deploy.config import ViTSpec
-from tleg_deploy.solve import Budget
 
 if TYPE_CHECKING:
     from tleg_deploy.fit import FitResult
@@ -39,9 +38,10 @@ def build_engine_script(profile: DeviceProfile, chosen: str, precision: str, spe
         "print(f'p50 {np.percentile(t, 50):.3f} ms, p90 {np.percentile(t, 90):.3f} ms')\nEOF\n")
 
 
-def render_report(result: FitResult, profile: DeviceProfile, chosen_file: str, budget: Budget, pred: Any) -> str:
+def render_report(result: FitResult, profile: DeviceProfile, chosen_file: str) -> str:
     plan = result.plan
-    pct = budget.percentile
+    budget, pct = plan.budget, plan.budget.percentile
+    pred = profile.predict(result.depth, spec=plan.spec, precision=result.precision)
     lines = [
         f"# tleg-deploy fit: {profile.name}, depth {result.depth} {result.precision}", "",
         f"- Budget: {budget.describe()}" + (f" (margin {plan.margin:.0%})" if plan.margin else ""),
