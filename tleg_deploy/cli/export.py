@@ -22,6 +22,7 @@ OutDirOpt = Annotated[Path, typer.Option("--output", "-o", help="Directory to wr
 @command("export")
 def export_cmd(
     output: OutDirOpt,
+    # Not DepthOpt: its typer range check prints a boxed usage error; check_depth below gives one line.
     depth: Annotated[int, typer.Option("--depth", "-d", help="Number of blocks.")],
     learngene: LearngeneOpt = "demo",
     weights: Annotated[Path | None, typer.Option("--weights", help="Fine-tuned descendant .safetensors.")] = None,
@@ -38,9 +39,9 @@ def export_cmd(
     """
     from tleg_deploy.config import check_depth
     from tleg_deploy.errors import SpecError
-    from tleg_deploy.family import export_family, parse_formats
+    from tleg_deploy.family import parse_formats
     from tleg_deploy.fileio import sha256_file
-    from tleg_deploy.resources import learngene_path, load_learngene
+    from tleg_deploy.resources import load_learngene
 
     check_depth(depth)
     formats = parse_formats(format_)
@@ -58,12 +59,8 @@ def export_cmd(
             raise SpecError(f"{weights} has depth {model.depth}, not --depth {depth}",
                             hint=f"use --depth {model.depth}")
         models, source = {depth: model.eval()}, f"weights:{sha256_file(weights)}"
-    profile = _profile(device, lg.spec)
-    with _progress(quiet or json_) as progress:
-        manifest = export_family(lg, [depth], output, formats, data=data, learngene_file=learngene_path(learngene),
-                                 models=models, source=source, profile=profile, measure_latency=measure,
-                                 progress=progress)
-    _render(manifest, output, json_, depths=[depth])
+    _export(lg, learngene, [depth], output, formats, data=data, device=device, measure=measure, json_=json_,
+            quiet=quiet, models=models, source=source)
 
 
 @command("export-family")
@@ -82,25 +79,32 @@ def export_family_cmd(
 
     Example: tleg-deploy export-family --learngene demo --depths 1-12 --format onnx,int8 -o family/
     """
-    from tleg_deploy.family import export_family, parse_depths, parse_formats
-    from tleg_deploy.resources import learngene_path, load_learngene
+    from tleg_deploy.family import parse_depths, parse_formats
+    from tleg_deploy.resources import load_learngene
 
     wanted = parse_depths(depths)
     formats = parse_formats(format_)
-    lg = load_learngene(learngene)
-    profile = _profile(device, lg.spec)
+    _export(load_learngene(learngene), learngene, wanted, output, formats, data=data, device=device,
+            measure=measure, json_=json_, quiet=quiet)
+
+
+def _export(lg: Any, learngene: str, depths: list[int], output: Path, formats: tuple[str, ...], *, data: str,
+            device: str | None, measure: bool, json_: bool, quiet: bool, models: dict[int, Any] | None = None,
+            source: str = "expand") -> None:
+    """What both commands share: the device profile, ``export_family`` under a progress bar, the render."""
+    from tleg_deploy.family import export_family
+    from tleg_deploy.resources import learngene_path
+
+    profile = None
+    if device is not None:
+        from tleg_deploy.profile.registry import resolve_profile
+
+        profile = resolve_profile(device, spec=lg.spec)
     with _progress(quiet or json_) as progress:
-        manifest = export_family(lg, wanted, output, formats, data=data, learngene_file=learngene_path(learngene),
-                                 profile=profile, measure_latency=measure, progress=progress)
-    _render(manifest, output, json_, depths=wanted)
-
-
-def _profile(device: str | None, spec: Any) -> Any:
-    if device is None:
-        return None
-    from tleg_deploy.profile.registry import resolve_profile
-
-    return resolve_profile(device, spec=spec)
+        manifest = export_family(lg, depths, output, formats, data=data, learngene_file=learngene_path(learngene),
+                                 models=models, source=source, profile=profile, measure_latency=measure,
+                                 progress=progress)
+    _render(manifest, output, json_, depths=depths)
 
 
 @contextmanager
