@@ -92,6 +92,15 @@ class Report:
         self.result.missing[section] = bench_command(name)
         self.add(results.missing(name, why), "")
 
+    def open_section(self, heading: str, section: str, results: Results, name: str) -> dict[str, Any] | None:
+        """Start a section fed by benchmark ``name``: its results, or ``None`` once the section says which
+        command produces them."""
+        self.add(f"## {heading}", "")
+        data = results.get(name)
+        if data is None:
+            self.missing(section, results, name)
+        return data
+
 
 def _profiles(cfg: ReportConfig, spec: ViTSpec, quiet: bool) -> list[Any]:
     from tleg_deploy.profile.registry import list_profiles, resolve_profile

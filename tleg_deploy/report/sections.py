@@ -155,11 +155,13 @@ def _cell(text: str) -> str:
     return text.replace("|", "/").replace("\n", " ")
 
 
+def _lacks(e: Exception) -> str:
+    return f"the results file lacks a field the report needs ({e})"
+
+
 def prediction_section(rep: Report, results: Results) -> None:
-    rep.add("## Predicted vs measured latency", "")
-    data = results.get("predictor_accuracy")
+    data = rep.open_section("Predicted vs measured latency", "predicted vs measured", results, "predictor_accuracy")
     if data is None:
-        rep.missing("predicted vs measured", results, "predictor_accuracy")
         return
     panels, rows = [], []
     try:
@@ -176,8 +178,7 @@ def prediction_section(rep: Report, results: Results) -> None:
                         f"{r['within_10pct']:.0%} | {r['median_abs_error']:.1%} | {r['max_abs_error']:.1%} | "
                         f"{r['interval_coverage']:.0%} |")
     except (KeyError, TypeError, ValueError) as e:
-        rep.missing("predicted vs measured", results, "predictor_accuracy",
-                    f"the results file lacks a field the report needs ({e})")
+        rep.missing("predicted vs measured", results, "predictor_accuracy", _lacks(e))
         return
     if not panels:
         rep.missing("predicted vs measured", results, "predictor_accuracy", "the results file has no rows")
@@ -193,10 +194,8 @@ def prediction_section(rep: Report, results: Results) -> None:
 
 
 def solver_section(rep: Report, results: Results) -> None:
-    rep.add("## Does the solver's pick fit when measured?", "")
-    data = results.get("solver")
+    data = rep.open_section("Does the solver's pick fit when measured?", "solver check", results, "solver")
     if data is None:
-        rep.missing("solver check", results, "solver")
         return
     by_spec: dict[str, list[dict[str, Any]]] = {}
     try:
@@ -210,7 +209,7 @@ def solver_section(rep: Report, results: Results) -> None:
             deeper_measured_ms=[float(r["deeper_measured_p90_ms"]) if r.get("deeper_measured_p90_ms") else None
                                 for r in rows]) for spec_name, rows in by_spec.items()]
     except (KeyError, TypeError, ValueError) as e:
-        rep.missing("solver check", results, "solver", f"the results file lacks a field the report needs ({e})")
+        rep.missing("solver check", results, "solver", _lacks(e))
         return
     if not panels:
         rep.missing("solver check", results, "solver", "the results file has no measured picks")
@@ -224,10 +223,8 @@ def solver_section(rep: Report, results: Results) -> None:
 
 
 def accuracy_section(rep: Report, results: Results) -> dict[str, dict[int, tuple[float, float]]] | None:
-    rep.add("## Accuracy vs depth per initialization", "")
-    data = results.get("paper_claims")
+    data = rep.open_section("Accuracy vs depth per initialization", "accuracy vs depth", results, "paper_claims")
     if data is None:
-        rep.missing("accuracy vs depth", results, "paper_claims")
         return None
     try:
         acc = accuracy_table(data)
