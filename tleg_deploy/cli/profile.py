@@ -127,9 +127,9 @@ def render_profile(prof: DeviceProfile, arch: Any) -> None:
             table.add_row(str(p.depth), f"{p.p50_ms:.4g}", f"{p.p90_ms:.4g}", f"{p.p99_ms:.4g}", str(p.n),
                           f"{p.memory_mb:.1f}")
         out.print(table)
-        for label, f, unit in (("latency p50", entry.fit.latency_p50, "ms"), ("latency p90", entry.fit.latency_p90,
-                                                                               "ms"), ("peak memory", entry.fit.memory,
-                                                                                      "MB")):
+        fits = (("latency p50", entry.fit.latency_p50, "ms"), ("latency p90", entry.fit.latency_p90, "ms"),
+                ("peak memory", entry.fit.memory, "MB"))
+        for label, f, unit in fits:
             out.print(f"  {label}: {f.intercept:.4g} + {f.slope:.4g}·depth {unit}  (R² {f.r2:.4f}, worst residual "
                       f"{f.worst_residual_rel:.1%}, leave-one-out {f.loo_error_rel:.1%})", highlight=False)
         if entry.fit.latency_p50.worst_residual_rel > 0.03:
