@@ -103,3 +103,16 @@ def test_fit_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
     assert len(res.output.strip().splitlines()) == 1
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_fit_interrupted_leaves_nothing(tmp_path: Path) -> None:
+    from tleg_deploy.fit import fit
+    from tleg_deploy.solve import Budget
+
+    def interrupt_after_export(msg: str) -> None:
+        if msg.startswith("exported and validated"):  # the staging directory holds a whole export by now
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(Budget(latency_ms=1.0), device="jetson", out_dir=tmp_path / "out", log=interrupt_after_export)
+    assert list(tmp_path.iterdir()) == []
