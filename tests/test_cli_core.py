@@ -88,3 +88,27 @@ def test_text_file_and_truncated_file(tiny_lg: Learngene, tmp_path: Path) -> Non
 def test_debug_shows_traceback(tmp_path: Path) -> None:
     result = runner.invoke(app, ["info", str(tmp_path / "missing.safetensors")], env={"TLEG_DEBUG": "1"})
     assert isinstance(result.exception, FileNotFoundError)
+
+
+@pytest.mark.parametrize("args", [("expand", "-d", "abc", "-o", "x.st"), ("expand", "--bogus"), ("nosuch",)])
+def test_usage_errors_are_one_line_from_the_entry_point(args: tuple[str, ...], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "tleg_deploy", *args], capture_output=True, text=True,
+                            cwd=tmp_path, env={**os.environ, "COLUMNS": "300"}, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--help" in lines[0], result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_error_text_in_square_brackets_is_printed_verbatim(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tleg_deploy.errors import BackendError
+
+    def boom(*_a: object, **_k: object) -> None:
+        raise BackendError("tensorrt is missing", hint="pip install 'tleg-deploy[tensorrt]'")
+
+    monkeypatch.setattr("tleg_deploy.inspect.describe_file", boom)
+    result = invoke("info", "demo")
+    assert result.exit_code == 2 and "tleg-deploy[tensorrt]" in result.output

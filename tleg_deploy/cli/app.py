@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tleg_deploy.config import MAX_DEPTH
 from tleg_deploy.errors import TlegError
@@ -47,10 +48,10 @@ def _fail(e: BaseException) -> typer.Exit:
     if isinstance(e, KeyboardInterrupt):
         err.print("[red]interrupted[/red]: nothing half-written was left behind")
     elif code == 70:
-        err.print(f"[red]internal error[/red]: {type(e).__name__}: {e} "
+        err.print(f"[red]internal error[/red]: {type(e).__name__}: {escape(str(e))} "
                   "(set TLEG_DEBUG=1 for a traceback, and please report it)", highlight=False)
     else:
-        err.print(f"[red]error[/red]: {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error[/red]: {escape(str(e))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

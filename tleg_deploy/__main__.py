@@ -1,0 +1,5 @@
+"""``python -m tleg_deploy`` runs the command line."""
+
+from tleg_deploy.cli import main
+
+main()
