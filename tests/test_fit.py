@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from tleg_deploy.cli.app import app
@@ -116,3 +117,23 @@ def test_fit_interrupted_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         fit(Budget(latency_ms=1.0), device="jetson", out_dir=tmp_path / "out", log=interrupt_after_export)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_with_finetuning_exports_the_trained_weights_once(tmp_path: Path) -> None:
+    from tleg_deploy.expand import expand, load_descendant
+    from tleg_deploy.fit import fit
+    from tleg_deploy.resources import load_learngene
+    from tleg_deploy.solve import Budget
+
+    messages: list[str] = []
+    out = tmp_path / "ft"
+    res = fit(Budget(latency_ms=1.0), device="jetson", out_dir=out, finetune_data="digits", epochs=1, max_depth=2,
+              log=messages.append)
+    assert res.depth == 2 and res.figures == "estimated" and res.finetune and res.finetune["epochs"] == 1
+    assert sum(m.startswith("exported and validated") for m in messages) == 1  # not the expansion, then the trained
+    plan = _check_dir(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["members"]["2"]["source"] == "finetune:digits:1"
+    trained, _ = load_descendant(out / plan["weights"]["file"])
+    expanded = expand(load_learngene("demo"), 2)
+    assert not torch.equal(trained.head.weight, expanded.head.weight)  # the weights written are the trained ones

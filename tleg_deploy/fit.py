@@ -141,13 +141,14 @@ def fit(
     export = functools.partial(_export, lg=lg, learngene=learngene, precision=plan.precision, profile=profile,
                                out=staging, data=finetune_data or "digits", say=say)
     try:
-        depth, measured = plan.depth, None
+        depth, measured, chosen = plan.depth, None, None
         steps: list[str] = []
         model = expand(lg, depth).eval()
-        chosen = export(model, source="expand")
         for _ in range(max_steps + 1):  # bounded: the measured check, stepping at most max_steps times
             if not runnable or budget.latency_ms is None:
                 break
+            _clear(staging)
+            chosen = export(model, source="expand")
             measured = measure_onnx(staging / chosen, spec, depth=depth, precision=plan.precision,
                                     threads=_threads(profile))
             value = measured.at(budget.percentile)
@@ -163,14 +164,14 @@ def fit(
             steps.append(f"depth {depth} measured {budget.percentile} {value:.3g} ms > {budget.latency_ms:g} ms: "
                          f"stepped to depth {depth - 1}")
             depth -= 1
-            _clear(staging)
             model = expand(lg, depth).eval()
-            chosen = export(model, source="expand")
         metrics = None
-        if finetune_data is not None:
+        if finetune_data is not None:  # exported once, trained: the expansion's export is only for timing
             model, metrics = _finetune(model, finetune_data, epochs, quiet, say)
             _clear(staging)
             chosen = export(model, source=f"finetune:{finetune_data}:{epochs}")
+        elif chosen is None:
+            chosen = export(model, source="expand")
         weights = f"model_d{depth}.safetensors"
         save_descendant(model, staging / weights, lg.sha256(), {
             "made_by": "tleg-deploy fit", "learngene": str(learngene), "device": profile.name,
