@@ -251,10 +251,7 @@ def _export_member(ctx: _Context, manifest: dict[str, Any], model: Any, source: 
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    files = {}
-    for path in sorted(final.iterdir()):
-        rel = f"{name}/{path.name}"
-        files[rel] = sha256_file(path)
+    files = {f"{name}/{path.name}": sha256_file(path) for path in sorted(final.iterdir())}
     for a in artifacts:
         a["file"] = f"{name}/{a['file']}"
         a["sha256"] = files[a["file"]]
@@ -304,29 +301,24 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
         reports["int8-qdq"] = validate_onnx(files["int8-qdq"], model, precision="int8-qdq",
                                             images=ctx.images(spec), data=ctx.data)
         _tensorrt(ctx, spec, stage, files)
+    def entry(precision: str, fmt: str, path: Path, parity: dict[str, Any] | None) -> dict[str, Any]:
+        return {"depth": depth, "precision": precision, "format": fmt, "file": path.name,
+                "bytes": path.stat().st_size, "sha256": "", "params": costs.params(spec, depth),
+                "macs": costs.macs(spec, depth), "parity": parity,
+                "latency": _latency(ctx, spec, depth, precision, path if fmt == "onnx" else None)}
+
     artifacts = []
     for precision, path in files.items():
-        r = reports.get(precision)
-        artifacts.append({
-            "depth": depth, "precision": precision, "format": "onnx", "file": path.name,
-            "bytes": path.stat().st_size, "sha256": "", "params": costs.params(spec, depth),
-            "macs": costs.macs(spec, depth),
-            "parity": None if r is None else {
-                "max_abs_diff": r.max_abs_diff["logits"], "tolerance": _finite(r.tolerance["logits"]),
-                "agreement": r.agreement, "images": r.images, "data": r.data,
-                "report": path.stem + ".validation.json", "mode": r.mode,
-            },
-            "latency": _latency(ctx, spec, depth, precision, path),
-        })
+        r = reports[precision]
+        artifacts.append(entry(precision, "onnx", path, {
+            "max_abs_diff": r.max_abs_diff["logits"], "tolerance": _finite(r.tolerance["logits"]),
+            "agreement": r.agreement, "images": r.images, "data": r.data,
+            "report": path.stem + ".validation.json", "mode": r.mode,
+        }))
     for precision in ("fp32", "fp16", "int8"):
         engine = stage / f"model_{precision}.engine"
         if engine.exists():
-            artifacts.append({
-                "depth": depth, "precision": precision, "format": "tensorrt", "file": engine.name,
-                "bytes": engine.stat().st_size, "sha256": "", "params": costs.params(spec, depth),
-                "macs": costs.macs(spec, depth), "parity": None,
-                "latency": _latency(ctx, spec, depth, precision, None),
-            })
+            artifacts.append(entry(precision, "tensorrt", engine, None))
     return artifacts
 
 
