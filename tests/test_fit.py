@@ -137,3 +137,21 @@ def test_fit_with_finetuning_exports_the_trained_weights_once(tmp_path: Path) ->
     trained, _ = load_descendant(out / plan["weights"]["file"])
     expanded = expand(load_learngene("demo"), 2)
     assert not torch.equal(trained.head.weight, expanded.head.weight)  # the weights written are the trained ones
+
+
+@pytest.mark.parametrize("bad", [{"objective": "fastest"}, {"precisions": ["fp8"]}, {"margin": 1.5}])
+def test_bad_search_options_are_rejected_before_the_device_is_measured(
+    bad: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tleg_deploy.errors import TlegError
+    from tleg_deploy.fit import fit
+    from tleg_deploy.profile import registry
+    from tleg_deploy.solve import Budget
+
+    def no_measuring(*_a: object, **_k: object) -> None:
+        raise AssertionError("the device profile was resolved (host would be measured) before the options were checked")
+
+    monkeypatch.setattr(registry, "resolve_profile", no_measuring)
+    with pytest.raises(TlegError):
+        fit(Budget(latency_ms=1.0), device="host", out_dir=tmp_path / "out", **bad)
+    assert not (tmp_path / "out").exists()

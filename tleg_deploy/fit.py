@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from tleg_deploy.errors import ExportError, InfeasibleError
 from tleg_deploy.fileio import sha256_file, write_json_atomic, write_text_atomic
 from tleg_deploy.profile.artifact import Measurement
-from tleg_deploy.solve import DEFAULT_MAX_DEPTH, Budget, Candidate, Plan, evaluate, solve
+from tleg_deploy.solve import DEFAULT_MAX_DEPTH, Budget, Candidate, Plan, check_options, evaluate, solve
 
 if TYPE_CHECKING:
     from tleg_deploy.learngene import Learngene
@@ -114,7 +114,7 @@ def fit(
     from tleg_deploy.resources import learngene_spec
 
     spec = learngene_spec(learngene)
-
+    check_options(max_depth=max_depth, precisions=precisions, objective=objective, margin=margin, accuracy=accuracy)
     if isinstance(device, str):
         from tleg_deploy.profile.registry import resolve_profile
 

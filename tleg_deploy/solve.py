@@ -153,6 +153,26 @@ class Plan:
         }
 
 
+def check_options(*, max_depth: int = DEFAULT_MAX_DEPTH, precisions: Sequence[str] | None = None,
+                  objective: str = "deepest", margin: float = 0.0,
+                  accuracy: Mapping[int, float] | None = None) -> dict[int, float]:
+    """Validate ``solve``'s search options without a profile (so ``fit`` can reject them before it
+    measures a device); returns the checked accuracy table."""
+    check_depth(max_depth, maximum=MAX_DEPTH)
+    if not 0.0 <= margin < 1.0 or not math.isfinite(margin):
+        raise UnitError(f"margin {margin!r} must be in [0, 1)", hint="e.g. 0.1 keeps 10% headroom")
+    if objective not in OBJECTIVES:
+        raise TlegError(f"unknown objective {objective!r}", hint=f"use one of {', '.join(OBJECTIVES)}")
+    unknown = [p for p in precisions or () if p not in PRECISIONS]
+    if unknown:
+        raise TlegError(f"unknown precision {unknown[0]!r}", hint=f"use {', '.join(PRECISIONS)}")
+    acc = {} if accuracy is None else _check_accuracy(accuracy)
+    if objective == "accuracy" and not acc:
+        raise TlegError("objective 'accuracy' needs an accuracy-by-depth table",
+                        hint="pass accuracy={depth: top1} or run benchmarks/paper_claims.py")
+    return acc
+
+
 def solve(
     profiles: Profile | Sequence[Profile],
     budget: Budget,
@@ -173,15 +193,8 @@ def solve(
     ``accuracy[depth]`` (ties: the shallower), over the depths the table covers.
     Raises ``InfeasibleError`` naming the cheapest option's cost next to the budget.
     """
-    check_depth(max_depth, maximum=MAX_DEPTH)
-    if not 0.0 <= margin < 1.0 or not math.isfinite(margin):
-        raise UnitError(f"margin {margin!r} must be in [0, 1)", hint="e.g. 0.1 keeps 10% headroom")
-    if objective not in OBJECTIVES:
-        raise TlegError(f"unknown objective {objective!r}", hint=f"use one of {', '.join(OBJECTIVES)}")
-    acc = {} if accuracy is None else _check_accuracy(accuracy)
-    if objective == "accuracy" and not acc:
-        raise TlegError("objective 'accuracy' needs an accuracy-by-depth table",
-                        hint="pass accuracy={depth: top1} or run benchmarks/paper_claims.py")
+    acc = check_options(max_depth=max_depth, precisions=precisions, objective=objective, margin=margin,
+                        accuracy=accuracy)
     if isinstance(profiles, str):
         raise DeviceError(f"solve() takes DeviceProfile objects, not the name {profiles!r}",
                           hint="resolve it first: tleg_deploy.profile.registry.resolve_profile(name, spec=spec)")
@@ -266,10 +279,6 @@ def load_accuracy_table(path: str | Path | None = None, init: str = "tleg") -> d
 
 def _options(plist: Sequence[Profile], spec: ViTSpec, batch: int,
              wanted: Sequence[str] | None) -> list[tuple[int, str]]:
-    if wanted is not None:
-        unknown = [p for p in wanted if p not in PRECISIONS]
-        if unknown:
-            raise TlegError(f"unknown precision {unknown[0]!r}", hint=f"use {', '.join(PRECISIONS)}")
     options = []
     for precision in PRECISIONS:  # highest first, so earlier options win ties
         for i, prof in enumerate(plist):
