@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from tleg_deploy.expand import vit_from_state
 from tleg_deploy.learngene import Learngene
-from tleg_deploy.vit import Block, ViT, drop_path_rates
+from tleg_deploy.vit import Block, drop_path_rates
 
 _SEP = "__"  # ParameterDict keys may not contain "."
 
@@ -25,9 +26,7 @@ class AuxNet(nn.Module):
         self.aux_depth = lg.aux_depth
         self.provenance = dict(lg.provenance)
         # Stem, position embedding, final norm and head: a depth-0 ViT sharing lg's tensors.
-        with torch.device("meta"):
-            self.stem = ViT(lg.spec, depth=0)
-        self.stem.load_state_dict(lg.shared, strict=True, assign=True)
+        self.stem = vit_from_state(lg.spec, 0, lg.shared)
         for p in self.stem.parameters():
             p.requires_grad_(True)
         self.base = nn.ParameterDict({k.replace(".", _SEP): nn.Parameter(v) for k, v in lg.base.items()})

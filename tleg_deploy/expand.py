@@ -35,10 +35,17 @@ def expansion_state_dict(lg: Learngene, depth: int) -> dict[str, torch.Tensor]:
 
 def expand(lg: Learngene, depth: int, drop_path_rate: float = 0.0) -> ViT:
     """A plain ``ViT`` of ``depth`` blocks initialized from ``lg``."""
-    state = expansion_state_dict(lg, depth)
-    with torch.device("meta"):  # skip the random init we would overwrite anyway
-        model = ViT(lg.spec, depth, drop_path_rate=drop_path_rate)
-    model.load_state_dict(state, strict=True, assign=True)
+    return vit_from_state(lg.spec, depth, expansion_state_dict(lg, depth), drop_path_rate=drop_path_rate)
+
+
+def vit_from_state(
+    spec: ViTSpec, depth: int, state: dict[str, torch.Tensor], drop_path_rate: float = 0.0
+) -> ViT:
+    """A ``ViT`` that takes ``state``'s tensors as its parameters (strict key match), built on the
+    meta device so no random init is computed only to be overwritten."""
+    with torch.device("meta"):
+        model = ViT(spec, depth, drop_path_rate=drop_path_rate)
+    model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
     return model
 
 
@@ -74,7 +81,4 @@ def load_descendant(path: str | os.PathLike[str]) -> tuple[ViT, dict[str, str]]:
     except (SpecError, ValueError) as e:
         raise FormatError(f"{path} has invalid metadata: {e}") from None
     check_tensors(path, tensors, descendant_shapes(spec, depth))
-    with torch.device("meta"):
-        model = ViT(spec, depth)
-    model.load_state_dict(tensors, strict=True, assign=True)
-    return model, meta
+    return vit_from_state(spec, depth, tensors), meta

@@ -20,7 +20,7 @@ import torch
 
 from tleg_deploy.config import ViTSpec, check_depth
 from tleg_deploy.errors import SpecError, TlegError
-from tleg_deploy.expand import expand
+from tleg_deploy.expand import expand, vit_from_state
 from tleg_deploy.learngene import Learngene
 from tleg_deploy.vit import ViT, block_param_shapes, init_vit_, shared_param_shapes
 
@@ -56,7 +56,7 @@ def base_only(lg: Learngene, depth: int) -> ViT:
     state = {k: v.clone() for k, v in lg.shared.items()}
     for i in range(depth):
         state |= {f"blocks.{i}.{k}": v.clone() for k, v in lg.base.items()}
-    return _from_state(lg.spec, depth, state)
+    return vit_from_state(lg.spec, depth, state)
 
 
 @torch.no_grad()
@@ -116,15 +116,8 @@ def weight_selection(teacher: ViT, spec: ViTSpec, depth: int, layers: str = "uni
                 state[f"blocks.{i}.{k}"] = _lead(v, (3, spec.embed_dim, *shape[1:])).reshape(shape)
             else:
                 state[f"blocks.{i}.{k}"] = _lead(v, shape)
-    return _from_state(spec, depth, state)
+    return vit_from_state(spec, depth, state)
 
 
 def _lead(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return t[tuple(slice(0, n) for n in shape)].clone()
-
-
-def _from_state(spec: ViTSpec, depth: int, state: dict[str, torch.Tensor]) -> ViT:
-    with torch.device("meta"):
-        model = ViT(spec, depth)
-    model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
-    return model
