@@ -82,3 +82,12 @@ def test_deit_tiny_macs_match_published_figure() -> None:
     # DeiT-Ti is commonly quoted at 1.3 GMACs (fvcore) with a class token: 197 tokens.
     spec = ViTSpec.preset("deit-tiny")
     assert 1.2e9 < macs(spec, 12) < 1.3e9
+
+
+def test_key_mismatch_names_the_first_difference() -> None:
+    from tleg_deploy.errors import key_mismatch
+
+    assert key_mismatch({"a", "b"}, {"a", "b"}) is None
+    assert key_mismatch({"a"}, {"a", "c", "b"}) == "is missing key 'b' (2 missing)"
+    assert key_mismatch({"a", "z", "c"}, {"a", "c"}, "tensor") == "has unexpected tensor 'z'"
+    assert key_mismatch({"z"}, {"a"}).startswith("is missing")  # missing is reported first

@@ -6,6 +6,19 @@ one-line messages and exit codes (``tleg_deploy.cli.app``). Stdlib only.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+
+def key_mismatch(found: Iterable[str], expected: Iterable[str], noun: str = "key") -> str | None:
+    """The first difference between two key sets, worded for an error message, or ``None``:
+    ``is missing key 'a' (2 missing)`` or ``has unexpected key 'b'``. Missing keys are reported first."""
+    have, want = set(found), set(expected)
+    for problem, keys in (("is missing", sorted(want - have)), ("has unexpected", sorted(have - want))):
+        if keys:
+            count = f" ({len(keys)} {problem.split()[-1]})" if len(keys) > 1 else ""
+            return f"{problem} {noun} {keys[0]!r}{count}"
+    return None
+
 
 class TlegError(Exception):
     """Base class: ``message`` says what was wrong, ``hint`` what to do about it."""

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tleg_deploy.errors import FormatError
+from tleg_deploy.errors import FormatError, key_mismatch
 from tleg_deploy.fileio import atomic_path, safetensors_metadata
 
 SCHEMA_VERSION = "1"
@@ -69,25 +69,16 @@ def check_metadata(path: Path, meta: dict[str, str], fmt: str, meta_keys: set[st
             f"{path} has schema_version {version!r}; this tleg-deploy reads {SCHEMA_VERSION!r}",
             hint="upgrade tleg-deploy or re-create the file",
         )
-    expected = meta_keys | {"format", "schema_version"}
-    missing = sorted(expected - set(meta))
-    extra = sorted(set(meta) - expected)
-    if missing:
-        raise FormatError(f"{path} metadata is missing key {missing[0]!r}")
-    if extra:
-        raise FormatError(f"{path} metadata has unexpected key {extra[0]!r}")
+    if problem := key_mismatch(meta, meta_keys | {"format", "schema_version"}):
+        raise FormatError(f"{path} metadata {problem}")
 
 
 def check_tensors(
     path: object, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
 ) -> None:
     """Exactly the expected names, each of the expected shape and a floating dtype."""
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing:
-        raise FormatError(f"{path} is missing tensor {missing[0]!r} ({len(missing)} missing)")
-    if extra:
-        raise FormatError(f"{path} has unexpected tensor {extra[0]!r} ({len(extra)} extra)")
+    if problem := key_mismatch(tensors, expected, "tensor"):
+        raise FormatError(f"{path} {problem}")
     for name, shape in expected.items():
         t = tensors[name]
         if tuple(t.shape) != shape:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.errors import ExportError
+from tleg_deploy.errors import ExportError, key_mismatch
 from tleg_deploy.fileio import sha256_file, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
@@ -99,11 +99,8 @@ def load_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     if data.get("schema_version") != MANIFEST_VERSION:
         raise ExportError(f"{path} has schema_version {data.get('schema_version')!r}, expected {MANIFEST_VERSION!r}",
                           hint=hint)
-    missing = sorted(_MANIFEST_KEYS - set(data))
-    extra = sorted(set(data) - _MANIFEST_KEYS)
-    if missing or extra:
-        key = (missing or extra)[0]
-        raise ExportError(f"{path} is corrupted: {'missing' if missing else 'unexpected'} key {key!r}", hint=hint)
+    if problem := key_mismatch(data, _MANIFEST_KEYS):
+        raise ExportError(f"{path} is corrupted: it {problem}", hint=hint)
     if not (isinstance(data["members"], dict) and isinstance(data["artifacts"], list)
             and isinstance(data["learngene"], dict) and isinstance(data["spec"], dict)):
         raise ExportError(f"{path} is corrupted: learngene/spec/members/artifacts have the wrong type", hint=hint)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tleg_deploy.config import ViTSpec, check_depth
-from tleg_deploy.errors import DeviceError, FormatError, SpecError, TlegError
+from tleg_deploy.errors import DeviceError, FormatError, SpecError, TlegError, key_mismatch
 from tleg_deploy.fileio import write_json_atomic
 from tleg_deploy.profile.linefit import FIT_KEYS, LinearFit, fit_line
 
@@ -390,13 +390,8 @@ def _check_precision(precision: str) -> None:
 def _obj(data: Any, where: str, keys: set[str] | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FormatError(f"field '{where}' must be a JSON object, got {type(data).__name__}")
-    if keys is not None:
-        missing = sorted(keys - set(data))
-        extra = sorted(set(data) - keys)
-        if missing:
-            raise FormatError(f"field '{where}' is missing key(s) {', '.join(repr(k) for k in missing)}")
-        if extra:
-            raise FormatError(f"field '{where}' has unknown key(s) {', '.join(repr(k) for k in extra)}")
+    if keys is not None and (problem := key_mismatch(data, keys)):
+        raise FormatError(f"field '{where}' {problem}")
     return data
 
 
