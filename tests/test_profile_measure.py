@@ -122,3 +122,22 @@ def test_shipped_profiles_are_estimated_and_cite_sources() -> None:
         base = prof.predict(12, spec=ViTSpec.preset("deit-base"), precision="fp16")
         assert base.latency_p50_ms > tiny.latency_p50_ms and base.memory_mb > tiny.memory_mb
         assert tiny.latency_p50_upper_ms > tiny.latency_p50_ms * 1.2  # an estimate is not sure of itself
+
+
+def test_shipped_profiles_are_what_the_estimator_computes() -> None:
+    """The shipped JSON comes from ``python -m tleg_deploy.profile.estimate``, not from hand edits, and
+    goes stale (this fails) when the datasheet figures or the roofline change without regenerating it."""
+    from tleg_deploy.profile.estimate import estimate_profile
+    from tleg_deploy.profile.registry import SHIPPED_DIR
+
+    for path in SHIPPED_DIR.glob("*.json"):
+        shipped = DeviceProfile.load(path)
+        fresh = estimate_profile(path.stem)
+        for spec_name in ("deit-tiny", "digits"):
+            spec = ViTSpec.preset(spec_name)
+            for precision in shipped.precisions(spec):
+                for depth in (1, 12, 30):
+                    a = shipped.predict(depth, spec=spec, precision=precision)
+                    b = fresh.predict(depth, spec=spec, precision=precision)
+                    assert a.latency_p90_upper_ms == pytest.approx(b.latency_p90_upper_ms, rel=1e-9), path.stem
+                    assert a.memory_mb == pytest.approx(b.memory_mb, rel=1e-9), path.stem
