@@ -175,8 +175,9 @@ def devices(
     table.add_column("name", no_wrap=True)
     table.columns.insert(0, table.columns.pop())
     for r in rows:
-        table.add_row(r["name"], ",".join(r["aliases"]), r["source"], ",".join(r["backends"]),
-                      ",".join(r["precisions"]), ",".join(r["specs"]), r["date"][:10])
+        # ", " lets rich wrap long lists in a narrow terminal instead of cutting them to "fp16,i…"
+        table.add_row(r["name"], ", ".join(r["aliases"]), r["source"], ", ".join(r["backends"]),
+                      ", ".join(r["precisions"]), ", ".join(r["specs"]), r["date"][:10])
     out.print(table)
     for problem in scan.problems:
         err.print(f"[yellow]skipped[/yellow] {problem}", highlight=False)
