@@ -36,13 +36,13 @@ import _results  # noqa: F401  (puts the repo root on sys.path)
 import torch
 from _results import write_result
 
-from tleg_deploy.config import ViTSpec
-from tleg_deploy.expand import expand
+from tleg_deploy.export.family import export_family
 from tleg_deploy.export.onnx import export_onnx
 from tleg_deploy.export.validate import validate_onnx
-from tleg_deploy.family import export_family
-from tleg_deploy.fileio import sha256_file
-from tleg_deploy.learngene import Learngene
+from tleg_deploy.files.fileio import sha256_file
+from tleg_deploy.model.expansion import expand
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.spec import ViTSpec
 
 
 def main() -> None:

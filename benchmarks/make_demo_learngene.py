@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tleg_deploy.config import ViTSpec  # noqa: E402
-from tleg_deploy.learngene import Learngene  # noqa: E402
-from tleg_deploy.vit import ViT  # noqa: E402
+from tleg_deploy.model.learngene import Learngene  # noqa: E402
+from tleg_deploy.model.spec import ViTSpec  # noqa: E402
+from tleg_deploy.model.vit import ViT  # noqa: E402
 
 DEFAULTS: dict[str, Any] = dict(seed=0, teacher_epochs=30, aux_epochs=30, lr=1e-3, batch_size=32, aux_depth=12,
                                 teacher_depth=12, teacher_width=96, teacher_heads=6)
@@ -72,7 +72,7 @@ def main() -> None:
     teacher, lg, cost = build(quiet=args.quiet)
     lg.save(args.out)
     if args.teacher_out is not None:
-        from tleg_deploy.expand import save_descendant
+        from tleg_deploy.model.expansion import save_descendant
 
         save_descendant(teacher, args.teacher_out, "", {"made_by": "make_demo_learngene", **cost["teacher_metrics"]})
     pv = lg.provenance

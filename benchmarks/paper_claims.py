@@ -44,12 +44,12 @@ MATCH_TOL = 0.005  # "matches": mean test accuracy within half a point of scratc
 def _build_job(workdir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     from make_demo_learngene import build  # type: ignore[import-not-found]
 
-    from tleg_deploy.expand import save_descendant
+    from tleg_deploy.model.expansion import save_descendant
 
     teacher, lg, cost = build(quiet=True, teacher_epochs=cfg["teacher_epochs"], aux_epochs=cfg["aux_epochs"])
     lg.save(Path(workdir) / "lg.safetensors")
     save_descendant(teacher, Path(workdir) / "teacher.safetensors")
-    from tleg_deploy.extract import extract_learngene
+    from tleg_deploy.model.extract import extract_learngene
 
     teacher_r2 = extract_learngene(teacher, teacher.spec)[1].r2
     return {"cost": cost, "sha256": lg.sha256(), "teacher_r2": teacher_r2}
@@ -60,9 +60,9 @@ def _finetune_job(workdir: str, init: str, depth: int, seed: int, epochs: int, c
     import torch
 
     torch.set_num_threads(1)
-    from tleg_deploy.config import ViTSpec
-    from tleg_deploy.expand import load_descendant
-    from tleg_deploy.learngene import Learngene
+    from tleg_deploy.model.expansion import load_descendant
+    from tleg_deploy.model.learngene import Learngene
+    from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.train.finetune import finetune
     from tleg_deploy.train.inits import init_model
 
@@ -75,8 +75,8 @@ def _finetune_job(workdir: str, init: str, depth: int, seed: int, epochs: int, c
     out = {"init": init, "depth": depth, "seed": seed, "epochs": epochs, "test_acc": res.metrics["test_acc"],
            "val_acc": res.metrics["val_acc"], "seconds": res.metrics["seconds"]}
     if want_r2:
-        from tleg_deploy.extract import extract_learngene
-        from tleg_deploy.vit import ViT, init_vit_
+        from tleg_deploy.model.extract import extract_learngene
+        from tleg_deploy.model.vit import ViT, init_vit_
 
         out["r2"] = extract_learngene(res.model, res.model.spec)[1].r2
         rand = init_vit_(ViT(res.model.spec, depth), torch.Generator().manual_seed(seed))
@@ -91,8 +91,8 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 
 def _train_macs(depth: int, images: int, teacher_depth: int = 0, teacher_spec: Any = None) -> int:
-    from tleg_deploy.config import ViTSpec
-    from tleg_deploy.costs import macs
+    from tleg_deploy.model.spec import ViTSpec
+    from tleg_deploy.plan.costs import macs
 
     spec = ViTSpec.preset("digits")
     extra = macs(teacher_spec, teacher_depth) if teacher_spec is not None else 0
@@ -100,7 +100,7 @@ def _train_macs(depth: int, images: int, teacher_depth: int = 0, teacher_spec: A
 
 
 def run(cfg: dict[str, Any], workers: int) -> tuple[dict[str, Any], str]:
-    from tleg_deploy.resources import DEMO_LEARNGENE
+    from tleg_deploy.model.resources import DEMO_LEARNGENE
 
     E, seeds, depths = cfg["E"], cfg["seeds"], cfg["depths"]
     t_start = time.perf_counter()
@@ -122,7 +122,7 @@ def run(cfg: dict[str, Any], workers: int) -> tuple[dict[str, Any], str]:
                 jobs += [pool.submit(_finetune_job, wd, "tleg", d, s, e, cfg) for d in cfg["match_depths"]
                          for s in seeds]
         results = [j.result() for j in jobs]
-        from tleg_deploy.learngene import Learngene
+        from tleg_deploy.model.learngene import Learngene
 
         lg = Learngene.load(Path(wd) / "lg.safetensors")
         lg_bytes = (Path(wd) / "lg.safetensors").stat().st_size
@@ -186,19 +186,19 @@ def run(cfg: dict[str, Any], workers: int) -> tuple[dict[str, Any], str]:
 
 
 def _macs(spec: Any, depth: int) -> int:
-    from tleg_deploy.costs import macs
+    from tleg_deploy.plan.costs import macs
 
     return macs(spec, depth)
 
 
 def _params(spec: Any, depth: int) -> int:
-    from tleg_deploy.costs import params
+    from tleg_deploy.plan.costs import params
 
     return params(spec, depth)
 
 
 def _descendant_bytes(lg: Any, depths: tuple[int, ...], wd: Path) -> dict[str, int]:
-    from tleg_deploy.expand import expand, save_descendant
+    from tleg_deploy.model.expansion import expand, save_descendant
 
     out = {}
     for d in depths:

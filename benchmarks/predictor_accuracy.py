@@ -24,7 +24,7 @@ from typing import Any
 
 from _results import write_result  # also puts the repository root on sys.path
 
-from tleg_deploy.config import ViTSpec
+from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile.linefit import fit_line
 from tleg_deploy.profile.measure import MeasureConfig, measure_points, profile
 
@@ -41,7 +41,7 @@ def run_spec(name: str, *, rounds: int, round_seconds: float, clock: str = "wall
     spec = ViTSpec.preset(name)
     learngene = None
     if name == "digits":
-        from tleg_deploy.resources import load_learngene
+        from tleg_deploy.model.resources import load_learngene
 
         learngene = load_learngene("demo")
     fit_cfg = MeasureConfig(

@@ -79,7 +79,7 @@ def run_script(name: str) -> tuple[bool, float]:
 
 
 def save_timings(timings: dict[str, dict[str, Any]]) -> None:
-    from tleg_deploy.fileio import write_json_atomic
+    from tleg_deploy.files.fileio import write_json_atomic
 
     previous: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError, AttributeError):

@@ -71,7 +71,7 @@ class Artifacts:
 
 def solve_time_us(prof: Any, budget: Any, spec: Any, max_depth: int, reps: int = 200) -> tuple[float, float]:
     """Median and 99th percentile of ``reps`` solves, in microseconds."""
-    from tleg_deploy.solve import solve
+    from tleg_deploy.plan.solve import solve
 
     times = []
     for _ in range(reps):
@@ -83,10 +83,10 @@ def solve_time_us(prof: Any, budget: Any, spec: Any, max_depth: int, reps: int =
 
 
 def run_spec(name: str, n_budgets: int, max_depth: int, cached: bool) -> list[dict[str, Any]]:
-    from tleg_deploy.config import ViTSpec
     from tleg_deploy.errors import InfeasibleError
+    from tleg_deploy.model.spec import ViTSpec
+    from tleg_deploy.plan.solve import Budget, solve
     from tleg_deploy.profile.measure import MeasureConfig, time_runners
-    from tleg_deploy.solve import Budget, solve
 
     spec = ViTSpec.preset(name)
     t0 = time.time()

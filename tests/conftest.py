@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tleg_deploy.config import ViTSpec
-from tleg_deploy.learngene import Learngene
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.spec import ViTSpec
 
 torch.set_num_threads(1)
 

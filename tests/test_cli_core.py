@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tleg_deploy.cli.app import app
-from tleg_deploy.learngene import Learngene
+from tleg_deploy.model.learngene import Learngene
 
 runner = CliRunner()
 
@@ -109,6 +109,6 @@ def test_error_text_in_square_brackets_is_printed_verbatim(monkeypatch: pytest.M
     def boom(*_a: object, **_k: object) -> None:
         raise BackendError("tensorrt is missing", hint="pip install 'tleg-deploy[tensorrt]'")
 
-    monkeypatch.setattr("tleg_deploy.inspect.describe_file", boom)
+    monkeypatch.setattr("tleg_deploy.deploy.inspect.describe_file", boom)
     result = invoke("info", "demo")
     assert result.exit_code == 2 and "tleg-deploy[tensorrt]" in result.output

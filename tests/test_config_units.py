@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from tleg_deploy.config import ViTSpec, check_depth
 from tleg_deploy.errors import DepthError, SpecError, UnitError
-from tleg_deploy.units import parse_count, parse_latency_ms, parse_size_mb
+from tleg_deploy.model.spec import ViTSpec, check_depth
+from tleg_deploy.plan.units import parse_count, parse_latency_ms, parse_size_mb
 
 
 def test_presets_match_deit() -> None:
@@ -57,17 +57,18 @@ def test_units_reject_nonsense(bad: str) -> None:
 
 def test_torch_free_modules_do_not_import_torch() -> None:
     code = (
-        "import sys; import tleg_deploy, tleg_deploy.units, tleg_deploy.config, tleg_deploy.errors, "
-        "tleg_deploy.fileio, tleg_deploy.costs, tleg_deploy.budget, tleg_deploy.solve, tleg_deploy.profile.table, "
-        "tleg_deploy.resources; print('torch' in sys.modules)"
+        "import sys; import tleg_deploy, tleg_deploy.plan.units, tleg_deploy.model.spec, tleg_deploy.errors, "
+        "tleg_deploy.files.fileio, tleg_deploy.plan.costs, tleg_deploy.plan.budget, tleg_deploy.plan.solve, "
+        "tleg_deploy.profile.table, "
+        "tleg_deploy.model.resources; print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
 
 def test_costs_match_the_real_model() -> None:
-    from tleg_deploy.costs import params
-    from tleg_deploy.vit import ViT
+    from tleg_deploy.model.vit import ViT
+    from tleg_deploy.plan.costs import params
 
     for spec in (ViTSpec.preset("digits"), ViTSpec(img_size=8, patch_size=4, in_chans=3, embed_dim=16,
                                                     num_heads=2, mlp_ratio=2.0, num_classes=5, qkv_bias=False,
@@ -77,7 +78,7 @@ def test_costs_match_the_real_model() -> None:
 
 
 def test_deit_tiny_macs_match_published_figure() -> None:
-    from tleg_deploy.costs import macs
+    from tleg_deploy.plan.costs import macs
 
     # DeiT-Ti is commonly quoted at 1.3 GMACs (fvcore) with a class token: 197 tokens.
     spec = ViTSpec.preset("deit-tiny")

@@ -5,12 +5,12 @@ import time
 import pytest
 import torch
 
-from tleg_deploy.auxnet import AuxNet
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import DepthError
-from tleg_deploy.expand import expand, load_descendant, save_descendant
-from tleg_deploy.learngene import Learngene
-from tleg_deploy.vit import BLOCK_PARAMS, ViT
+from tleg_deploy.model.auxnet import AuxNet
+from tleg_deploy.model.expansion import expand, load_descendant, save_descendant
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.model.vit import BLOCK_PARAMS, ViT
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4, 7, 16])

@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from tleg_deploy.cli.app import app
-from tleg_deploy.expand import expand, save_descendant
-from tleg_deploy.learngene import Learngene
+from tleg_deploy.model.expansion import expand, save_descendant
+from tleg_deploy.model.learngene import Learngene
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_export_bad_input(lg_file, tmp_path, args, message):
 
 
 def test_weights_of_another_spec(lg_file, tmp_path):
-    from tleg_deploy.config import ViTSpec
+    from tleg_deploy.model.spec import ViTSpec
 
     other = Learngene.init(ViTSpec(img_size=8, patch_size=4, in_chans=3, embed_dim=24, num_heads=2, mlp_ratio=2.0,
                                    num_classes=5), aux_depth=2)

@@ -10,11 +10,11 @@ import pytest
 from onnx import numpy_helper
 
 from tleg_deploy.errors import ExportError
-from tleg_deploy.expand import expand
+from tleg_deploy.export.family import export_family
 from tleg_deploy.export.onnx import save_proto
 from tleg_deploy.export.template import DepthTemplate
 from tleg_deploy.export.validate import report_path, validate_member, validate_onnx
-from tleg_deploy.family import export_family
+from tleg_deploy.model.expansion import expand
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tleg_deploy.errors import ExportError
-from tleg_deploy.expand import expand
 from tleg_deploy.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, read_metadata
+from tleg_deploy.model.expansion import expand
 
 
 def _ort_run(path, x: torch.Tensor) -> np.ndarray:
@@ -48,7 +48,7 @@ def test_metadata_props(tiny_lg, tmp_path):
     assert meta["format"] == "tleg-onnx" and meta["schema_version"] == "1"
     assert meta["depth"] == "2" and meta["learngene_sha256"] == "ab" * 32
     assert meta["tool_version"].startswith("tleg-deploy ")
-    from tleg_deploy.config import ViTSpec
+    from tleg_deploy.model.spec import ViTSpec
 
     assert ViTSpec.from_json(meta["spec"]) == tiny_lg.spec
 

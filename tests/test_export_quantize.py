@@ -6,15 +6,15 @@ import torch
 from onnx import TensorProto
 
 from tleg_deploy.errors import ExportError
-from tleg_deploy.expand import expand
 from tleg_deploy.export.onnx import export_onnx, read_metadata
 from tleg_deploy.export.quantize import convert_fp16, quantize_int8
 from tleg_deploy.export.validate import validate_onnx
+from tleg_deploy.model.expansion import expand
 
 
 def test_int8_agrees_with_fp32_on_digits(tmp_path):
     """The issue's bar: on digits, the int8 model agrees with fp32 on >= 99% of the test images."""
-    from tleg_deploy.resources import load_learngene
+    from tleg_deploy.model.resources import load_learngene
     from tleg_deploy.train.data import load_data
 
     lg = load_learngene("demo")

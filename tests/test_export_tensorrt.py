@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import BackendError, ExportError
 from tleg_deploy.export.tensorrt import BatchRange, build_script, trtexec_commands, write_build_script
+from tleg_deploy.model.spec import ViTSpec
 
 FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8-qdq": "model_int8_qdq.onnx"}
 
@@ -75,9 +75,9 @@ def test_missing_tensorrt_is_a_backend_error(tmp_path):
 @pytest.mark.tensorrt
 def test_build_engine_with_tensorrt(tiny_lg, tmp_path):
     pytest.importorskip("tensorrt")
-    from tleg_deploy.expand import expand
     from tleg_deploy.export.onnx import export_onnx
     from tleg_deploy.export.tensorrt import build_tensorrt_engine
+    from tleg_deploy.model.expansion import expand
 
     onnx_path = export_onnx(expand(tiny_lg, 2), tmp_path / "m.onnx")
     cache = tmp_path / "timing.cache"

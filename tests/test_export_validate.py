@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tleg_deploy.errors import ExportError
-from tleg_deploy.expand import expand
 from tleg_deploy.export.onnx import export_onnx
 from tleg_deploy.export.validate import report_path, validate_onnx
+from tleg_deploy.model.expansion import expand
 
 
 def test_validate_passes_and_saves_report(tiny_lg, tmp_path):

@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import CheckpointError, FormatError
-from tleg_deploy.expand import expand
-from tleg_deploy.extract import extract_learngene
-from tleg_deploy.learngene import Learngene
-from tleg_deploy.tleg_import import import_tleg_checkpoint, official_key
-from tleg_deploy.vit import BLOCK_PARAMS
+from tleg_deploy.model.expansion import expand
+from tleg_deploy.model.extract import extract_learngene
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.model.tleg_import import import_tleg_checkpoint, official_key
+from tleg_deploy.model.vit import BLOCK_PARAMS
 
 
 @pytest.mark.parametrize("depth", [2, 4, 9])

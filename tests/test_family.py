@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tleg_deploy.errors import DepthError, ExportError
-from tleg_deploy.expand import expand
+from tleg_deploy.export.family import export_family, parse_depths, parse_formats
 from tleg_deploy.export.manifest import LOCK_NAME, load_manifest, member_is_intact
-from tleg_deploy.family import export_family, parse_depths, parse_formats
-from tleg_deploy.fileio import sha256_file
+from tleg_deploy.files.fileio import sha256_file
+from tleg_deploy.model.expansion import expand
 
 
 def _claims_are_intact(out):
@@ -45,7 +45,7 @@ def test_family_manifest(tiny_lg, tmp_path):
     m = _claims_are_intact(out)
     assert m == json.loads((out / "manifest.json").read_text()) == manifest
     assert m["learngene"]["sha256"] == tiny_lg.sha256() and m["spec"] == tiny_lg.spec.to_dict()
-    from tleg_deploy import costs
+    from tleg_deploy.plan import costs
 
     for a in m["artifacts"]:
         assert a["precision"] == "fp32" and a["params"] == costs.params(tiny_lg.spec, a["depth"])

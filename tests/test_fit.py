@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from tleg_deploy.cli.app import app
-from tleg_deploy.config import ViTSpec
-from tleg_deploy.fileio import sha256_file
+from tleg_deploy.files.fileio import sha256_file
+from tleg_deploy.model.spec import ViTSpec
 
 runner = CliRunner()
 
@@ -44,8 +44,8 @@ def _check_dir(out: Path) -> dict:
 
 
 def test_fit_host_measured_then_jetson_estimated(tmp_path: Path, cache: Path) -> None:
+    from tleg_deploy.plan.solve import Budget, solve
     from tleg_deploy.profile.registry import resolve_profile
-    from tleg_deploy.solve import Budget, solve
 
     spec = ViTSpec.preset("digits")
     host = resolve_profile("host", spec=spec)  # measured once here, then read from the cache by `fit`
@@ -107,8 +107,8 @@ def test_fit_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
 
 
 def test_fit_interrupted_leaves_nothing(tmp_path: Path) -> None:
-    from tleg_deploy.fit import fit
-    from tleg_deploy.solve import Budget
+    from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.plan.solve import Budget
 
     def interrupt_after_export(msg: str) -> None:
         if msg.startswith("exported and validated"):  # the staging directory holds a whole export by now
@@ -120,10 +120,10 @@ def test_fit_interrupted_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_fit_with_finetuning_exports_the_trained_weights_once(tmp_path: Path) -> None:
-    from tleg_deploy.expand import expand, load_descendant
-    from tleg_deploy.fit import fit
-    from tleg_deploy.resources import load_learngene
-    from tleg_deploy.solve import Budget
+    from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.model.expansion import expand, load_descendant
+    from tleg_deploy.model.resources import load_learngene
+    from tleg_deploy.plan.solve import Budget
 
     messages: list[str] = []
     out = tmp_path / "ft"
@@ -143,10 +143,10 @@ def test_fit_with_finetuning_exports_the_trained_weights_once(tmp_path: Path) ->
 def test_bad_search_options_are_rejected_before_the_device_is_measured(
     bad: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from tleg_deploy.deploy.fit import fit
     from tleg_deploy.errors import TlegError
-    from tleg_deploy.fit import fit
+    from tleg_deploy.plan.solve import Budget
     from tleg_deploy.profile import registry
-    from tleg_deploy.solve import Budget
 
     def no_measuring(*_a: object, **_k: object) -> None:
         raise AssertionError("the device profile was resolved (host would be measured) before the options were checked")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import FormatError
-from tleg_deploy.learngene import Learngene
-from tleg_deploy.vit import BLOCK_PARAMS
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.model.vit import BLOCK_PARAMS
 
 
 def test_init_follows_the_paper(tiny_spec: ViTSpec) -> None:

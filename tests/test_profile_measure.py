@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tleg_deploy import costs
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import BackendError, DepthError
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.plan import costs
 from tleg_deploy.profile.estimate import (
     calibrate_efficiency,
     estimate_entry,

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from tleg_deploy.cli.app import app
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import DeviceError, FormatError
+from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile import registry
 from tleg_deploy.profile.table import DeviceProfile, Point, make_entry
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import DepthError, DeviceError, FormatError
+from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile.linefit import fit_line, t975
 from tleg_deploy.profile.table import DeviceProfile, Point, make_entry
 

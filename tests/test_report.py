@@ -165,7 +165,7 @@ def test_unusable_results_file_is_reported_not_raised(tmp_path: Path, no_host_ca
 
 
 def test_family_manifest_is_used_for_storage(tiny_lg: Any, tmp_path: Path, no_host_cache: None) -> None:
-    from tleg_deploy.family import export_family
+    from tleg_deploy.export.family import export_family
 
     manifest = export_family(tiny_lg, [1, 2, 3], tmp_path / "fam", "onnx", data=None)
     fp32 = {a["depth"]: a["bytes"] for a in manifest["artifacts"] if a["precision"] == "fp32"}

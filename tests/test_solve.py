@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tleg_deploy import costs
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import DeviceError, InfeasibleError, TlegError, UnitError
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.plan import costs
+from tleg_deploy.plan.solve import Budget, Plan, load_accuracy_table, solve
+from tleg_deploy.plan.units import parse_percentile
 from tleg_deploy.profile.table import DeviceProfile, Point, make_entry
-from tleg_deploy.solve import Budget, Plan, load_accuracy_table, solve
-from tleg_deploy.units import parse_percentile
 
 SPEC = ViTSpec.preset("digits")
 
@@ -229,7 +229,8 @@ def test_accuracy_table_files(tmp_path: Path) -> None:
 
 def test_solver_and_profile_table_are_torch_free() -> None:
     # `fit --device jetson` reaches the solver without torch: fit.py and the fit command import it lazily.
-    code = ("import sys, tleg_deploy.solve, tleg_deploy.profile.table, tleg_deploy.units, tleg_deploy.fit; "
+    code = ("import sys, tleg_deploy.plan.solve, tleg_deploy.profile.table, tleg_deploy.plan.units, "
+            "tleg_deploy.deploy.fit; "
             "import tleg_deploy.profile.registry; "
             "print('torch' in sys.modules, 'onnxruntime' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from tleg_deploy.cli.app import app
-from tleg_deploy.expand import load_descendant
-from tleg_deploy.learngene import Learngene
+from tleg_deploy.model.expansion import load_descendant
+from tleg_deploy.model.learngene import Learngene
 
 runner = CliRunner()
 

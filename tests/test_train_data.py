@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import DataError
+from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.train.data import augment_batch, load_data
 
 

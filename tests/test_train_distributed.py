@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tleg_deploy.expand import expand, load_descendant
-from tleg_deploy.learngene import Learngene
+from tleg_deploy.model.expansion import expand, load_descendant
+from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.train.finetune import finetune
 
 

@@ -5,12 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import SpecError, TlegError
-from tleg_deploy.expand import expand
-from tleg_deploy.learngene import Learngene
+from tleg_deploy.model.expansion import expand
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.model.vit import BLOCK_PARAMS, ViT, init_vit_
 from tleg_deploy.train.inits import INITS, init_model, selected_layers, weight_selection
-from tleg_deploy.vit import BLOCK_PARAMS, ViT, init_vit_
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import Tensor
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import CheckpointError, TlegError
-from tleg_deploy.learngene import Learngene
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.model.vit import ViT, init_vit_
 from tleg_deploy.train.finetune import finetune, splits, train_teacher
 from tleg_deploy.train.learngene import train_learngene
 from tleg_deploy.train.loop import CHECKPOINT, METRICS, TrainConfig, fit, lr_at
 from tleg_deploy.train.losses import CrossEntropy, DistillationLoss
-from tleg_deploy.vit import ViT, init_vit_
 
 
 @pytest.fixture

@@ -12,16 +12,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ViTSpec": "tleg_deploy.config",
-    "Learngene": "tleg_deploy.learngene",
-    "AuxNet": "tleg_deploy.auxnet",
-    "ViT": "tleg_deploy.vit",
-    "expand": "tleg_deploy.expand",
-    "save_descendant": "tleg_deploy.expand",
-    "load_descendant": "tleg_deploy.expand",
-    "extract_learngene": "tleg_deploy.extract",
-    "import_tleg_checkpoint": "tleg_deploy.tleg_import",
-    "load_learngene": "tleg_deploy.resources",
+    "ViTSpec": "tleg_deploy.model.spec",
+    "Learngene": "tleg_deploy.model.learngene",
+    "AuxNet": "tleg_deploy.model.auxnet",
+    "ViT": "tleg_deploy.model.vit",
+    "expand": "tleg_deploy.model.expansion",
+    "save_descendant": "tleg_deploy.model.expansion",
+    "load_descendant": "tleg_deploy.model.expansion",
+    "extract_learngene": "tleg_deploy.model.extract",
+    "import_tleg_checkpoint": "tleg_deploy.model.tleg_import",
+    "load_learngene": "tleg_deploy.model.resources",
     "TlegError": "tleg_deploy.errors",
 }
 

@@ -17,8 +17,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tleg_deploy.config import MAX_DEPTH
 from tleg_deploy.errors import TlegError
+from tleg_deploy.model.spec import MAX_DEPTH
 
 app = typer.Typer(
     name="tleg-deploy",

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from tleg_deploy.cli.app import DepthOpt, JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, out
-from tleg_deploy.config import ViTSpec
+from tleg_deploy.model.spec import ViTSpec
 
 
 @command()
@@ -23,9 +23,9 @@ def expand(
 
     Example: tleg-deploy expand --learngene demo --depth 6 -o digits6.safetensors
     """
-    from tleg_deploy.expand import expand as expand_lg
-    from tleg_deploy.expand import save_descendant
-    from tleg_deploy.resources import load_learngene
+    from tleg_deploy.model.expansion import expand as expand_lg
+    from tleg_deploy.model.expansion import save_descendant
+    from tleg_deploy.model.resources import load_learngene
 
     lg = load_learngene(learngene)
     model = expand_lg(lg, depth)
@@ -49,7 +49,7 @@ def extract(
 
     Example: tleg-deploy extract my_vit12.safetensors --spec deit-tiny -o my_learngene.safetensors
     """
-    from tleg_deploy.extract import extract_learngene
+    from tleg_deploy.model.extract import extract_learngene
 
     lg, report = extract_learngene(model, ViTSpec.preset(spec), aux_depth)
     lg.save(output)
@@ -76,7 +76,7 @@ def import_tleg(
 
     Example: tleg-deploy import-tleg aux_deit_small/checkpoint.pth -o aux_small.safetensors
     """
-    from tleg_deploy.tleg_import import import_tleg_checkpoint
+    from tleg_deploy.model.tleg_import import import_tleg_checkpoint
 
     lg = import_tleg_checkpoint(checkpoint, aux_depth=aux_depth, num_heads=num_heads, use_ema=ema)
     lg.save(output)
@@ -96,7 +96,7 @@ def info(
 
     Example: tleg-deploy info demo
     """
-    from tleg_deploy.inspect import describe_file
+    from tleg_deploy.deploy.inspect import describe_file
 
     facts = describe_file(path)
     if json_:
@@ -120,10 +120,10 @@ def demo(
     Example: tleg-deploy demo -o tleg-demo
     """
     from tleg_deploy.cli.fit import render_summary
-    from tleg_deploy.fit import fit
+    from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.model.resources import learngene_spec
+    from tleg_deploy.plan.solve import Budget, evaluate
     from tleg_deploy.profile.registry import resolve_profile
-    from tleg_deploy.resources import learngene_spec
-    from tleg_deploy.solve import Budget, evaluate
 
     spec = learngene_spec("demo")
     out.rule("[bold]1/2 host[/bold]: this machine, ONNX Runtime CPU, 1 thread (measured on first use, then cached)")

@@ -37,18 +37,18 @@ def export_cmd(
 
     Example: tleg-deploy export --learngene demo --depth 6 --format onnx,int8,fp16,tensorrt -o out/
     """
-    from tleg_deploy.config import check_depth
     from tleg_deploy.errors import SpecError
-    from tleg_deploy.family import parse_formats
-    from tleg_deploy.fileio import sha256_file
-    from tleg_deploy.resources import load_learngene
+    from tleg_deploy.export.family import parse_formats
+    from tleg_deploy.files.fileio import sha256_file
+    from tleg_deploy.model.resources import load_learngene
+    from tleg_deploy.model.spec import check_depth
 
     check_depth(depth)
     formats = parse_formats(format_)
     lg = load_learngene(learngene)
     models, source = None, "expand"
     if weights is not None:
-        from tleg_deploy.expand import load_descendant
+        from tleg_deploy.model.expansion import load_descendant
 
         model, _ = load_descendant(weights)
         if model.spec != lg.spec:
@@ -79,8 +79,8 @@ def export_family_cmd(
 
     Example: tleg-deploy export-family --learngene demo --depths 1-12 --format onnx,int8 -o family/
     """
-    from tleg_deploy.family import parse_depths, parse_formats
-    from tleg_deploy.resources import load_learngene
+    from tleg_deploy.export.family import parse_depths, parse_formats
+    from tleg_deploy.model.resources import load_learngene
 
     wanted = parse_depths(depths)
     formats = parse_formats(format_)
@@ -92,8 +92,8 @@ def _export(lg: Any, learngene: str, depths: list[int], output: Path, formats: t
             device: str | None, measure: bool, json_: bool, quiet: bool, models: dict[int, Any] | None = None,
             source: str = "expand") -> None:
     """What both commands share: the device profile, ``export_family`` under a progress bar, the render."""
-    from tleg_deploy.family import export_family
-    from tleg_deploy.resources import learngene_path
+    from tleg_deploy.export.family import export_family
+    from tleg_deploy.model.resources import learngene_path
 
     profile = None
     if device is not None:

@@ -10,7 +10,7 @@ import typer
 from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, err, out
 
 if TYPE_CHECKING:
-    from tleg_deploy.fit import FitResult
+    from tleg_deploy.deploy.fit import FitResult
 
 
 @command()
@@ -42,8 +42,8 @@ def fit(
 
     Example: tleg-deploy fit --latency 5ms --memory 256MB --device jetson -o fit-jetson
     """
-    from tleg_deploy.fit import fit as run_fit
-    from tleg_deploy.solve import Budget, load_accuracy_table
+    from tleg_deploy.deploy.fit import fit as run_fit
+    from tleg_deploy.plan.solve import Budget, load_accuracy_table
 
     budget = Budget.from_strings(latency=latency, memory=memory, params=params, percentile=percentile)
     table = load_accuracy_table(accuracy) if objective == "accuracy" or accuracy is not None else None

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 def parse_depths(text: str) -> tuple[int, ...]:
     """``'1,6,12'`` or ``'1-4,8'`` -> sorted distinct depths, each in 1..MAX_DEPTH."""
-    from tleg_deploy.config import check_depth
     from tleg_deploy.errors import DepthError
+    from tleg_deploy.model.spec import check_depth
 
     depths: set[int] = set()
     for part in text.split(","):
@@ -66,13 +66,13 @@ def profile(
 
     Example: tleg-deploy profile --device host --backend onnxruntime --depths 1,6,12 -o profiles/laptop.json
     """
-    from tleg_deploy.config import ViTSpec
     from tleg_deploy.errors import TlegError
+    from tleg_deploy.model.resources import load_learngene
+    from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.profile import registry
     from tleg_deploy.profile.measure import MeasureConfig
     from tleg_deploy.profile.measure import profile as measure
     from tleg_deploy.profile.table import DeviceProfile
-    from tleg_deploy.resources import load_learngene
 
     archs = [ViTSpec.preset(name) for name in _csv(spec)] or [ViTSpec.preset("digits")]
     precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))

@@ -35,8 +35,8 @@ def report(
     Example: tleg-deploy report --device host --device jetson -o out/report
     """
     from tleg_deploy.errors import TlegError
+    from tleg_deploy.plan.units import parse_latency_ms
     from tleg_deploy.report import DEFAULT_RESULTS, ReportConfig, build_report
-    from tleg_deploy.units import parse_latency_ms
 
     if results is not None and not results.is_dir():  # named on purpose: a typo must not give an empty report
         why = "is not a directory" if results.exists() else "does not exist"

@@ -11,8 +11,8 @@ from typing import Annotated, Any
 import typer
 
 from tleg_deploy.cli.app import DepthOpt, JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, out
-from tleg_deploy.config import MAX_DEPTH
 from tleg_deploy.errors import TlegError
+from tleg_deploy.model.spec import MAX_DEPTH
 
 DataOpt = Annotated[str, typer.Option("--data", help="digits, folder:PATH (ImageFolder) or npz:PATH.")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", "-e", min=1, help="Training epochs.")]
@@ -59,8 +59,8 @@ def train_teacher_cmd(
 
     Example: tleg-deploy train-teacher --width 96 --heads 6 --depth 12 --epochs 30 -o teacher.safetensors
     """
-    from tleg_deploy.config import ViTSpec
-    from tleg_deploy.expand import save_descendant
+    from tleg_deploy.model.expansion import save_descendant
+    from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.train.distributed import is_main_process
     from tleg_deploy.train.finetune import train_teacher
 
@@ -90,7 +90,7 @@ def train_learngene_cmd(
 
     Example: tleg-deploy train-learngene --teacher teacher.safetensors --aux-depth 12 --epochs 30 -o lg.safetensors
     """
-    from tleg_deploy.config import ViTSpec
+    from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.train.distributed import is_main_process
     from tleg_deploy.train.learngene import train_learngene
 
@@ -117,8 +117,8 @@ def finetune_cmd(
 
     Example: tleg-deploy finetune --learngene demo --depth 6 --epochs 10 -o digits6.safetensors
     """
-    from tleg_deploy.expand import load_descendant, save_descendant
-    from tleg_deploy.resources import load_learngene
+    from tleg_deploy.model.expansion import load_descendant, save_descendant
+    from tleg_deploy.model.resources import load_learngene
     from tleg_deploy.train.distributed import is_main_process
     from tleg_deploy.train.finetune import finetune
     from tleg_deploy.train.inits import init_model

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tleg_deploy.errors import ExportError, key_mismatch
-from tleg_deploy.fileio import sha256_file, write_json_atomic
+from tleg_deploy.files.fileio import sha256_file, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tleg-export-manifest"

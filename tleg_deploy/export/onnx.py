@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from tleg_deploy.errors import ExportError
-from tleg_deploy.fileio import atomic_path
-from tleg_deploy.vit import ViT
+from tleg_deploy.files.fileio import atomic_path
+from tleg_deploy.model.vit import ViT
 
 ONNX_FORMAT = "tleg-onnx"
 SCHEMA_VERSION = "1"

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import ExportError
 from tleg_deploy.export.onnx import export_proto, model_metadata, set_metadata
-from tleg_deploy.vit import ViT
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.model.vit import ViT
 
 _B0, _B1 = "/blocks/blocks.0/", "/blocks/blocks.1/"
 

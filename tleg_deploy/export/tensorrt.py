@@ -23,10 +23,10 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import BackendError, ExportError
 from tleg_deploy.export.onnx import INPUT_NAME
-from tleg_deploy.fileio import atomic_path, write_text_atomic
+from tleg_deploy.files.fileio import atomic_path, write_text_atomic
+from tleg_deploy.model.spec import ViTSpec
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL_HINT = "pip install 'tleg-deploy[tensorrt]' (tensorrt>=10) on a machine with an NVIDIA GPU and driver"

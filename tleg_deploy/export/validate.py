@@ -26,8 +26,8 @@ import torch
 
 from tleg_deploy.errors import ExportError
 from tleg_deploy.export.onnx import INPUT_NAME, OUTPUT_NAME
-from tleg_deploy.fileio import write_json_atomic
-from tleg_deploy.vit import ViT
+from tleg_deploy.files.fileio import write_json_atomic
+from tleg_deploy.model.vit import ViT
 
 REPORT_FORMAT = "tleg-validation"
 REPORT_VERSION = "1"

@@ -91,7 +91,7 @@ def probe(cfg: dict[str, Any]) -> float:
         return meter.peak_mb()
     import torch
 
-    from tleg_deploy.config import ViTSpec
+    from tleg_deploy.model.spec import ViTSpec
 
     torch.set_num_threads(cfg["threads"])
     spec = ViTSpec.from_dict(cfg["spec"])

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.config import ViTSpec
+from tleg_deploy.model.spec import ViTSpec
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Per ViT block (and likewise for the fixed stem + head):
 
 MACs are counted with fvcore (Fvcore's ``FlopCountAnalysis`` counts one multiply-add as one
 "flop") plus a handle for ``aten::scaled_dot_product_attention``, which fvcore does not know;
-``tests`` check the count against the analytic formula in ``tleg_deploy.costs``. Bytes are the
+``tests`` check the count against the analytic formula in ``tleg_deploy.plan.costs``. Bytes are the
 block's weights at the precision plus its activation traffic. The compute efficiency ``eff`` is
 calibrated on NanoOWL's published Jetson AGX Orin TensorRT timings of two OWL-ViT encoders that
 differ only in token count, so their latency *difference* cancels fixed pipeline costs. Every
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.config import ViTSpec
+from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile.table import DeviceProfile, Entry, Point, make_entry
 
 DATASHEETS = Path(__file__).resolve().parent.parent / "data" / "device_datasheets.json"
@@ -59,7 +59,7 @@ def fvcore_macs(spec: ViTSpec, batch: int = 1, *, matmul_only: bool = True) -> t
         warnings.simplefilter("ignore")
         from fvcore.nn import FlopCountAnalysis
 
-    from tleg_deploy.vit import ViT
+    from tleg_deploy.model.vit import ViT
 
     totals = []
     for depth in (1, 2):
@@ -88,7 +88,7 @@ def _value(facts: dict[str, Any], key: str) -> float:
 
 def calibrate_efficiency(sheets: dict[str, Any]) -> dict[str, Any]:
     """fp16 compute efficiency from the public measurement (difference of two latencies)."""
-    from tleg_deploy import costs
+    from tleg_deploy.plan import costs
 
     cal = sheets["calibration"]
     peak = _value(sheets["devices"][cal["device"]]["facts"], "peak_fp16_tflops") * 1e12
@@ -122,7 +122,7 @@ def estimate_entry(name: str, spec: ViTSpec, precision: str, batch: int = 1, *,
                    calibration: dict[str, Any] | None = None,
                    depths: Sequence[int] = ESTIMATE_DEPTHS) -> Entry:
     """The roofline-estimated entry of device ``name`` for one (spec, precision, batch)."""
-    from tleg_deploy import costs
+    from tleg_deploy.plan import costs
 
     sheets = sheets or load_datasheets()
     dev = sheets["devices"][name]

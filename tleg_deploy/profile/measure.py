@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tleg_deploy.config import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.errors import BackendError
+from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.profile import env as envmod
 from tleg_deploy.profile.linefit import fit_line
 from tleg_deploy.profile.runners import (
@@ -277,7 +277,7 @@ def measure_points(
                 memory[depth] = peak_memory_mb(cfg, spec, depth, precision, artifacts[depth])
                 done += 1
             else:  # not measured: the weights alone, a lower bound (recorded in the entry's basis)
-                from tleg_deploy import costs
+                from tleg_deploy.plan import costs
 
                 memory[depth] = costs.artifact_bytes(spec, depth, precision) / 1e6
     report(f"{precision}: done", 1.0)

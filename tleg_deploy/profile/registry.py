@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import DeviceError, TlegError
+from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile.table import DeviceProfile
 
 ENV_DIRS = "TLEG_DEPLOY_PROFILES"
@@ -157,7 +157,7 @@ def host_profile(spec: ViTSpec | None = None, *, refresh: bool = False, quiet: b
     cfg = MeasureConfig(backend="onnxruntime", precisions=host_precisions(), depths=HOST_DEPTHS, batch=1, threads=1)
     learngene = None
     if spec == ViTSpec.preset("digits"):
-        from tleg_deploy.resources import load_learngene
+        from tleg_deploy.model.resources import load_learngene
 
         learngene = load_learngene("demo")
     prof = profile(spec, name=HOST, config=cfg, learngene=learngene, quiet=quiet, base=cached)

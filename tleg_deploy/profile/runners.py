@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import BackendError
+from tleg_deploy.model.spec import ViTSpec
 
 CLOCKS = ("wall", "thread")
 _CLOCK_NS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
@@ -21,10 +21,10 @@ def build_model(spec: ViTSpec, depth: int, learngene: Any = None) -> Any:
     seeded random init (latency does not depend on the weights' values)."""
     import torch
 
-    from tleg_deploy.vit import ViT, init_vit_
+    from tleg_deploy.model.vit import ViT, init_vit_
 
     if learngene is not None and learngene.spec == spec:
-        from tleg_deploy.expand import expand
+        from tleg_deploy.model.expansion import expand
 
         return expand(learngene, depth).eval()
     return init_vit_(ViT(spec, depth), torch.Generator().manual_seed(depth)).eval()

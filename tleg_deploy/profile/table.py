@@ -29,9 +29,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.config import ViTSpec, check_depth
 from tleg_deploy.errors import DeviceError, FormatError, SpecError, TlegError, key_mismatch
-from tleg_deploy.fileio import write_json_atomic
+from tleg_deploy.files.fileio import write_json_atomic
+from tleg_deploy.model.spec import ViTSpec, check_depth
 from tleg_deploy.profile.linefit import FIT_KEYS, LinearFit, fit_line
 
 PROFILE_FORMAT = "tleg-device-profile"

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.config import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.errors import TlegError, UnitError
-from tleg_deploy.fileio import write_text_atomic
+from tleg_deploy.files.fileio import write_text_atomic
+from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.report import sections
 from tleg_deploy.report.inputs import Results, bench_command, learngene_facts, load_results, spec_label
 

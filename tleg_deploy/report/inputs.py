@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.config import ViTSpec
+from tleg_deploy.model.spec import ViTSpec
 
 # benchmark name -> what it measures; the order is the one `make bench` runs them in.
 BENCHMARKS: dict[str, str] = {
@@ -121,7 +121,7 @@ class LearngeneFacts:
 
 def learngene_facts(name_or_path: str) -> LearngeneFacts:
     """Spec, size and hash of a learngene (loads it, so imports torch)."""
-    from tleg_deploy.resources import learngene_path, load_learngene
+    from tleg_deploy.model.resources import learngene_path, load_learngene
 
     lg = load_learngene(name_or_path)
     path = learngene_path(name_or_path)

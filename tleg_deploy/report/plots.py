@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tleg_deploy.errors import TlegError
-from tleg_deploy.fileio import atomic_path
+from tleg_deploy.files.fileio import atomic_path
 
 DPI = 110
 PRECISION_COLORS = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:orange"}

@@ -8,8 +8,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tleg_deploy import costs
-from tleg_deploy.config import ViTSpec
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.plan import costs
 from tleg_deploy.report import plots
 from tleg_deploy.report.inputs import (
     BENCHMARKS,
@@ -119,7 +119,7 @@ def latency_section(rep: Report, profiles: Sequence[Any], spec: ViTSpec) -> None
 
 def budget_section(rep: Report, profiles: Sequence[Any], spec: ViTSpec) -> None:
     from tleg_deploy.errors import InfeasibleError
-    from tleg_deploy.solve import Budget, solve
+    from tleg_deploy.plan.solve import Budget, solve
 
     rep.add("## Deepest depth that fits common latency budgets", "",
             f"`solve` with a p90 latency budget: the upper end of the 95% prediction interval must fit; depths "
@@ -250,7 +250,7 @@ def accuracy_section(rep: Report, results: Results) -> dict[str, dict[int, tuple
 def tradeoff_section(rep: Report, results: Results, acc: dict[str, dict[int, tuple[float, float]]] | None,
                      profiles: Sequence[Any], spec: ViTSpec) -> None:
     from tleg_deploy.errors import InfeasibleError
-    from tleg_deploy.solve import Budget, solve
+    from tleg_deploy.plan.solve import Budget, solve
 
     rep.add("## Accuracy vs latency, with the budget and the Pareto front", "")
     if acc is None:

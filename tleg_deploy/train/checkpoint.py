@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tleg_deploy.errors import CheckpointError
-from tleg_deploy.tensorfile import read_tensor_file, write_tensor_file
+from tleg_deploy.files.tensorfile import read_tensor_file, write_tensor_file
 
 FORMAT = "tleg-train-checkpoint"
 _META = {"state"}

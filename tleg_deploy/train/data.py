@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import DataError
+from tleg_deploy.model.spec import ViTSpec
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.2}  # the rest is train

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from tleg_deploy.config import ViTSpec
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.model.vit import ViT, init_vit_
 from tleg_deploy.train.data import load_data
 from tleg_deploy.train.loop import Split, TrainConfig, evaluate, fit
 from tleg_deploy.train.losses import CrossEntropy
-from tleg_deploy.vit import ViT, init_vit_
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Ways to initialize a depth-``L`` descendant, compared in ``benchmarks/paper_claims.py``.
 
 - ``tleg``: the learngene's linear expansion, block ``i`` = ``base + (i/L)·slope`` (Xia et al., AAAI 2024).
-- ``scratch``: the standard random init of timm/DeiT (``tleg_deploy.vit.init_vit_``).
+- ``scratch``: the standard random init of timm/DeiT (``tleg_deploy.model.vit.init_vit_``).
 - ``weight-selection``: Xu et al., "Initializing Models with Larger Ones" (ICLR 2024): copy a subset of
   a larger pretrained teacher's weights — evenly spaced layers (``layers="uniform"``, or the first L
   with ``"first"``) and, inside each tensor, the leading channels of every dimension (q, k and v are
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from tleg_deploy.config import ViTSpec, check_depth
 from tleg_deploy.errors import SpecError, TlegError
-from tleg_deploy.expand import expand, vit_from_state
-from tleg_deploy.learngene import Learngene
-from tleg_deploy.vit import ViT, block_param_shapes, init_vit_, shared_param_shapes
+from tleg_deploy.model.expansion import expand, vit_from_state
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.spec import ViTSpec, check_depth
+from tleg_deploy.model.vit import ViT, block_param_shapes, init_vit_, shared_param_shapes
 
 INITS = ("tleg", "scratch", "weight-selection", "base-only", "mimetic")
 

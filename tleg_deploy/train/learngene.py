@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.auxnet import AuxNet
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import SpecError
-from tleg_deploy.expand import load_descendant
-from tleg_deploy.learngene import Learngene
+from tleg_deploy.model.auxnet import AuxNet
+from tleg_deploy.model.expansion import load_descendant
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.model.vit import ViT
 from tleg_deploy.train.finetune import splits
 from tleg_deploy.train.loop import TrainConfig, evaluate, fit
 from tleg_deploy.train.losses import DistillationLoss
-from tleg_deploy.vit import ViT
 
 
 @dataclass

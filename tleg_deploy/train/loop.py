@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from tleg_deploy.errors import CheckpointError, TlegError
-from tleg_deploy.fileio import write_text_atomic
+from tleg_deploy.files.fileio import write_text_atomic
 from tleg_deploy.train import distributed as D
 from tleg_deploy.train.checkpoint import load_checkpoint, restore, save_checkpoint
 from tleg_deploy.train.data import augment_batch

@@ -3,7 +3,7 @@
 One directory per depth (``depth_03/model.onnx``, its variants, their validation reports and
 ``build_engine.sh``) and ``manifest.json`` at the top (DESIGN.md §4): the learngene's sha256 and
 spec, and one entry per artifact with depth, precision, file, bytes, sha256, params, MACs
-(``tleg_deploy.costs``), parity with PyTorch, and predicted / measured latency when asked for.
+(``tleg_deploy.plan.costs``), parity with PyTorch, and predicted / measured latency when asked for.
 The manifest also records what the paper calls storage savings: the learngene's bytes and
 parameters against the family's.
 
@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy import costs
-from tleg_deploy.config import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.errors import DepthError, ExportError, TlegError
 from tleg_deploy.export.manifest import (
     FORMATS,
@@ -42,7 +40,9 @@ from tleg_deploy.export.manifest import (
     new_manifest,
     write_manifest,
 )
-from tleg_deploy.fileio import sha256_file
+from tleg_deploy.files.fileio import sha256_file
+from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
+from tleg_deploy.plan import costs
 
 Progress = Callable[[str, int, int], None]
 
@@ -218,7 +218,7 @@ def _export_locked(
 
 
 def _expand(lg: Any, depth: int) -> Any:
-    from tleg_deploy.expand import expand
+    from tleg_deploy.model.expansion import expand
 
     return expand(lg, depth).eval()
 

@@ -32,14 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tleg_deploy.errors import ExportError, InfeasibleError
-from tleg_deploy.fileio import sha256_file, write_json_atomic, write_text_atomic
+from tleg_deploy.files.fileio import sha256_file, write_json_atomic, write_text_atomic
+from tleg_deploy.plan.solve import DEFAULT_MAX_DEPTH, Budget, Candidate, Plan, check_options, evaluate, solve
 from tleg_deploy.profile.artifact import Measurement
-from tleg_deploy.solve import DEFAULT_MAX_DEPTH, Budget, Candidate, Plan, check_options, evaluate, solve
 
 if TYPE_CHECKING:
-    from tleg_deploy.learngene import Learngene
+    from tleg_deploy.model.learngene import Learngene
+    from tleg_deploy.model.vit import ViT
     from tleg_deploy.profile.table import DeviceProfile
-    from tleg_deploy.vit import ViT
 
 FIT_FORMAT = "tleg-fit"
 SCHEMA_VERSION = 1
@@ -111,7 +111,7 @@ def fit(
     say = log or (lambda _msg: None)
     out = Path(out_dir)
     _check_destination(out)
-    from tleg_deploy.resources import learngene_spec
+    from tleg_deploy.model.resources import learngene_spec
 
     spec = learngene_spec(learngene)
     check_options(max_depth=max_depth, precisions=precisions, objective=objective, margin=margin, accuracy=accuracy)
@@ -127,9 +127,9 @@ def fit(
         f"({plan.binding} binds)")
 
     # -- torch from here on ---------------------------------------------------------------------
-    from tleg_deploy.expand import expand, save_descendant
+    from tleg_deploy.model.expansion import expand, save_descendant
+    from tleg_deploy.model.resources import load_learngene
     from tleg_deploy.profile.artifact import measure_onnx
-    from tleg_deploy.resources import load_learngene
 
     lg = load_learngene(learngene)
     runnable = measure and _runs_here(profile)
@@ -225,8 +225,8 @@ def _export(model: ViT, *, source: str, lg: Learngene, learngene: str, precision
             out: Path, data: str, say: Log) -> str:
     """Export and validate ``model`` as a one-member family in ``out`` (its ``manifest.json`` is the
     one format every export directory carries); returns the chosen precision's file, relative to ``out``."""
-    from tleg_deploy.family import export_family
-    from tleg_deploy.resources import learngene_path
+    from tleg_deploy.export.family import export_family
+    from tleg_deploy.model.resources import learngene_path
 
     manifest = export_family(lg, [model.depth], out, export_formats(precision, profile.backend), data=data,
                              learngene_file=learngene_path(learngene), models={model.depth: model}, source=source,
@@ -279,7 +279,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 def _write_outputs(d: Path, result: FitResult, profile: DeviceProfile, chosen: str, weights: str) -> None:
     """plan.json, REPORT.md and build_engine.sh next to the manifest ``export_family`` wrote."""
-    from tleg_deploy.fit_report import build_engine_script, render_report
+    from tleg_deploy.deploy.fit_report import build_engine_script, render_report
 
     write_text_atomic(d / "build_engine.sh", build_engine_script(profile, chosen, result.precision, result.plan.spec))
     with contextlib.suppress(OSError):

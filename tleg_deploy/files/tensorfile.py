@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tleg_deploy.errors import FormatError, key_mismatch
-from tleg_deploy.fileio import atomic_path, safetensors_metadata
+from tleg_deploy.files.fileio import atomic_path, safetensors_metadata
 
 SCHEMA_VERSION = "1"
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import CheckpointError, SpecError
-from tleg_deploy.learngene import Learngene
-from tleg_deploy.vit import block_param_shapes
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.model.vit import block_param_shapes
 
 _PREFIX = "blocks.block."
 _SHARED = ("pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",

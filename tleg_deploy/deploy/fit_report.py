@@ -8,11 +8,11 @@ import shlex
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
-from tleg_deploy import costs
-from tleg_deploy.config import ViTSpec
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.plan import costs
 
 if TYPE_CHECKING:
-    from tleg_deploy.fit import FitResult
+    from tleg_deploy.deploy.fit import FitResult
     from tleg_deploy.profile.table import DeviceProfile
 
 

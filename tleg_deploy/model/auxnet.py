@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tleg_deploy.expand import vit_from_state
-from tleg_deploy.learngene import Learngene
-from tleg_deploy.vit import Block, drop_path_rates
+from tleg_deploy.model.expansion import vit_from_state
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.vit import Block, drop_path_rates
 
 _SEP = "__"  # ParameterDict keys may not contain "."
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tleg_deploy.config import ViTSpec
+from tleg_deploy.model.spec import ViTSpec
 
 # Block-relative parameter names, in the order timm registers them.
 BLOCK_PARAMS: tuple[str, ...] = (

@@ -1,7 +1,7 @@
 """The learngene: an intercept (``base``) and a ``slope`` for every block parameter, plus the shared
 stem, position embedding, final norm and head (TLEG, Xia et al., AAAI 2024, arXiv 2312.05614).
 
-Layer ``i`` of a depth-``L`` model is ``base + (i / L) * slope`` (``tleg_deploy.expand``). The
+Layer ``i`` of a depth-``L`` model is ``base + (i / L) * slope`` (``tleg_deploy.model.expansion``). The
 initialization follows the official code: linear bases and slopes truncated-normal with std 0.02,
 linear biases 0; LayerNorm weight base 1, every other LayerNorm tensor 0.
 """
@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tleg_deploy.config import ViTSpec, check_depth
 from tleg_deploy.errors import FormatError, SpecError
-from tleg_deploy.tensorfile import check_tensors, read_tensor_file, write_tensor_file
-from tleg_deploy.vit import ViT, block_param_shapes, is_norm_param, shared_param_shapes
+from tleg_deploy.files.tensorfile import check_tensors, read_tensor_file, write_tensor_file
+from tleg_deploy.model.spec import ViTSpec, check_depth
+from tleg_deploy.model.vit import ViT, block_param_shapes, is_norm_param, shared_param_shapes
 
 FORMAT = "tleg-learngene"
 RULE = "i/L"

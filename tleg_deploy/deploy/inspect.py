@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tleg_deploy.costs import params
-from tleg_deploy.expand import DESCENDANT_FORMAT, load_descendant
-from tleg_deploy.learngene import FORMAT as LEARNGENE_FORMAT
-from tleg_deploy.learngene import Learngene
-from tleg_deploy.resources import learngene_path
-from tleg_deploy.tensorfile import read_metadata
+from tleg_deploy.files.tensorfile import read_metadata
+from tleg_deploy.model.expansion import DESCENDANT_FORMAT, load_descendant
+from tleg_deploy.model.learngene import FORMAT as LEARNGENE_FORMAT
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.resources import learngene_path
+from tleg_deploy.plan.costs import params
 
 
 def describe_file(name_or_path: str) -> dict[str, Any]:

@@ -6,14 +6,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tleg_deploy.config import ViTSpec
 from tleg_deploy.errors import FormatError, SpecError
-from tleg_deploy.fileio import safetensors_metadata
+from tleg_deploy.files.fileio import safetensors_metadata
+from tleg_deploy.model.spec import ViTSpec
 
 if TYPE_CHECKING:
-    from tleg_deploy.learngene import Learngene
+    from tleg_deploy.model.learngene import Learngene
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEMO_LEARNGENE = DATA_DIR / "demo_learngene.safetensors"
 
 
@@ -23,7 +23,7 @@ def learngene_path(name_or_path: str | os.PathLike[str]) -> Path:
 
 
 def load_learngene(name_or_path: str | os.PathLike[str] = "demo") -> Learngene:
-    from tleg_deploy.learngene import Learngene  # torch: only once a learngene is actually loaded
+    from tleg_deploy.model.learngene import Learngene  # torch: only once a learngene is actually loaded
 
     return Learngene.load(learngene_path(name_or_path))
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from tleg_deploy.config import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.errors import FormatError, SpecError
-from tleg_deploy.learngene import Learngene
-from tleg_deploy.tensorfile import check_tensors, read_tensor_file, write_tensor_file
-from tleg_deploy.vit import ViT, block_param_shapes, shared_param_shapes
+from tleg_deploy.files.tensorfile import check_tensors, read_tensor_file, write_tensor_file
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
+from tleg_deploy.model.vit import ViT, block_param_shapes, shared_param_shapes
 
 DESCENDANT_FORMAT = "tleg-descendant"
 _DESCENDANT_META = {"spec", "depth", "learngene_sha256", "provenance"}

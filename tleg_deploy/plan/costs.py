@@ -12,7 +12,7 @@ with N tokens, width D, MLP hidden H, C input channels, patch P and K classes, p
 
 from __future__ import annotations
 
-from tleg_deploy.config import ViTSpec
+from tleg_deploy.model.spec import ViTSpec
 
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tleg_deploy import costs
-from tleg_deploy.budget import CONSTRAINTS, Budget, format_limit
-from tleg_deploy.config import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.errors import DeviceError, InfeasibleError, TlegError, UnitError
+from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
+from tleg_deploy.plan import costs
+from tleg_deploy.plan.budget import CONSTRAINTS, Budget, format_limit
 from tleg_deploy.profile.table import PRECISIONS  # highest precision first: ties go to the earlier one
 
 OBJECTIVES = ("deepest", "accuracy")

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tleg_deploy.config import ViTSpec, check_depth
 from tleg_deploy.errors import FormatError
-from tleg_deploy.expand import descendant_shapes
-from tleg_deploy.learngene import Learngene
-from tleg_deploy.tensorfile import check_tensors
-from tleg_deploy.vit import block_param_shapes, shared_param_shapes
+from tleg_deploy.files.tensorfile import check_tensors
+from tleg_deploy.model.expansion import descendant_shapes
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.model.spec import ViTSpec, check_depth
+from tleg_deploy.model.vit import block_param_shapes, shared_param_shapes
 
 ModelSource = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[str]
 

@@ -74,7 +74,7 @@ class Budget:
         params: str | None = None, macs: str | None = None, artifact: str | None = None,
     ) -> Budget:
         """The CLI edge: ``latency='5ms', memory='256MB', params='20M'``."""
-        from tleg_deploy.units import parse_count, parse_latency_ms, parse_percentile, parse_size_mb
+        from tleg_deploy.plan.units import parse_count, parse_latency_ms, parse_percentile, parse_size_mb
 
         return cls(
             latency_ms=parse_latency_ms(latency) if latency is not None else None,

@@ -1,0 +1,1 @@
+"""Composers: the deploy job (`fit`) and artifact inspection, built from the verbs below."""

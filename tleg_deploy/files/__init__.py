@@ -1,0 +1,1 @@
+"""File I/O: atomic writes, hashing, the output policy and the strict tensor-file reader."""

@@ -1,0 +1,1 @@
+"""The model core (torch): spec, ViT, learngene, expansion, Aux-Net, extraction, TLEG import."""

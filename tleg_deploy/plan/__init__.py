@@ -1,0 +1,1 @@
+"""The torch-free planning layer: analytic costs, budgets, the depth solver, units."""
