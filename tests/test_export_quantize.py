@@ -12,6 +12,7 @@ from tleg_deploy.export.validate import validate_onnx
 from tleg_deploy.model.expansion import expand
 
 
+@pytest.mark.slow
 def test_int8_agrees_with_fp32_on_digits(tmp_path):
     """The issue's bar: on digits, the int8 model agrees with fp32 on >= 99% of the test images."""
     from tleg_deploy.model.resources import load_learngene

@@ -19,6 +19,7 @@ def _ok(args: list[str]) -> dict:
     return json.loads(res.stdout)
 
 
+@pytest.mark.slow
 def test_teacher_learngene_finetune_chain(tmp_path: Path) -> None:
     t, lg, m = tmp_path / "t.safetensors", tmp_path / "lg.safetensors", tmp_path / "m.safetensors"
     fast = ["--epochs", "1", "--batch-size", "256", "--quiet", "--json"]
