@@ -96,3 +96,13 @@ def test_export_parity_in_both_layouts(fc_lg: Learngene, tmp_path: Path) -> None
     assert report.passed and report.max_abs_diff["logits"] < 1e-4
     path = save_proto(DepthTemplate(fc_lg.spec).proto(model), tmp_path / "t.onnx")
     assert validate_onnx(path, model).passed
+
+
+def test_expand_can_move_the_final_norm_like_the_official_gene_transfer(tiny_lg: Learngene, fc_lg: Learngene) -> None:
+    moved = expand(tiny_lg, 3, fc_norm=True)
+    assert moved.spec == fc_lg.spec and torch.equal(moved.fc_norm.weight.detach(), tiny_lg.shared["norm.weight"])
+    for k, v in expand(fc_lg, 3).state_dict().items():
+        assert torch.equal(moved.state_dict()[k], v), k
+    back = expand(fc_lg, 3, fc_norm=False)
+    assert back.spec == tiny_lg.spec and back.state_dict().keys() == expand(tiny_lg, 3).state_dict().keys()
+    assert expand(tiny_lg, 3, fc_norm=False).spec == expand(tiny_lg, 3).spec == tiny_lg.spec

@@ -36,12 +36,10 @@ def test_timm_loads_a_descendant_strictly_and_agrees(tiny_lg: Learngene, tmp_pat
                                                      depth: int) -> None:
     from safetensors.torch import load_file
 
-    spec = dataclasses.replace(tiny_lg.spec, fc_norm=fc_norm)
-    final = "fc_norm" if fc_norm else "norm"
-    shared = {k.replace("norm.", f"{final}.") if k.startswith("norm.") else k: v for k, v in tiny_lg.shared.items()}
-    lg = Learngene(spec, tiny_lg.aux_depth, shared, dict(tiny_lg.base), dict(tiny_lg.slope))
-    ours = expand(lg, depth).eval()
-    save_descendant(ours, tmp_path / "d.safetensors", lg.sha256())
+    ours = expand(tiny_lg, depth, fc_norm=fc_norm).eval()
+    spec = ours.spec
+    assert spec.fc_norm is fc_norm
+    save_descendant(ours, tmp_path / "d.safetensors", tiny_lg.sha256())
     theirs = _timm_model(spec, depth).eval()
     theirs.load_state_dict(load_file(str(tmp_path / "d.safetensors")), strict=True)
     x = torch.randn(4, spec.in_chans, spec.img_size, spec.img_size, generator=torch.Generator().manual_seed(0))
