@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# ruff everywhere; mypy (strict) on the torch-free modules listed in pyproject.toml's [tool.mypy] files.
 lint: setup
 	$(BIN)/ruff check tleg_deploy tests benchmarks
+	$(BIN)/mypy
 
 test: setup lint browser
 	$(BIN)/python -m pytest

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -83,15 +81,3 @@ def test_timm_key_layout(tiny_spec: ViTSpec) -> None:
     assert {"patch_embed.proj.weight", "pos_embed", "blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.bias",
             "norm.weight", "head.bias"} <= keys
     assert "cls_token" not in keys
-
-
-def test_expand_deit_base_depth12_under_a_second() -> None:
-    lg = Learngene.init(ViTSpec.preset("deit-base"), 12, seed=0)
-    expand(lg, 12)  # first touch of 340 MB pays page faults; time the steady state
-    times = []
-    for _ in range(3):  # best of 3: a busy neighbour on a shared core must not decide the test
-        start = time.perf_counter()
-        model = expand(lg, 12)
-        times.append(time.perf_counter() - start)
-        del model
-    assert min(times) < 1.0, f"expansion took {min(times):.2f}s at best"

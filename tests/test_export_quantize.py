@@ -12,14 +12,15 @@ from tleg_deploy.export.validate import validate_onnx
 from tleg_deploy.model.expansion import expand
 
 
+@pytest.mark.slow
 def test_int8_agrees_with_fp32_on_digits(tmp_path):
     """The issue's bar: on digits, the int8 model agrees with fp32 on >= 99% of the test images."""
     from tleg_deploy.model.resources import load_learngene
     from tleg_deploy.train.data import load_data
 
     lg = load_learngene("demo")
-    # Agreement only means something for a trained learngene; an untrained placeholder is only reported.
-    bar = 0.99 if lg.provenance.get("trained") else 0.0
+    assert lg.provenance["trained"] is True  # agreement means something only for a trained learngene
+    bar = 0.99
     images, _ = load_data("digits", lg.spec, "test")
     for depth in (6, lg.aux_depth):  # 6: where per-tensor weight scales fell just below the bar
         model = expand(lg, depth)
@@ -53,7 +54,9 @@ def test_qdq_for_tensorrt(tiny_lg, tmp_path):
     zero_points = [i for i in graph.initializer if "zero_point" in i.name]
     assert zero_points and all(onnx.numpy_helper.to_array(z).max() == 0 for z in zero_points)  # symmetric
     report = validate_onnx(qdq, model, precision="int8-qdq", images=calib, min_agreement=0.0)
-    assert 0.0 <= report.agreement <= 1.0
+    # Seeded model and images: measured 61/64 (0.953) and max |diff| 0.003; wrong scales land near chance (0.2).
+    assert report.agreement is not None and report.agreement >= 0.9
+    assert report.max_abs_diff["logits"] < 0.05
     with pytest.raises(ExportError, match="calibration"):
         quantize_int8(tmp_path / "m.onnx", tmp_path / "q2.onnx", mode="qdq")
 

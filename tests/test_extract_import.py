@@ -48,48 +48,90 @@ def test_extract_from_file_and_errors(tiny_lg: Learngene, tmp_path: Path) -> Non
         extract_learngene(state, ViTSpec.preset("digits"))
 
 
-def _official_state(lg: Learngene) -> dict[str, torch.Tensor]:
-    """A state dict with exactly the official Aux-Net's key names (MiniViT-style shared block)."""
-    state = {k: v.clone() for k, v in lg.shared.items()}
-    for name in BLOCK_PARAMS:
-        state[official_key(name, "base")] = lg.base[name].clone()
-        state[official_key(name, "ilayer")] = lg.slope[name].clone()
-    return state
+# The official Aux-Net's state dict (github.com/AlphaXia/TLEG: TLEG_vit.py's VisionTransformer with one
+# RepeatedLEBlock; modules_with_LE.py's LELinear/LELayerNorm hold ``{weight,bias}_{base,ilayer}``), written
+# out by hand for a DeiT-like spec: img 32, patch 16, 3 channels, width 128, MLP 512, 7 classes, 4 tokens.
+# Columns: official key, shape, the learngene tensor it must become. Literal on purpose: it must not share
+# key-naming code with the importer it checks.
+OFFICIAL_TABLE: tuple[tuple[str, tuple[int, ...], str], ...] = (
+    ("pos_embed", (1, 4, 128), "shared.pos_embed"),
+    ("patch_embed.proj.weight", (128, 3, 16, 16), "shared.patch_embed.proj.weight"),
+    ("patch_embed.proj.bias", (128,), "shared.patch_embed.proj.bias"),
+    ("norm.weight", (128,), "shared.norm.weight"),
+    ("norm.bias", (128,), "shared.norm.bias"),
+    ("head.weight", (7, 128), "shared.head.weight"),
+    ("head.bias", (7,), "shared.head.bias"),
+    ("blocks.block.norm1.instances.0.weight_base", (128,), "base.norm1.weight"),
+    ("blocks.block.norm1.instances.0.weight_ilayer", (128,), "slope.norm1.weight"),
+    ("blocks.block.norm1.instances.0.bias_base", (128,), "base.norm1.bias"),
+    ("blocks.block.norm1.instances.0.bias_ilayer", (128,), "slope.norm1.bias"),
+    ("blocks.block.attn.qkv.instances.0.weight_base", (384, 128), "base.attn.qkv.weight"),
+    ("blocks.block.attn.qkv.instances.0.weight_ilayer", (384, 128), "slope.attn.qkv.weight"),
+    ("blocks.block.attn.qkv.instances.0.bias_base", (384,), "base.attn.qkv.bias"),
+    ("blocks.block.attn.qkv.instances.0.bias_ilayer", (384,), "slope.attn.qkv.bias"),
+    ("blocks.block.attn.proj.instances.0.weight_base", (128, 128), "base.attn.proj.weight"),
+    ("blocks.block.attn.proj.instances.0.weight_ilayer", (128, 128), "slope.attn.proj.weight"),
+    ("blocks.block.attn.proj.instances.0.bias_base", (128,), "base.attn.proj.bias"),
+    ("blocks.block.attn.proj.instances.0.bias_ilayer", (128,), "slope.attn.proj.bias"),
+    ("blocks.block.norm2.instances.0.weight_base", (128,), "base.norm2.weight"),
+    ("blocks.block.norm2.instances.0.weight_ilayer", (128,), "slope.norm2.weight"),
+    ("blocks.block.norm2.instances.0.bias_base", (128,), "base.norm2.bias"),
+    ("blocks.block.norm2.instances.0.bias_ilayer", (128,), "slope.norm2.bias"),
+    ("blocks.block.mlp.fc1.instances.0.weight_base", (512, 128), "base.mlp.fc1.weight"),
+    ("blocks.block.mlp.fc1.instances.0.weight_ilayer", (512, 128), "slope.mlp.fc1.weight"),
+    ("blocks.block.mlp.fc1.instances.0.bias_base", (512,), "base.mlp.fc1.bias"),
+    ("blocks.block.mlp.fc1.instances.0.bias_ilayer", (512,), "slope.mlp.fc1.bias"),
+    ("blocks.block.mlp.fc2.instances.0.weight_base", (128, 512), "base.mlp.fc2.weight"),
+    ("blocks.block.mlp.fc2.instances.0.weight_ilayer", (128, 512), "slope.mlp.fc2.weight"),
+    ("blocks.block.mlp.fc2.instances.0.bias_base", (128,), "base.mlp.fc2.bias"),
+    ("blocks.block.mlp.fc2.instances.0.bias_ilayer", (128,), "slope.mlp.fc2.bias"),
+)
+OFFICIAL_SPEC = ViTSpec(img_size=32, patch_size=16, in_chans=3, embed_dim=128, num_heads=2, mlp_ratio=4.0,
+                        num_classes=7)  # the importer's default head count is 128 // 64 = 2, as in DeiT
 
 
 @pytest.fixture
-def deit_like_lg() -> Learngene:
-    # embed_dim 128 -> the importer's default head count 128 // 64 = 2, as in DeiT.
-    spec = ViTSpec(img_size=32, patch_size=16, in_chans=3, embed_dim=128, num_heads=2, mlp_ratio=4.0,
-                   num_classes=7)
-    return Learngene.init(spec, 12, seed=5)
+def official_state() -> dict[str, torch.Tensor]:
+    """Distinct random values for every tensor, so a mix-up of any two (or of base and slope) shows."""
+    g = torch.Generator().manual_seed(5)
+    return {key: torch.randn(shape, generator=g) for key, shape, _ in OFFICIAL_TABLE}
+
+
+def _assert_imported(lg: Learngene, state: dict[str, torch.Tensor]) -> None:
+    assert lg.spec == OFFICIAL_SPEC and lg.aux_depth == 12
+    ours = lg.tensors()
+    assert len(ours) == len(OFFICIAL_TABLE)
+    for key, _, name in OFFICIAL_TABLE:
+        assert torch.equal(ours[name], state[key]), (key, name)
 
 
 def test_official_key_names() -> None:
     assert official_key("attn.qkv.weight", "base") == "blocks.block.attn.qkv.instances.0.weight_base"
     assert official_key("norm2.bias", "ilayer") == "blocks.block.norm2.instances.0.bias_ilayer"
+    assert len(OFFICIAL_TABLE) == 7 + 2 * len(BLOCK_PARAMS)
 
 
-def test_import_full_checkpoint_dict(deit_like_lg: Learngene, tmp_path: Path) -> None:
-    state = _official_state(deit_like_lg)
-    ckpt = {"model": state, "model_ema": {k: v * 2 for k, v in state.items()}, "epoch": 99,
+def test_import_full_checkpoint_dict(official_state: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    ema_state = {k: v * 2 for k, v in official_state.items()}
+    ckpt = {"model": official_state, "model_ema": ema_state, "epoch": 99,
             "optimizer": {"state": {}, "param_groups": []}, "args": argparse.Namespace(lr=1e-3)}
     torch.save(ckpt, tmp_path / "checkpoint.pth")
-    lg = import_tleg_checkpoint(tmp_path / "checkpoint.pth")
-    assert lg.spec == deit_like_lg.spec and lg.aux_depth == 12
-    for k, v in deit_like_lg.tensors().items():
-        assert torch.equal(lg.tensors()[k], v), k
-    ema = import_tleg_checkpoint(tmp_path / "checkpoint.pth", use_ema=True)
-    assert torch.equal(ema.slope["mlp.fc2.weight"], 2 * deit_like_lg.slope["mlp.fc2.weight"])
+    _assert_imported(import_tleg_checkpoint(tmp_path / "checkpoint.pth"), official_state)
+    _assert_imported(import_tleg_checkpoint(tmp_path / "checkpoint.pth", use_ema=True), ema_state)
 
 
-def test_import_bare_state_dict(deit_like_lg: Learngene, tmp_path: Path) -> None:
-    torch.save(_official_state(deit_like_lg), tmp_path / "gene.pth")
-    assert import_tleg_checkpoint(tmp_path / "gene.pth").sha256() == deit_like_lg.sha256()
+def test_import_bare_state_dict(official_state: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    torch.save(official_state, tmp_path / "gene.pth")
+    lg = import_tleg_checkpoint(tmp_path / "gene.pth")
+    _assert_imported(lg, official_state)
+    # layer i of the expansion is base + (i/12)·ilayer, as the Aux-Net computes it
+    want = official_state["blocks.block.mlp.fc1.instances.0.weight_base"] + (
+        5 / 12) * official_state["blocks.block.mlp.fc1.instances.0.weight_ilayer"]
+    torch.testing.assert_close(expand(lg, 12).state_dict()["blocks.5.mlp.fc1.weight"], want, rtol=0, atol=1e-6)
 
 
-def test_import_refuses_mismatched_keys(deit_like_lg: Learngene, tmp_path: Path) -> None:
-    state = _official_state(deit_like_lg)
+def test_import_refuses_mismatched_keys(official_state: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    state = official_state
     extra = {**state, "dist_token": torch.zeros(1, 1, 128)}
     torch.save(extra, tmp_path / "extra.pth")
     with pytest.raises(CheckpointError, match="dist_token"):

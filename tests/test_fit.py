@@ -43,6 +43,7 @@ def _check_dir(out: Path) -> dict:
     return plan
 
 
+@pytest.mark.slow
 def test_fit_host_measured_then_jetson_estimated(tmp_path: Path, cache: Path) -> None:
     from tleg_deploy.plan.solve import Budget, solve
     from tleg_deploy.profile.registry import resolve_profile
@@ -106,6 +107,7 @@ def test_fit_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
+@pytest.mark.slow
 def test_fit_interrupted_leaves_nothing(tmp_path: Path) -> None:
     from tleg_deploy.deploy.fit import fit
     from tleg_deploy.plan.solve import Budget

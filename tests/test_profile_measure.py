@@ -42,6 +42,7 @@ def test_fvcore_counts_batch_and_class_token() -> None:
     assert fixed == 3 * costs.fixed_macs(spec)
 
 
+@pytest.mark.slow
 def test_real_onnxruntime_measurement_is_linear(small_spec: ViTSpec, tmp_path) -> None:
     cfg = MeasureConfig(depths=(1, 8, 16), rounds=3, extra_rounds=2, round_seconds=0.05, max_reps=60, memory=True)
     prof = profile(small_spec, name="testhost", config=cfg)
@@ -124,6 +125,7 @@ def test_shipped_profiles_are_estimated_and_cite_sources() -> None:
         assert tiny.latency_p50_upper_ms > tiny.latency_p50_ms * 1.2  # an estimate is not sure of itself
 
 
+@pytest.mark.slow
 def test_shipped_profiles_are_what_the_estimator_computes() -> None:
     """The shipped JSON comes from ``python -m tleg_deploy.profile.estimate``, not from hand edits, and
     goes stale (this fails) when the datasheet figures or the roofline change without regenerating it."""

@@ -142,6 +142,7 @@ def test_cli_devices_json(isolated) -> None:
     assert shown.exit_code == 0 and json.loads(shown.output)["device"]["name"] == "jetson-orin-nano"
 
 
+@pytest.mark.slow
 def test_cli_profile_writes_a_measured_profile(isolated) -> None:
     """Measuring a known device writes profiles/<name>.json, which then replaces the shipped estimate."""
     result = runner.invoke(app, ["profile", "--device", "jetson", "--depths", "1,3", "--rounds", "2", "--no-memory",

@@ -94,6 +94,7 @@ def full_report(tmp_path_factory: pytest.TempPathFactory) -> Any:
         return build_report(ReportConfig(out_dir=tmp / "out", devices=DEVICES, results_dir=results, max_depth=12))
 
 
+@pytest.mark.slow
 def test_full_report_writes_every_figure_and_embeds_them(full_report: Any) -> None:
     names = sorted(p.stem for p in full_report.figures)
     assert names == sorted(["latency_vs_depth", "predicted_vs_measured", "accuracy_vs_depth", "accuracy_vs_latency",
@@ -133,6 +134,7 @@ def test_full_report_content(full_report: Any) -> None:
     assert not re.search(r"^## Paper claims", md, re.M) and re.search(r"^### Paper claims", md, re.M)
 
 
+@pytest.mark.slow
 def test_missing_results_say_which_command_produces_them(tmp_path: Path, no_host_cache: None) -> None:
     res = build_report(ReportConfig(out_dir=tmp_path / "out", devices=("jetson",), results_dir=tmp_path / "none",
                                     max_depth=8))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from tleg_deploy.model.expansion import expand, load_descendant
@@ -15,6 +16,7 @@ from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.train.finetune import finetune
 
 
+@pytest.mark.slow
 def test_two_processes_step_like_one(tiny_lg: Learngene, tmp_path: Path) -> None:
     lg_path, data = tmp_path / "lg.safetensors", tmp_path / "d.npz"
     tiny_lg.save(lg_path)

@@ -7,6 +7,7 @@ no learngene machinery inside, so export and profiling see a standard timm-layou
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -16,7 +17,7 @@ from tleg_deploy.errors import FormatError, SpecError
 from tleg_deploy.files.tensorfile import check_tensors, read_tensor_file, write_tensor_file
 from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
-from tleg_deploy.model.vit import ViT, block_param_shapes, shared_param_shapes
+from tleg_deploy.model.vit import ViT, block_param_shapes, final_norm_name, shared_param_shapes
 
 DESCENDANT_FORMAT = "tleg-descendant"
 _DESCENDANT_META = {"spec", "depth", "learngene_sha256", "provenance"}
@@ -33,9 +34,21 @@ def expansion_state_dict(lg: Learngene, depth: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def expand(lg: Learngene, depth: int, drop_path_rate: float = 0.0) -> ViT:
-    """A plain ``ViT`` of ``depth`` blocks initialized from ``lg``."""
-    return vit_from_state(lg.spec, depth, expansion_state_dict(lg, depth), drop_path_rate=drop_path_rate)
+def expand(lg: Learngene, depth: int, drop_path_rate: float = 0.0, *, fc_norm: bool | None = None) -> ViT:
+    """A plain ``ViT`` of ``depth`` blocks initialized from ``lg``.
+
+    ``fc_norm`` (default: ``lg.spec.fc_norm``) chooses the head layout of the result; when it differs
+    from the learngene's, the final-norm tensors move across (``norm.*`` <-> ``fc_norm.*``), as the
+    official TLEG code's ``gene_tranfer`` does for its descendants. That changes what the head
+    computes, so only the learngene's own layout reproduces its Aux-Net.
+    """
+    state = expansion_state_dict(lg, depth)
+    spec = lg.spec
+    if fc_norm is not None and fc_norm != spec.fc_norm:
+        old, spec = final_norm_name(spec), dataclasses.replace(spec, fc_norm=fc_norm)
+        for part in ("weight", "bias"):
+            state[f"{final_norm_name(spec)}.{part}"] = state.pop(f"{old}.{part}")
+    return vit_from_state(spec, depth, state, drop_path_rate=drop_path_rate)
 
 
 def vit_from_state(

@@ -32,6 +32,11 @@ class ViTSpec:
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     class_token: bool = False
+    fc_norm: bool = False
+    """Where the final LayerNorm sits. ``False`` (default): on every token before mean pooling, as
+    the Aux-Net computes it (timm ``fc_norm=False``, tensors ``norm.*``). ``True``: on the pooled
+    vector, as the official TLEG descendants do (timm ``global_pool='avg', fc_norm=True``, tensors
+    ``fc_norm.*``)."""
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "num_heads", "num_classes"):
@@ -50,6 +55,9 @@ class ViTSpec:
             raise SpecError(f"mlp_ratio {self.mlp_ratio!r} must be positive")
         if not 0 < self.norm_eps < 1:
             raise SpecError(f"norm_eps {self.norm_eps!r} must be in (0, 1)")
+        for name in ("qkv_bias", "class_token", "fc_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"spec field {name}={getattr(self, name)!r} must be true or false")
 
     @property
     def num_patches(self) -> int:
@@ -84,7 +92,13 @@ class ViTSpec:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except those in ``_OMIT_WHEN_DEFAULT`` while they hold their default: files
+        written before such a field existed keep the same spec JSON (and learngene sha256)."""
+        data = dataclasses.asdict(self)
+        for name, default in _OMIT_WHEN_DEFAULT.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -110,6 +124,9 @@ class ViTSpec:
         except json.JSONDecodeError as e:
             raise SpecError(f"spec is not valid JSON: {e}") from None
         return cls.from_dict(data)
+
+
+_OMIT_WHEN_DEFAULT: dict[str, Any] = {"fc_norm": False}
 
 
 def _deit(embed_dim: int, num_heads: int) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """A plain Vision Transformer with timm-compatible parameter names.
 
-The layout follows timm's ``VisionTransformer`` with ``class_token=False, global_pool='avg',
-fc_norm=False`` (Dosovitskiy et al., 2021; Touvron et al., 2021): patch embedding, learned position
-embedding, pre-norm blocks, a final LayerNorm on all tokens, mean pooling and a linear head. A
-state dict saved from ``ViT`` loads into that timm model unchanged.
+The layout follows timm's ``VisionTransformer`` with ``class_token=False, global_pool='avg'``
+(Dosovitskiy et al., 2021; Touvron et al., 2021): patch embedding, learned position embedding,
+pre-norm blocks, a final LayerNorm, mean pooling and a linear head. The final norm sits where
+``spec.fc_norm`` says: on all tokens before pooling (``norm.*``, timm ``fc_norm=False``, the
+Aux-Net's computation) or on the pooled vector (``fc_norm.*``, timm ``fc_norm=True``, the official
+TLEG descendants). A state dict saved from ``ViT`` loads strictly into the matching timm model.
 
 This is the only module that knows block-parameter names (``BLOCK_PARAMS``) and shapes; the
 learngene, expansion, extraction and import code ask it.
@@ -54,16 +56,21 @@ def shared_param_shapes(spec: ViTSpec) -> dict[str, tuple[int, ...]]:
         "pos_embed": (1, spec.num_tokens, d),
         "patch_embed.proj.weight": (d, spec.in_chans, spec.patch_size, spec.patch_size),
         "patch_embed.proj.bias": (d,),
-        "norm.weight": (d,), "norm.bias": (d,),
+        f"{final_norm_name(spec)}.weight": (d,), f"{final_norm_name(spec)}.bias": (d,),
         "head.weight": (spec.num_classes, d), "head.bias": (spec.num_classes,),
     }
     return shapes
 
 
+def final_norm_name(spec: ViTSpec) -> str:
+    """timm's name for the final LayerNorm: ``fc_norm`` after pooling, ``norm`` before it."""
+    return "fc_norm" if spec.fc_norm else "norm"
+
+
 def is_norm_param(name: str) -> bool:
-    """``norm1.weight``, ``blocks.3.norm2.bias``, ``norm.weight``: LayerNorm tensors."""
+    """``norm1.weight``, ``blocks.3.norm2.bias``, ``norm.weight``, ``fc_norm.bias``: LayerNorm tensors."""
     parts = name.split(".")
-    return len(parts) >= 2 and parts[-2].startswith("norm")
+    return len(parts) >= 2 and (parts[-2].startswith("norm") or parts[-2] == "fc_norm")
 
 
 class DropPath(nn.Module):
@@ -144,7 +151,10 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, spec.num_tokens, spec.embed_dim))
         rates = drop_path_rates(depth, drop_path_rate)
         self.blocks = nn.Sequential(*(Block(spec, rate) for rate in rates))
-        self.norm = nn.LayerNorm(spec.embed_dim, eps=spec.norm_eps)
+        # Exactly one of the two holds the final LayerNorm; the other is parameter-free, as in timm.
+        final = lambda on: nn.LayerNorm(spec.embed_dim, eps=spec.norm_eps) if on else nn.Identity()  # noqa: E731
+        self.norm = final(not spec.fc_norm)
+        self.fc_norm = final(spec.fc_norm)
         self.head = nn.Linear(spec.embed_dim, spec.num_classes)
 
     def embed(self, x: Tensor) -> Tensor:
@@ -154,9 +164,9 @@ class ViT(nn.Module):
         return x + self.pos_embed
 
     def forward_head(self, x: Tensor) -> Tensor:
-        x = self.norm(x)
-        x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
-        return self.head(x)
+        x = self.norm(x)  # (B, N, D); identity when fc_norm
+        x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, D)
+        return self.head(self.fc_norm(x))  # fc_norm: identity unless spec.fc_norm
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.blocks(self.embed(x)))
