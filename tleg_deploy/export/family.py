@@ -34,6 +34,7 @@ from typing import Any
 from tleg_deploy.errors import DepthError, ExportError, TlegError
 from tleg_deploy.export.manifest import (
     FORMATS,
+    LOCK_NAME,
     directory_lock,
     load_manifest,
     member_is_intact,
@@ -169,8 +170,10 @@ def export_family(
         return _export_locked(lg, depths, out, fmts, batch, data, learngene_file, models, source, profile,
                               measure_latency, use_template, progress)
     except BaseException:
-        if created:  # a directory this call made and that holds nothing: leave no trace
+        if created:  # a directory this call made and that holds nothing but the (released) lock: leave no trace
             with contextlib.suppress(OSError):
+                if [p.name for p in out.iterdir()] == [LOCK_NAME]:
+                    (out / LOCK_NAME).unlink()
                 out.rmdir()
         raise
 

@@ -13,7 +13,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,53 +33,30 @@ _ARTIFACT_KEYS = {"depth", "precision", "format", "file", "bytes", "sha256", "pa
 # -- the lock --------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def directory_lock(out_dir: Path) -> Iterator[Path]:
-    """Hold ``out_dir/.tleg-export.lock`` (created exclusively); a stale lock of a dead process on
-    this host is taken over."""
-    lock = out_dir / LOCK_NAME
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if attempt == 0 and _is_stale(holder):
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                continue
-            who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}" if holder else "?"
-            raise ExportError(f"{out_dir} is being written by another export ({who})",
-                              hint=f"wait for it to finish, or delete {lock} if that process is gone") from None
-        except PermissionError:
-            raise ExportError(f"cannot write to {out_dir}: permission denied",
-                              hint="choose a writable output directory") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
+    """Hold ``out_dir/.tleg-export.lock`` for one export; a second export of the same directory
+    refuses at once with an ``ExportError``.
+
+    The lock is ``filelock``'s (``flock`` on POSIX): the kernel releases it when its holder exits,
+    however it exits, so there is no stale lock to detect or take over. The file itself stays in
+    place after release (unlinking it would let a waiter lock a deleted inode while a newcomer locks
+    a new one) and its contents mean nothing: only the OS lock on it counts.
+    """
+    from filelock import FileLock, Timeout
+
+    path = out_dir / LOCK_NAME
+    lock = FileLock(str(path), timeout=0)
     try:
-        yield lock
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
-
-
-def _read_lock(lock: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(lock.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _is_stale(holder: dict[str, Any]) -> bool:
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
+        lock.acquire()
+    except Timeout:
+        raise ExportError(f"{out_dir} is being written by another export (it holds {path.name})",
+                          hint="wait for it to finish; its lock is released when that process ends") from None
     except PermissionError:
-        return False
-    return False
+        raise ExportError(f"cannot write to {out_dir}: permission denied",
+                          hint="choose a writable output directory") from None
+    try:
+        yield path
+    finally:
+        lock.release()
 
 
 # -- the manifest ------------------------------------------------------------------------------------
