@@ -32,11 +32,11 @@ from typing import Any
 from tleg_deploy.errors import DeviceError, FormatError, SpecError, TlegError, key_mismatch
 from tleg_deploy.files.fileio import write_json_atomic
 from tleg_deploy.model.spec import ViTSpec, check_depth
+from tleg_deploy.plan.precisions import PRECISIONS
 from tleg_deploy.profile.linefit import FIT_KEYS, LinearFit, fit_line
 
 PROFILE_FORMAT = "tleg-device-profile"
 SCHEMA_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 SOURCES = ("measured", "estimated")
 KINDS = ("cpu", "gpu", "jetson")
