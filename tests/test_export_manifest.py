@@ -86,3 +86,51 @@ def test_second_holder_is_refused_until_the_first_exits(tmp_path: Path) -> None:
         holder.wait()
     with directory_lock(out) as path:
         assert path == out / LOCK_NAME
+
+
+@pytest.fixture
+def family(tiny_lg, tmp_path: Path) -> Path:
+    from tleg_deploy.export.family import export_family
+
+    out = tmp_path / "fam"
+    export_family(tiny_lg, [1], out, "onnx", data=None)
+    return out
+
+
+def _first_rel(m: dict) -> str:
+    return next(iter(m["members"]["1"]["files"]))
+
+
+@pytest.mark.parametrize(("edit", "names"), [
+    (lambda m: m["members"]["1"]["files"].update({"../../etc/passwd": "0" * 64}), "../../etc/passwd"),
+    (lambda m: m["artifacts"][0].update(file="/etc/passwd"), "artifacts[0].file"),
+    (lambda m: m["members"]["1"].update(dir="depth_01/../.."), "members.1.dir"),
+    (lambda m: m.update(extra=1), "unexpected key 'extra'"),
+    (lambda m: m["members"]["1"].update(note="x"), "unexpected key 'note'"),
+    (lambda m: m["artifacts"][0].update(bytes=float("nan")), "artifacts[0].bytes"),
+    (lambda m: m["artifacts"][0]["parity"].update(max_abs_diff=float("inf")), "parity.max_abs_diff"),
+    (lambda m: m["artifacts"][0].update(sha256="abc"), "artifacts[0].sha256"),
+    (lambda m: m["members"]["1"]["files"].update({_first_rel(m): "f" * 63}), "members.1.files"),
+    (lambda m: m["artifacts"][0].update(precision="fp64"), "artifacts[0].precision"),
+    (lambda m: m["learngene"].update(sha256=None), "learngene.sha256"),
+])
+def test_manifest_fields_are_checked(family: Path, edit, names: str) -> None:
+    from tleg_deploy.export.manifest import load_manifest
+
+    m = json.loads((family / "manifest.json").read_text())
+    edit(m)
+    (family / "manifest.json").write_text(json.dumps(m))  # json writes NaN / Infinity, and json.loads reads them
+    with pytest.raises(ExportError, match="manifest.json is corrupted") as e:
+        load_manifest(family)
+    assert names in e.value.message
+
+
+def test_written_manifest_loads_and_newer_version_is_named(family: Path) -> None:
+    from tleg_deploy.export.manifest import load_manifest
+
+    m = load_manifest(family)
+    assert m is not None and list(m["members"]) == ["1"]
+    m["schema_version"] = "2"
+    (family / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ExportError, match="schema_version '2', expected '1'"):
+        load_manifest(family)
