@@ -59,7 +59,7 @@ def test_torch_free_modules_do_not_import_torch() -> None:
     code = (
         "import sys; import tleg_deploy, tleg_deploy.plan.units, tleg_deploy.model.spec, tleg_deploy.errors, "
         "tleg_deploy.files.fileio, tleg_deploy.plan.costs, tleg_deploy.plan.budget, tleg_deploy.plan.solve, "
-        "tleg_deploy.profile.table, "
+        "tleg_deploy.profile.table, tleg_deploy.plan.precisions, tleg_deploy.files.schema, "
         "tleg_deploy.model.resources; print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

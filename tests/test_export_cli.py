@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tleg_deploy.cli.app import app
+from tleg_deploy.export.manifest import LOCK_NAME
 from tleg_deploy.model.expansion import expand, save_descendant
 from tleg_deploy.model.learngene import Learngene
 
@@ -23,7 +24,9 @@ def _run(*args: str):
 
 
 def _files(path):
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+    """Files under ``path``; the export lock file (present, unlocked, after any export) is left out."""
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+    return [f for f in files if f != LOCK_NAME]
 
 
 def test_export_json_and_weights(tiny_lg, lg_file, tmp_path):

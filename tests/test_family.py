@@ -41,7 +41,8 @@ def test_parse_depths_and_formats():
 def test_family_manifest(tiny_lg, tmp_path):
     out = tmp_path / "fam"
     manifest = export_family(tiny_lg, [1, 3], out, "onnx", data=None)
-    assert sorted(p.name for p in out.iterdir()) == ["depth_01", "depth_03", "manifest.json"]  # no lock, no temp
+    # no temp; the lock file stays (filelock keeps the inode so waiters share it), unlocked
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "depth_01", "depth_03", "manifest.json"]
     m = _claims_are_intact(out)
     assert m == json.loads((out / "manifest.json").read_text()) == manifest
     assert m["learngene"]["sha256"] == tiny_lg.sha256() and m["spec"] == tiny_lg.spec.to_dict()
@@ -71,7 +72,7 @@ def test_resume_after_interrupted_family_export(tiny_lg, tmp_path):
     handle.remove()
     m = _claims_are_intact(out)
     assert sorted(m["members"]) == ["1", "2"]
-    assert sorted(p.name for p in out.iterdir()) == ["depth_01", "depth_02", "manifest.json"]  # nothing half-written
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "depth_01", "depth_02", "manifest.json"]  # no temp
     # A crash can also leave a staging dir, and a file can rot: the re-run cleans up and redoes what is needed.
     (out / ".depth_03.partial").mkdir()
     (out / ".depth_03.partial" / "model.onnx").write_bytes(b"half")
@@ -89,24 +90,26 @@ def test_resume_after_interrupted_family_export(tiny_lg, tmp_path):
     assert sorted(a["depth"] for a in m["artifacts"]) == [1, 2, 3]
 
 
-def test_lock_blocks_a_second_run_and_stale_lock_is_taken_over(tiny_lg, tmp_path):
+def test_lock_blocks_a_second_run_and_is_freed_when_its_holder_dies(tiny_lg, tmp_path):
     out = tmp_path / "fam"
     out.mkdir()
     # A live process holds the lock: a clear error, and the directory is untouched.
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    script = ("import sys; from pathlib import Path; from tleg_deploy.export.manifest import directory_lock\n"
+              "with directory_lock(Path(sys.argv[1])):\n    print('holding', flush=True); sys.stdin.readline()")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    holder = subprocess.Popen([sys.executable, "-c", script, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env)
     try:
-        import socket
-
-        (out / LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": "x"}))
+        assert holder.stdout.readline().strip() == "holding"
         with pytest.raises(ExportError, match="being written by another export"):
             export_family(tiny_lg, [1], out, "onnx", data=None)
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
     finally:
         holder.kill()
         holder.wait()
-    # The holder is gone: its lock is stale and the next run takes over.
+    # The holder is gone (killed, no clean exit): the kernel released its lock and the next run proceeds.
     export_family(tiny_lg, [1], out, "onnx", data=None)
-    assert not (out / LOCK_NAME).exists() and load_manifest(out)["members"].keys() == {"1"}
+    assert load_manifest(out)["members"].keys() == {"1"}
 
 
 def test_bad_manifest_and_other_learngene_are_errors(tiny_lg, tmp_path):
@@ -119,7 +122,7 @@ def test_bad_manifest_and_other_learngene_are_errors(tiny_lg, tmp_path):
     (out / "manifest.json").write_text('{"format": "tleg-export-manifest", "schema_ver')
     with pytest.raises(ExportError, match="corrupted"):
         export_family(tiny_lg, [2], out, "onnx", data=None)
-    assert sorted(p.name for p in out.rglob("*")) == files  # nothing new, no lock left behind
+    assert sorted(p.name for p in out.rglob("*")) == files  # nothing new
 
 
 def test_not_a_directory_and_unwritable(tiny_lg, tmp_path, monkeypatch):

@@ -106,6 +106,15 @@ def test_calibration_and_estimates_are_consistent() -> None:
     assert nano.basis is not None and nano.basis["macs_per_block"] == costs.block_macs(spec)
 
 
+def test_calibration_flops_come_from_fvcore_and_match_the_analytic_oracle() -> None:
+    sheets = load_datasheets()
+    cal = calibrate_efficiency(sheets)
+    for point, p in zip(cal["points"], sheets["calibration"]["points"], strict=True):
+        spec = ViTSpec(**p["spec"])  # OWL-ViT: class token, 768 px
+        block, fixed = fvcore_macs(spec)
+        assert point["flops"] == 2 * (fixed + p["depth"] * block) == 2 * costs.macs(spec, p["depth"])
+
+
 def test_shipped_profiles_are_estimated_and_cite_sources() -> None:
     from tleg_deploy.profile.registry import SHIPPED_DIR
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from tleg_deploy.errors import ExportError, InfeasibleError
 from tleg_deploy.files.fileio import sha256_file, write_json_atomic, write_text_atomic
+from tleg_deploy.plan.precisions import export_formats
 from tleg_deploy.plan.solve import DEFAULT_MAX_DEPTH, Budget, Candidate, Plan, check_options, evaluate, solve
 from tleg_deploy.profile.artifact import Measurement
 
@@ -210,15 +211,6 @@ def _runs_here(profile: DeviceProfile) -> bool:
 def _threads(profile: DeviceProfile) -> int:
     threads = profile.runtime.get("threads", 1)
     return threads if isinstance(threads, int) and threads > 0 else 1
-
-
-def export_formats(precision: str, backend: str) -> tuple[str, ...]:
-    """The ``export_family`` formats that give fp32 ONNX plus the chosen precision's variant: ORT's
-    dynamic int8 on ONNX Runtime targets; for TensorRT, fp16 and the calibrated static (QDQ) int8
-    with ``build_engine.sh`` (TensorRT cannot read dynamic quantization)."""
-    if backend == "tensorrt" and precision != "fp32":
-        return ("onnx", "tensorrt")
-    return {"fp32": ("onnx",), "fp16": ("onnx", "fp16"), "int8": ("onnx", "int8")}[precision]
 
 
 def _export(model: ViT, *, source: str, lg: Learngene, learngene: str, precision: str, profile: DeviceProfile,

@@ -34,6 +34,7 @@ from typing import Any
 from tleg_deploy.errors import DepthError, ExportError, TlegError
 from tleg_deploy.export.manifest import (
     FORMATS,
+    LOCK_NAME,
     directory_lock,
     load_manifest,
     member_is_intact,
@@ -43,6 +44,7 @@ from tleg_deploy.export.manifest import (
 from tleg_deploy.files.fileio import sha256_file
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.plan import costs
+from tleg_deploy.plan.precisions import ONNX_KINDS, PRECISION, PRECISIONS
 
 Progress = Callable[[str, int, int], None]
 
@@ -169,8 +171,10 @@ def export_family(
         return _export_locked(lg, depths, out, fmts, batch, data, learngene_file, models, source, profile,
                               measure_latency, use_template, progress)
     except BaseException:
-        if created:  # a directory this call made and that holds nothing: leave no trace
+        if created:  # a directory this call made and that holds nothing but the (released) lock: leave no trace
             with contextlib.suppress(OSError):
+                if [p.name for p in out.iterdir()] == [LOCK_NAME]:
+                    (out / LOCK_NAME).unlink()
                 out.rmdir()
         raise
 
@@ -257,7 +261,7 @@ def _export_member(ctx: _Context, manifest: dict[str, Any], model: Any, source: 
         a["sha256"] = files[a["file"]]
     manifest["members"][str(depth)] = {"dir": name, "source": source, "formats": list(ctx.formats), "files": files}
     manifest["artifacts"].extend(artifacts)
-    order = ("fp32", "fp16", "int8", "int8-qdq")
+    order = tuple(ONNX_KINDS)
     manifest["artifacts"].sort(key=lambda a: (a["depth"], a["format"] != "onnx", order.index(a["precision"])))
     write_manifest(ctx.out_dir, manifest)
 
@@ -315,7 +319,7 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
             "agreement": r.agreement, "images": r.images, "data": r.data,
             "report": path.stem + ".validation.json", "mode": r.mode,
         }))
-    for precision in ("fp32", "fp16", "int8"):
+    for precision in PRECISIONS:
         engine = stage / f"model_{precision}.engine"
         if engine.exists():
             artifacts.append(entry(precision, "tensorrt", engine, None))
@@ -325,14 +329,14 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
 def _tensorrt(ctx: _Context, spec: ViTSpec, stage: Path, files: dict[str, Path]) -> None:
     from tleg_deploy.export.tensorrt import build_tensorrt_engine, tensorrt_major, write_build_script
 
-    names = {k: p.name for k, p in files.items() if k in ("fp32", "fp16", "int8-qdq")}
+    readable = {p.tensorrt_kind(major) for p in PRECISION.values() for major in (10, 11)}  # not dynamic int8
+    names = {k: p.name for k, p in files.items() if k in readable}
     write_build_script(stage, names, spec, batch=ctx.batch, timing_cache="../timing.cache")
     try:
         major = tensorrt_major()
     except TlegError:
         return  # no TensorRT here: build_engine.sh builds the engines on the target
-    sources = {"fp32": files["fp32"], "fp16": files["fp16"] if major >= 11 else files["fp32"],
-               "int8": files["int8-qdq"]}
+    sources = {p.name: files[p.tensorrt_kind(major)] for p in PRECISION.values()}
     for precision, onnx_file in sources.items():
         build_tensorrt_engine(onnx_file, stage / f"model_{precision}.engine", spec=spec, precision=precision,
                               batch=ctx.batch, timing_cache=ctx.out_dir / "timing.cache")
@@ -340,7 +344,7 @@ def _tensorrt(ctx: _Context, spec: ViTSpec, stage: Path, files: dict[str, Path])
 
 def _latency(ctx: _Context, spec: ViTSpec, depth: int, precision: str, path: Path | None) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
-    prec = {"int8-qdq": "int8"}.get(precision, precision)
+    prec = ONNX_KINDS[precision].precision  # the int8-qdq file runs at int8
     if ctx.profile is not None:
         try:
             p = ctx.profile.predict(depth, spec=spec, precision=prec)

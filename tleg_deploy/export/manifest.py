@@ -3,8 +3,10 @@
 Every export directory — a family from ``export_family``, one depth from ``tleg-deploy export`` or
 the output of ``fit`` — carries one manifest of this format: the learngene's sha256 and spec, and
 one entry per artifact (depth, precision, file, bytes, sha256, params, MACs, parity with PyTorch,
-predicted / measured latency), plus the learngene-vs-family storage figures. Loading is strict:
-a corrupted or foreign manifest is an ``ExportError`` naming the problem.
+predicted / measured latency), plus the learngene-vs-family storage figures. Loading is strict
+(``tleg_deploy.files.schema``): unknown or missing keys, wrong types, non-finite numbers, malformed
+sha256s and member paths that leave the directory make a corrupted or foreign manifest an
+``ExportError`` naming the field.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import contextlib
 import datetime as dt
 import json
 import os
-import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.errors import ExportError, key_mismatch
+from tleg_deploy.errors import ExportError, FormatError
+from tleg_deploy.files import schema
 from tleg_deploy.files.fileio import sha256_file, write_json_atomic
+from tleg_deploy.plan.precisions import ONNX_KINDS
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tleg-export-manifest"
@@ -28,64 +31,45 @@ LOCK_NAME = ".tleg-export.lock"
 FORMATS = ("onnx", "int8", "fp16", "tensorrt")
 _MANIFEST_KEYS = {"format", "schema_version", "tool_version", "updated", "learngene", "spec", "spec_preset",
                   "formats", "batch", "members", "artifacts", "storage"}
+_LEARNGENE_KEYS = {"sha256", "tensor_bytes", "params"}
+_LEARNGENE_OPTIONAL = {"file", "file_bytes", "aux_depth"}
+_MEMBER_KEYS = {"dir", "source", "formats", "files"}
 _ARTIFACT_KEYS = {"depth", "precision", "format", "file", "bytes", "sha256", "params", "macs", "parity", "latency"}
 
 
 # -- the lock --------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def directory_lock(out_dir: Path) -> Iterator[Path]:
-    """Hold ``out_dir/.tleg-export.lock`` (created exclusively); a stale lock of a dead process on
-    this host is taken over."""
-    lock = out_dir / LOCK_NAME
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if attempt == 0 and _is_stale(holder):
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                continue
-            who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}" if holder else "?"
-            raise ExportError(f"{out_dir} is being written by another export ({who})",
-                              hint=f"wait for it to finish, or delete {lock} if that process is gone") from None
-        except PermissionError:
-            raise ExportError(f"cannot write to {out_dir}: permission denied",
-                              hint="choose a writable output directory") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
+    """Hold ``out_dir/.tleg-export.lock`` for one export; a second export of the same directory
+    refuses at once with an ``ExportError``.
+
+    The lock is ``filelock``'s (``flock`` on POSIX): the kernel releases it when its holder exits,
+    however it exits, so there is no stale lock to detect or take over. The file itself stays in
+    place after release (unlinking it would let a waiter lock a deleted inode while a newcomer locks
+    a new one) and its contents mean nothing: only the OS lock on it counts.
+    """
+    from filelock import FileLock, Timeout
+
+    path = out_dir / LOCK_NAME
+    lock = FileLock(str(path), timeout=0)
     try:
-        yield lock
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
-
-
-def _read_lock(lock: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(lock.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _is_stale(holder: dict[str, Any]) -> bool:
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
+        lock.acquire()
+    except Timeout:
+        raise ExportError(f"{out_dir} is being written by another export (it holds {path.name})",
+                          hint="wait for it to finish; its lock is released when that process ends") from None
     except PermissionError:
-        return False
-    return False
+        raise ExportError(f"cannot write to {out_dir}: permission denied",
+                          hint="choose a writable output directory") from None
+    try:
+        yield path
+    finally:
+        lock.release()
 
 
 # -- the manifest ------------------------------------------------------------------------------------
 def load_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The manifest in ``out_dir``, ``None`` if there is none, ``ExportError`` if it is corrupted."""
+    """The manifest in ``out_dir``, ``None`` if there is none, ``ExportError`` if it is corrupted:
+    every key, type and member path is checked (a member file must lie inside ``out_dir``)."""
     path = Path(out_dir) / MANIFEST_NAME
     if not path.exists():
         return None
@@ -96,21 +80,57 @@ def load_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
         raise ExportError(f"{path} is corrupted: {str(e).splitlines()[0][:120]}", hint=hint) from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise ExportError(f"{path} is not a tleg-deploy export manifest", hint=hint)
-    if data.get("schema_version") != MANIFEST_VERSION:
-        raise ExportError(f"{path} has schema_version {data.get('schema_version')!r}, expected {MANIFEST_VERSION!r}",
-                          hint=hint)
-    if problem := key_mismatch(data, _MANIFEST_KEYS):
-        raise ExportError(f"{path} is corrupted: it {problem}", hint=hint)
-    if not (isinstance(data["members"], dict) and isinstance(data["artifacts"], list)
-            and isinstance(data["learngene"], dict) and isinstance(data["spec"], dict)):
-        raise ExportError(f"{path} is corrupted: learngene/spec/members/artifacts have the wrong type", hint=hint)
-    for a in data["artifacts"]:
-        if not isinstance(a, dict) or not set(a) >= _ARTIFACT_KEYS:
-            raise ExportError(f"{path} is corrupted: an artifact entry lacks {sorted(_ARTIFACT_KEYS)}", hint=hint)
-    for key in ("sha256", "params", "tensor_bytes"):
-        if key not in data["learngene"]:
-            raise ExportError(f"{path} is corrupted: learngene entry lacks {key!r}", hint=hint)
+    try:
+        check_manifest(data)
+    except FormatError as e:
+        if e.message.startswith("field 'schema_version'"):
+            raise ExportError(f"{path} has schema_version {data.get('schema_version')!r}, expected "
+                              f"{MANIFEST_VERSION!r}", hint=hint) from None
+        raise ExportError(f"{path} is corrupted: {e.message}", hint=hint) from None
     return data
+
+
+def check_manifest(data: Any) -> None:
+    """Strict structure of a manifest (``FormatError`` naming the field)."""
+    schema.header(data, "a manifest", MANIFEST_FORMAT, MANIFEST_VERSION)
+    schema.obj(data, "manifest", _MANIFEST_KEYS)
+    schema.finite_numbers(data, "manifest")
+    lg = schema.obj(data["learngene"], "learngene", _LEARNGENE_KEYS, _LEARNGENE_OPTIONAL)
+    schema.sha256_hex(lg["sha256"], "learngene.sha256")
+    for key in ("tensor_bytes", "params"):
+        schema.integer(lg[key], f"learngene.{key}", minimum=0)
+    schema.obj(data["spec"], "spec", None)
+    for i, f in enumerate(schema.lst(data["formats"], "formats")):
+        schema.choice(schema.string(f, f"formats[{i}]"), FORMATS, f"field 'formats[{i}]'")
+    batch = schema.obj(data["batch"], "batch", {"min", "opt", "max"})
+    for key in ("min", "opt", "max"):
+        schema.integer(batch[key], f"batch.{key}", minimum=1)
+    schema.obj(data["storage"], "storage", None)
+    for depth, member in schema.obj(data["members"], "members", None).items():
+        where = f"members.{depth}"
+        if not depth.isdigit():
+            raise FormatError(f"field 'members' has key {depth!r}, not a depth")
+        m = schema.obj(member, where, _MEMBER_KEYS)
+        schema.relative_path(m["dir"], f"{where}.dir")
+        schema.string(m["source"], f"{where}.source")
+        schema.lst(m["formats"], f"{where}.formats")
+        for rel, sha in schema.obj(m["files"], f"{where}.files", None).items():
+            schema.relative_path(rel, f"{where}.files")
+            schema.sha256_hex(sha, f"{where}.files.{rel}")
+    for i, a in enumerate(schema.lst(data["artifacts"], "artifacts")):
+        where = f"artifacts[{i}]"
+        schema.obj(a, where, _ARTIFACT_KEYS)
+        schema.integer(a["depth"], f"{where}.depth", minimum=1)
+        schema.choice(schema.string(a["precision"], f"{where}.precision"), tuple(ONNX_KINDS),
+                      f"field '{where}.precision'")
+        schema.choice(schema.string(a["format"], f"{where}.format"), ("onnx", "tensorrt"), f"field '{where}.format'")
+        schema.relative_path(a["file"], f"{where}.file")
+        schema.sha256_hex(a["sha256"], f"{where}.sha256")
+        for key in ("bytes", "params", "macs"):
+            schema.integer(a[key], f"{where}.{key}", minimum=0)
+        for key in ("parity", "latency"):
+            if a[key] is not None:
+                schema.obj(a[key], f"{where}.{key}", None)
 
 
 def member_is_intact(out_dir: Path, member: Mapping[str, Any]) -> bool:

@@ -9,9 +9,12 @@
 - ``quantize_int8(..., mode="qdq", calibration=images)``: static QuantizeLinear/DequantizeLinear
   pairs from calibration images, symmetric int8 with per-channel weights — the explicit-quantization
   form TensorRT reads (it cannot read ORT's dynamic ``DynamicQuantizeLinear``/``MatMulInteger``).
-- ``convert_fp16``: weights and activations in fp16, with LayerNormalization and Softmax computed
-  in fp32 (their inputs cast up, outputs cast down) to avoid overflow in the variance and the
-  exponent; the graph's input and output stay fp32 so callers feed the same arrays.
+- ``convert_fp16``: ONNX Runtime's ``convert_float_to_float16``: weights and activations in fp16,
+  with LayerNormalization and Softmax blocked in fp32 (their inputs cast up, outputs cast down) to
+  avoid overflow in the variance and the exponent; ``keep_io_types`` leaves the graph's input and
+  output fp32 so callers feed the same arrays. On the trained demo expanded to depths 1/3/6/9/12,
+  top-1 agreement with fp32 PyTorch on the digits test split (359 images) was 100/99.7/100/100/100%,
+  the same as the hand-written converter it replaced.
 
 Each keeps the source's metadata props and adds ``precision``. Writes are atomic.
 """
@@ -87,61 +90,25 @@ def quantize_int8(
 
 
 def convert_fp16(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:
-    """Write an fp16 variant of ``onnx_path`` (fp32 I/O, LayerNorm and Softmax in fp32)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    src = Path(onnx_path)
-    proto = onnx.load(str(src))
-    graph = proto.graph
-    # Initializers only ever read as LayerNorm scale/bias stay fp32; everything else goes fp16.
-    blocked_reads = {name for n in graph.node if n.op_type in FP32_OPS for name in n.input[1:]}
-    other_reads = {name for n in graph.node if n.op_type not in FP32_OPS for name in n.input}
-    other_reads |= {n.input[0] for n in graph.node if n.op_type in FP32_OPS and n.input}
-    fp32_inputs = (blocked_reads - other_reads) & {i.name for i in graph.initializer}
-    for init in graph.initializer:
-        if init.data_type == TensorProto.FLOAT and init.name not in fp32_inputs:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
-    new_nodes: list[Any] = []
-    in_name = graph.input[0].name
-    out_name = graph.output[0].name
-    half_in = f"{in_name}_fp16"
-    new_nodes.append(helper.make_node("Cast", [in_name], [half_in], to=TensorProto.FLOAT16, name="fp16/cast_in"))
-    for node in graph.node:
-        node.input[:] = [half_in if i == in_name else i for i in node.input]
-        if node.op_type == "Constant":
-            _constant_to_fp16(node)
-        elif node.op_type == "Cast" and _attr(node, "to") == TensorProto.FLOAT:
-            for a in node.attribute:
-                if a.name == "to":
-                    a.i = TensorProto.FLOAT16
-        if node.op_type in FP32_OPS:
-            for k, name in enumerate(node.input):
-                if name and name not in fp32_inputs:
-                    x32 = f"{name}_fp32_{node.name}"
-                    new_nodes.append(helper.make_node("Cast", [name], [x32], to=TensorProto.FLOAT,
-                                                      name=f"{node.name}/cast_up{k}"))
-                    node.input[k] = x32
-            y32 = f"{node.output[0]}_fp32"
-            y16 = node.output[0]
-            node.output[0] = y32
-            new_nodes.append(node)
-            new_nodes.append(helper.make_node("Cast", [y32], [y16], to=TensorProto.FLOAT16,
-                                              name=f"{node.name}/cast_down"))
-            continue
-        new_nodes.append(node)
-    half_out = f"{out_name}_fp16"
-    for node in new_nodes:
-        node.output[:] = [half_out if o == out_name else o for o in node.output]
-        node.input[:] = [half_out if i == out_name else i for i in node.input]
-    new_nodes.append(helper.make_node("Cast", [half_out], [out_name], to=TensorProto.FLOAT, name="fp16/cast_out"))
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    del graph.value_info[:]  # stale fp32 types; shape inference recomputes what it needs
+    """Write an fp16 variant of ``onnx_path`` (fp32 I/O, LayerNorm and Softmax in fp32) with ONNX
+    Runtime's converter (``onnxruntime.transformers.float16``), which inserts the Casts around the
+    blocked ops and keeps initializers that only blocked ops read in fp32."""
     try:
+        import onnx
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+        from onnxruntime.transformers.onnx_model import OnnxModel
+    except ImportError as e:
+        raise BackendError("onnxruntime is not installed", hint="pip install onnxruntime") from e
+    src = Path(onnx_path)
+    try:
+        with _quiet_root_logger():
+            proto = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
+                                             op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS])
+            # The converter appends its Casts at the end; checkers and TensorRT want sorted nodes.
+            OnnxModel(proto).topological_sort()
         onnx.checker.check_model(proto)
     except Exception as e:
-        raise ExportError(f"fp16 conversion of {src.name} produced an invalid graph: {e}") from e
+        raise ExportError(f"fp16 conversion of {src.name} failed: {type(e).__name__}: {e}") from e
     _tag(proto, src, "fp16")
     return save_proto(proto, out_path)
 
@@ -151,23 +118,6 @@ def _tag(proto: Any, src: Path, precision: str) -> None:
 
     props = read_metadata(src) | {"precision": precision}
     set_metadata(proto, props)
-
-
-def _attr(node: Any, name: str) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return None
-
-
-def _constant_to_fp16(node: Any) -> None:
-    from onnx import TensorProto, numpy_helper
-
-    for a in node.attribute:
-        if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
-            a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
 
 
 @contextlib.contextmanager

@@ -27,8 +27,9 @@ from tleg_deploy.errors import BackendError, ExportError
 from tleg_deploy.export.onnx import INPUT_NAME
 from tleg_deploy.files.fileio import atomic_path, write_text_atomic
 from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.plan.precisions import PRECISION, PRECISIONS
 
-TRT_PRECISIONS = ("fp32", "fp16", "int8")
+TRT_PRECISIONS = PRECISIONS
 INSTALL_HINT = "pip install 'tleg-deploy[tensorrt]' (tensorrt>=10) on a machine with an NVIDIA GPU and driver"
 
 
@@ -91,10 +92,9 @@ def build_tensorrt_engine(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {onnx_file.name}: {errors[:500]}")
     config = builder.create_builder_config()
-    if major < 11 and precision in ("fp16", "int8"):  # weakly typed 10.x: reduced precision by flags
-        config.set_flag(trt.BuilderFlag.FP16)  # int8: layers left unquantized may run in fp16
-    if major < 11 and precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)  # 10.x needs it for the Q/DQ (explicit) quantization
+    if major < 11:  # weakly typed 10.x: reduced precision by flags (int8: Q/DQ needs INT8, the rest runs fp16)
+        for flag in PRECISION[precision].tensorrt_flags_v10:
+            config.set_flag(getattr(trt.BuilderFlag, flag.upper()))
     if workspace_mb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     profile = builder.create_optimization_profile()
@@ -126,7 +126,7 @@ def _check_onnx_precision(onnx_file: Path, precision: str, major: int) -> None:
     if found == "int8":
         raise ExportError(f"{onnx_file.name} uses ONNX Runtime dynamic quantization, which TensorRT cannot read",
                           hint="use the static Q/DQ file (quantize_int8(..., mode='qdq'))")
-    want = {"fp32": "fp32", "fp16": "fp16" if major >= 11 else "fp32", "int8": "int8-qdq"}[precision]
+    want = PRECISION[precision].tensorrt_kind(major)
     if found != want:
         raise ExportError(f"a TensorRT {major} {precision} engine needs the {want} ONNX file; "
                           f"{onnx_file.name} is {found}")
@@ -142,23 +142,20 @@ def trtexec_commands(
     shapes = (f"--minShapes={INPUT_NAME}:{dims(batch.min)} --optShapes={INPUT_NAME}:{dims(batch.opt)} "
               f"--maxShapes={INPUT_NAME}:{dims(batch.max)}")
     common = f"{shapes} --timingCacheFile={shlex.quote(timing_cache)}"
-    fp32 = shlex.quote(files["fp32"])
     out: dict[str, dict[int, str]] = {}
 
     def cmd(onnx: str, engine: str, extra: str = "") -> str:
         return f"trtexec --onnx={onnx} --saveEngine={shlex.quote(engine)} {common}{extra}"
 
     stem = Path(files["fp32"]).stem
-    out["fp32"] = {10: cmd(fp32, f"{stem}_fp32.engine"), 11: cmd(fp32, f"{stem}_fp32.engine")}
-    fp16_11 = cmd(shlex.quote(files["fp16"]), f"{stem}_fp16.engine") if "fp16" in files else None
-    out["fp16"] = {10: cmd(fp32, f"{stem}_fp16.engine", " --fp16")}
-    if fp16_11:
-        out["fp16"][11] = fp16_11
-    if "int8-qdq" in files:
-        qdq = shlex.quote(files["int8-qdq"])
-        # Q/DQ is explicit quantization: 10.x (weakly typed) needs --int8 (+ --fp16 for the unquantized layers);
-        # 11.x reads the scales from the graph and has no precision flags.
-        out["int8"] = {10: cmd(qdq, f"{stem}_int8.engine", " --int8 --fp16"), 11: cmd(qdq, f"{stem}_int8.engine")}
+    # Q/DQ int8 is explicit quantization: 10.x (weakly typed) needs --int8 (+ --fp16 for the unquantized
+    # layers); 11.x reads the scales and types from the graph and has no precision flags.
+    for p in PRECISION.values():
+        engine = f"{stem}_{p.name}.engine"
+        by_major = {major: cmd(shlex.quote(files[p.tensorrt_kind(major)]), engine, p.trtexec_flags(major))
+                    for major in (10, 11) if p.tensorrt_kind(major) in files}
+        if 10 in by_major:
+            out[p.name] = by_major
     return out
 
 
@@ -166,7 +163,7 @@ def polygraphy_command(onnx: str, spec: ViTSpec, *, batch: BatchRange | None = N
     """Compare TensorRT with ONNX Runtime on the same random inputs (tolerances per precision)."""
     batch = batch or BatchRange()
     shape = lambda b: "[" + ",".join(str(d) for d in batch.shape(spec, b)) + "]"  # noqa: E731
-    tol = {"fp32": "1e-3", "fp16": "2e-2", "int8": "1e-1"}[precision]
+    tol = PRECISION[precision].polygraphy_tolerance
     extra = " --fp16" if precision == "fp16" and not onnx.endswith("_fp16.onnx") else ""
     return (f"polygraphy run {shlex.quote(onnx)} --trt --onnxrt{extra} "
             f"--trt-min-shapes {INPUT_NAME}:{shape(batch.min)} --trt-opt-shapes {INPUT_NAME}:{shape(batch.opt)} "

@@ -28,14 +28,15 @@ from tleg_deploy.errors import ExportError
 from tleg_deploy.export.onnx import INPUT_NAME, OUTPUT_NAME
 from tleg_deploy.files.fileio import write_json_atomic
 from tleg_deploy.model.vit import ViT
+from tleg_deploy.plan.precisions import ONNX_KINDS
 
 REPORT_FORMAT = "tleg-validation"
 REPORT_VERSION = "1"
-# Max abs logit difference vs PyTorch on random inputs. fp16 is relative to the logit scale.
-TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8": float("inf"), "int8-qdq": float("inf")}
-# Minimum top-1 agreement with fp32 PyTorch on real images, where images are given.
-MIN_AGREEMENT = {"fp32": 0.999, "fp16": 0.99, "int8": 0.99, "int8-qdq": 0.98}
-PRECISIONS = tuple(TOLERANCES)
+# Max abs logit difference vs PyTorch on random inputs, and the minimum top-1 agreement with fp32
+# PyTorch on real images, per ONNX kind (tleg_deploy.plan.precisions).
+TOLERANCES = {k.name: k.tolerance for k in ONNX_KINDS.values()}
+MIN_AGREEMENT = {k.name: k.min_agreement for k in ONNX_KINDS.values()}
+PRECISIONS = tuple(ONNX_KINDS)
 
 
 @dataclass
@@ -121,7 +122,7 @@ def validate_onnx(
 
     if precision not in TOLERANCES:
         raise ExportError(f"unknown precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
-    if precision.startswith("int8") and images is None:
+    if ONNX_KINDS[precision].needs_images and images is None:
         raise ExportError(f"{precision} validation needs real images for the top-1 agreement check",
                           hint="pass images=load_data('digits', spec, 'test')[0] or your own")
     start = time.perf_counter()
@@ -153,7 +154,7 @@ def validate_onnx(
             failures.append(f"{OUTPUT_NAME} has non-finite values at batch {batch}")
             continue
         diff = float(np.abs(got - ref).max())
-        if precision == "fp16":
+        if ONNX_KINDS[precision].relative:
             diff /= max(1.0, float(np.abs(ref).max()))
         worst = max(worst, diff)
     if worst > tol:

@@ -13,8 +13,7 @@ with N tokens, width D, MLP hidden H, C input channels, patch P and K classes, p
 from __future__ import annotations
 
 from tleg_deploy.model.spec import ViTSpec
-
-BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
+from tleg_deploy.plan.precisions import PRECISION, PRECISIONS
 
 
 def block_params(spec: ViTSpec) -> int:
@@ -53,9 +52,9 @@ def artifact_bytes(spec: ViTSpec, depth: int, precision: str = "fp32") -> int:
     """Approximate size of the exported weights (graph overhead excluded). int8 keeps biases,
     LayerNorms and embeddings in fp32, which this counts as 1 byte/param: a lower bound."""
     try:
-        per = BYTES_PER_PARAM[precision]
+        per = PRECISION[precision].bytes_per_param
     except KeyError:
         from tleg_deploy.errors import SpecError
 
-        raise SpecError(f"unknown precision {precision!r}", hint="use fp32, fp16 or int8") from None
+        raise SpecError(f"unknown precision {precision!r}", hint=f"use {', '.join(PRECISIONS)}") from None
     return round(params(spec, depth) * per)

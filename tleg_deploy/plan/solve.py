@@ -29,7 +29,7 @@ from tleg_deploy.errors import DeviceError, InfeasibleError, TlegError, UnitErro
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.plan import costs
 from tleg_deploy.plan.budget import CONSTRAINTS, Budget, format_limit
-from tleg_deploy.profile.table import PRECISIONS  # highest precision first: ties go to the earlier one
+from tleg_deploy.plan.precisions import PRECISIONS  # highest precision first: ties go to the earlier one
 
 OBJECTIVES = ("deepest", "accuracy")
 DEFAULT_MAX_DEPTH = 48

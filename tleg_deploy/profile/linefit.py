@@ -1,18 +1,23 @@
 """The least-squares line behind every cost table: ``value(depth) = intercept + slope·depth``,
 with R², the worst residual, the leave-one-out error and the textbook 95% prediction interval for
-a new observation (see ``table``). Stdlib only.
+a new observation (see ``table``). Stdlib only (``statistics``): the profile tables load without
+numpy, so ``fit`` against a stored profile starts fast; the tests check the fit against
+``numpy.polyfit`` and the t quantile against ``scipy.stats.t.ppf``.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tleg_deploy.errors import FormatError
 
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (3 decimals: within 2.3e-4 of
+# scipy.stats.t.ppf(0.975, dof)). Between integers the linear interpolation errs high, never low (a
+# wider interval): by up to 41% between 1 and 2 dof, 1.3% above 3, 0.3% above 5.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
          2.045, 2.042)
@@ -106,8 +111,8 @@ def fit_line(
         if not math.isfinite(v) or v < 0:
             raise FormatError(f"measured value {v!r} must be a finite non-negative number")
     intercept, slope = _lstsq(depths, values)
-    xm = sum(depths) / n
-    ym = sum(values) / n
+    xm = statistics.fmean(depths)
+    ym = statistics.fmean(values)
     sxx = sum((x - xm) ** 2 for x in depths)
     resid = [y - (intercept + slope * x) for x, y in zip(depths, values, strict=True)]
     sse = sum(r * r for r in resid)
@@ -133,11 +138,8 @@ def fit_line(
 
 
 def _lstsq(xs: Sequence[int], ys: Sequence[float]) -> tuple[float, float]:
-    n = len(xs)
-    xm = sum(xs) / n
-    ym = sum(ys) / n
-    sxx = sum((x - xm) ** 2 for x in xs)
-    slope = sum((x - xm) * (y - ym) for x, y in zip(xs, ys, strict=True)) / sxx
-    return ym - slope * xm, slope
+    """(intercept, slope) of the least-squares line; ``xs`` holds at least 2 distinct values."""
+    slope, intercept = statistics.linear_regression(xs, ys)
+    return intercept, slope
 
 

@@ -29,14 +29,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.errors import DeviceError, FormatError, SpecError, TlegError, key_mismatch
+from tleg_deploy.errors import DeviceError, FormatError, SpecError, TlegError
+from tleg_deploy.files import schema
 from tleg_deploy.files.fileio import write_json_atomic
 from tleg_deploy.model.spec import ViTSpec, check_depth
+from tleg_deploy.plan.precisions import PRECISIONS
 from tleg_deploy.profile.linefit import FIT_KEYS, LinearFit, fit_line
 
 PROFILE_FORMAT = "tleg-device-profile"
 SCHEMA_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 SOURCES = ("measured", "estimated")
 KINDS = ("cpu", "gpu", "jetson")
@@ -263,13 +264,10 @@ class DeviceProfile:
 
     @classmethod
     def from_dict(cls, data: Any) -> DeviceProfile:
+        schema.header(data, "a profile", PROFILE_FORMAT, SCHEMA_VERSION,
+                      hint="upgrade tleg-deploy or re-measure the profile")
         top = _obj(data, "profile", {"format", "schema_version", "device", "source", "measure_command", "runtime",
                                      "environment", "host_fingerprint", "date", "notes", "entries"})
-        if top["format"] != PROFILE_FORMAT:
-            raise FormatError(f"field 'format' is {top['format']!r}, expected {PROFILE_FORMAT!r}")
-        if top["schema_version"] != SCHEMA_VERSION:
-            raise FormatError(f"field 'schema_version' is {top['schema_version']!r}; this version reads "
-                              f"{SCHEMA_VERSION}", hint="upgrade tleg-deploy or re-measure the profile")
         dev = _obj(top["device"], "device", {"name", "aliases", "kind", "hardware"})
         aliases = _list(dev["aliases"], "device.aliases")
         for i, a in enumerate(aliases):
@@ -377,47 +375,11 @@ def _fit_from_dict(data: Any, where: str) -> LinearFit:
     return LinearFit(**vals)
 
 
-def _check_choice(value: str, choices: Sequence[str], where: str) -> None:
-    if value not in choices:
-        raise FormatError(f"{where} is {value!r}", hint=f"expected one of {', '.join(choices)}")
-
-
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise FormatError(f"unknown precision {precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
 
 
-def _obj(data: Any, where: str, keys: set[str] | None) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise FormatError(f"field '{where}' must be a JSON object, got {type(data).__name__}")
-    if keys is not None and (problem := key_mismatch(data, keys)):
-        raise FormatError(f"field '{where}' {problem}")
-    return data
-
-
-def _list(data: Any, where: str) -> list[Any]:
-    if not isinstance(data, list):
-        raise FormatError(f"field '{where}' must be a JSON list, got {type(data).__name__}")
-    return data
-
-
-def _str(data: Any, where: str, *, nonempty: bool = False) -> str:
-    if not isinstance(data, str) or (nonempty and not data.strip()):
-        raise FormatError(f"field '{where}' must be a {'non-empty ' if nonempty else ''}string, got {data!r}")
-    return data
-
-
-def _int(data: Any, where: str, *, minimum: int | None = None) -> int:
-    if isinstance(data, bool) or not isinstance(data, int):
-        raise FormatError(f"field '{where}' must be an integer, got {data!r}")
-    if minimum is not None and data < minimum:
-        raise FormatError(f"field '{where}' is {data}, must be >= {minimum}")
-    return data
-
-
-def _num(data: Any, where: str, *, minimum: float | None = None) -> float:
-    if isinstance(data, bool) or not isinstance(data, (int, float)) or not math.isfinite(data):
-        raise FormatError(f"field '{where}' must be a finite number, got {data!r}")
-    if minimum is not None and data < minimum:
-        raise FormatError(f"field '{where}' is {data}, must be >= {minimum}")
-    return float(data)
+# The strict readers (tleg_deploy.files.schema): every error names the field.
+_obj, _list, _str, _int, _num = schema.obj, schema.lst, schema.string, schema.integer, schema.number
+_check_choice = schema.choice

@@ -1,9 +1,11 @@
-"""Several processes under ``torchrun``: rank/world from the environment, gradient averaging.
+"""Several processes under ``torchrun``: rank/world from the environment, DDP for the gradients.
 
-``torchrun --nproc_per_node=N`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; we then join the
-process group (gloo on CPU, nccl on CUDA). Gradients are averaged with one flattened all-reduce per
-step (what DDP does, without its hooks, so the Aux-Net's functional blocks need no special care).
-Every rank evaluates; only rank 0 writes files.
+``torchrun --nproc_per_node=N`` (one machine) or ``torchrun --nnodes=M --nproc_per_node=N
+--rdzv-endpoint=HOST:PORT`` (several) sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; we then join
+the process group (gloo on CPU, nccl on CUDA) and wrap the model in
+``torch.nn.parallel.DistributedDataParallel``, which broadcasts rank 0's parameters at construction
+and averages the gradients in buckets during ``backward``. Every rank evaluates; only rank 0 writes
+files.
 """
 
 from __future__ import annotations
@@ -45,28 +47,20 @@ def setup(device: str | None = None) -> DistInfo:
     return DistInfo(rank, world, dev)
 
 
-def broadcast_parameters(model: nn.Module, info: DistInfo) -> None:
-    """Make every rank start from rank 0's parameters."""
-    if info.world == 1:
-        return
-    with torch.no_grad():
-        for p in model.parameters():
-            dist.broadcast(p.data, src=0)
+def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
+    """``model`` itself in one process; under torchrun, ``model`` wrapped in DDP (on ``info.device``).
 
-
-def average_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
-    """Mean of the gradients over ranks, in one flattened all-reduce."""
+    Train through the returned module; save, evaluate and checkpoint ``model`` (the same parameters).
+    The Aux-Net needs no DDP option: its ``base``/``slope`` and stem are registered parameters that
+    every forward uses (``functional_call`` over the parameter-free meta templates, which are not
+    submodules, so DDP never sees them), hence no ``find_unused_parameters`` and its extra graph walk.
+    """
     if info.world == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= info.world
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.device] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:

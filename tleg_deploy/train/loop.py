@@ -3,7 +3,7 @@
 AdamW (no weight decay on biases, LayerNorms and position embeddings, as DeiT/timm), a per-step
 cosine schedule with linear warm-up, optional gradient-norm clipping, bf16 autocast on CUDA only,
 light shift augmentation drawn afresh per batch. Works single-process and under ``torchrun``: a
-``DistributedSampler`` shards each global batch over ranks and gradients are averaged, so N
+``DistributedSampler`` shards each global batch over ranks and DDP averages the gradients, so N
 processes take the same steps as one process with the same global batch. At the end of every epoch
 rank 0 writes an atomic checkpoint and ``metrics.jsonl`` (one JSON object per epoch); ``resume``
 continues from the last finished epoch with the saved optimizer and random state.
@@ -138,7 +138,7 @@ def fit(
         restore(ckpt, model, optimizer)
         model.to(device)
         start, history = ckpt.epoch, ckpt.history
-    D.broadcast_parameters(model, info)
+    net = D.wrap(model, info)  # DDP under torchrun: rank 0's parameters, averaged gradients
 
     dataset = TensorDataset(train.x, train.y)
     sampler: DistributedSampler[Any] = DistributedSampler(dataset, num_replicas=info.world, rank=info.rank,
@@ -161,11 +161,10 @@ def fit(
                     x = augment_batch(x, gen)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with _autocast(device, cfg.amp):
-                    out = model(x)
+                    out = net(x)
                     loss = criterion(x, out, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                D.average_gradients(params, info)
                 if cfg.clip_grad is not None:
                     nn.utils.clip_grad_norm_(params, cfg.clip_grad)
                 optimizer.step()
