@@ -7,13 +7,15 @@ import pytest
 from tleg_deploy.errors import BackendError, DepthError
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.plan import costs
+from tleg_deploy.profile.config import MeasureConfig
 from tleg_deploy.profile.estimate import (
     calibrate_efficiency,
     estimate_entry,
     fvcore_macs,
     load_datasheets,
 )
-from tleg_deploy.profile.measure import MeasureConfig, profile, require_backend
+from tleg_deploy.profile.measure import profile
+from tleg_deploy.profile.runners import require_backend
 from tleg_deploy.profile.table import DeviceProfile
 
 

@@ -12,6 +12,10 @@ from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, emit_j
 if TYPE_CHECKING:
     from tleg_deploy.deploy.fit import FitResult
 
+# Where the paper-claims benchmark writes its accuracy table, relative to the working directory
+# (a checkout of this repository); --accuracy names any other file.
+DEFAULT_ACCURACY = Path("benchmarks/results/paper_claims.json")
+
 
 @command()
 def fit(
@@ -46,7 +50,7 @@ def fit(
     from tleg_deploy.plan.solve import Budget, load_accuracy_table
 
     budget = Budget.from_strings(latency=latency, memory=memory, params=params, percentile=percentile)
-    table = load_accuracy_table(accuracy) if objective == "accuracy" or accuracy is not None else None
+    table = load_accuracy_table(accuracy or DEFAULT_ACCURACY) if objective == "accuracy" or accuracy else None
     wanted = [p.strip() for p in precision.split(",") if p.strip()] if precision else None
     dest = output or Path(f"fit-{Path(device).stem}")
     log = None if (quiet or json_) else (lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
