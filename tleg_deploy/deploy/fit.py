@@ -239,9 +239,10 @@ def _export(model: ViT, *, source: str, lg: Learngene, learngene: str, precision
 
 def _finetune(model: ViT, data: str, epochs: int, quiet: bool, say: Log) -> tuple[ViT, dict[str, Any]]:
     from tleg_deploy.train.finetune import finetune
+    from tleg_deploy.train.loop import RunOptions, TrainConfig
 
     say(f"fine-tuning depth {model.depth} on {data} for {epochs} epoch(s)")
-    res = finetune(model, data, epochs=epochs, quiet=quiet)
+    res = finetune(model, data, TrainConfig(epochs=epochs), RunOptions(quiet=quiet))
     return res.model.eval(), {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str))}
 
 
