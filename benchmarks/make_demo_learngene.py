@@ -38,18 +38,21 @@ def teacher_spec(spec: ViTSpec, width: int, heads: int) -> ViTSpec:
 def build(quiet: bool = True, **overrides: Any) -> tuple[ViT, Learngene, dict[str, Any]]:
     """Teacher, then learngene; returns both and a record of what each cost."""
     from tleg_deploy.train.finetune import train_teacher
-    from tleg_deploy.train.learngene import train_learngene
+    from tleg_deploy.train.learngene import DistillConfig, train_learngene
+    from tleg_deploy.train.loop import RunOptions, TrainConfig
 
     torch.set_num_threads(1)  # one thread: bit-for-bit reproducible, and fair timings
     p = {**DEFAULTS, **overrides}
     spec = ViTSpec.preset("digits")
     t0 = time.perf_counter()
+    opts = RunOptions(quiet=quiet)
     teacher = train_teacher("digits", teacher_spec(spec, p["teacher_width"], p["teacher_heads"]), p["teacher_depth"],
-                            epochs=p["teacher_epochs"], seed=p["seed"], lr=p["lr"], batch_size=p["batch_size"],
-                            quiet=quiet)
+                            TrainConfig(epochs=p["teacher_epochs"], seed=p["seed"], lr=p["lr"],
+                                        batch_size=p["batch_size"]), opts)
     t1 = time.perf_counter()
-    res = train_learngene("digits", teacher.model, spec=spec, aux_depth=p["aux_depth"], epochs=p["aux_epochs"],
-                          seed=p["seed"], lr=p["lr"], batch_size=p["batch_size"], quiet=quiet)
+    res = train_learngene("digits", teacher.model, TrainConfig(epochs=p["aux_epochs"], seed=p["seed"], lr=p["lr"],
+                                                               batch_size=p["batch_size"]),
+                          DistillConfig(aux_depth=p["aux_depth"]), opts, spec=spec)
     t2 = time.perf_counter()
     lg = res.learngene
     lg.provenance |= {

@@ -65,13 +65,14 @@ def _finetune_job(workdir: str, init: str, depth: int, seed: int, epochs: int, c
     from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.train.finetune import finetune
     from tleg_deploy.train.inits import init_model
+    from tleg_deploy.train.loop import TrainConfig
 
     wd = Path(workdir)
     lg = Learngene.load(wd / "lg.safetensors") if (wd / "lg.safetensors").is_file() else None
     teacher = load_descendant(wd / "teacher.safetensors")[0] if init == "weight-selection" else None
     model = init_model(init, depth, spec=ViTSpec.preset("digits"), learngene=lg, teacher=teacher, seed=seed)
-    res = finetune(model, "digits", epochs=epochs, lr=cfg["lr"], batch_size=cfg["batch_size"], seed=seed,
-                   warmup_epochs=min(1.0, epochs / 4))
+    res = finetune(model, "digits", TrainConfig(epochs=epochs, lr=cfg["lr"], batch_size=cfg["batch_size"], seed=seed,
+                                                warmup_epochs=min(1.0, epochs / 4)))
     out = {"init": init, "depth": depth, "seed": seed, "epochs": epochs, "test_acc": res.metrics["test_acc"],
            "val_acc": res.metrics["val_acc"], "seconds": res.metrics["seconds"]}
     if want_r2:

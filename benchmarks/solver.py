@@ -86,7 +86,8 @@ def run_spec(name: str, n_budgets: int, max_depth: int, cached: bool) -> list[di
     from tleg_deploy.errors import InfeasibleError
     from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.plan.solve import Budget, solve
-    from tleg_deploy.profile.measure import MeasureConfig, time_runners
+    from tleg_deploy.profile.config import MeasureConfig
+    from tleg_deploy.profile.timing import time_runners
 
     spec = ViTSpec.preset(name)
     t0 = time.time()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import onnx
 import pytest
 import torch
@@ -8,7 +10,7 @@ from onnx import TensorProto
 from tleg_deploy.errors import ExportError
 from tleg_deploy.export.onnx import export_onnx, read_metadata
 from tleg_deploy.export.quantize import convert_fp16, quantize_int8
-from tleg_deploy.export.validate import validate_onnx
+from tleg_deploy.export.validate import report_path, validate_onnx
 from tleg_deploy.model.expansion import expand
 
 
@@ -77,5 +79,8 @@ def test_fp16_keeps_layernorm_and_softmax_fp32(tiny_lg, tmp_path):
     assert graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # fp32 I/O
     assert graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
     report = validate_onnx(fp16, model, precision="fp16")
-    assert 0 < report.max_abs_diff["logits"] < 2e-2
+    assert report.max_rel_diff is not None and 0 < report.max_rel_diff["logits"] < 2e-2  # the fp16 tolerance's measure
+    assert report.max_abs_diff["logits"] >= report.max_rel_diff["logits"]  # absolute: never scaled down
+    saved = json.loads(report_path(fp16).read_text())
+    assert saved["schema_version"] == "2" and saved["max_rel_diff"] == report.max_rel_diff
     assert read_metadata(fp16)["precision"] == "fp16"

@@ -110,6 +110,7 @@ def test_fit_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_fit_interrupted_leaves_nothing(tmp_path: Path) -> None:
     from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.deploy.fit_types import FitRequest
     from tleg_deploy.plan.solve import Budget
 
     def interrupt_after_export(msg: str) -> None:
@@ -117,20 +118,21 @@ def test_fit_interrupted_leaves_nothing(tmp_path: Path) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(Budget(latency_ms=1.0), device="jetson", out_dir=tmp_path / "out", log=interrupt_after_export)
+        fit(FitRequest(Budget(latency_ms=1.0), device="jetson", out_dir=tmp_path / "out"), log=interrupt_after_export)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_fit_with_finetuning_exports_the_trained_weights_once(tmp_path: Path) -> None:
     from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
     from tleg_deploy.model.expansion import expand, load_descendant
     from tleg_deploy.model.resources import load_learngene
     from tleg_deploy.plan.solve import Budget
 
     messages: list[str] = []
     out = tmp_path / "ft"
-    res = fit(Budget(latency_ms=1.0), device="jetson", out_dir=out, finetune_data="digits", epochs=1, max_depth=2,
-              log=messages.append)
+    res = fit(FitRequest(Budget(latency_ms=1.0), device="jetson", out_dir=out, finetune_data="digits", epochs=1,
+                         search=SearchOptions(max_depth=2)), log=messages.append)
     assert res.depth == 2 and res.figures == "estimated" and res.finetune and res.finetune["epochs"] == 1
     assert sum(m.startswith("exported and validated") for m in messages) == 1  # not the expansion, then the trained
     plan = _check_dir(out)
@@ -141,19 +143,34 @@ def test_fit_with_finetuning_exports_the_trained_weights_once(tmp_path: Path) ->
     assert not torch.equal(trained.head.weight, expanded.head.weight)  # the weights written are the trained ones
 
 
-@pytest.mark.parametrize("bad", [{"objective": "fastest"}, {"precisions": ["fp8"]}, {"margin": 1.5}])
+@pytest.mark.parametrize("bad", [["--objective", "fastest"], ["--precision", "fp8"], ["--margin", "1.5"]])
 def test_bad_search_options_are_rejected_before_the_device_is_measured(
-    bad: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bad: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tleg_deploy.deploy.fit import fit
-    from tleg_deploy.errors import TlegError
-    from tleg_deploy.plan.solve import Budget
     from tleg_deploy.profile import registry
 
     def no_measuring(*_a: object, **_k: object) -> None:
         raise AssertionError("the device profile was resolved (host would be measured) before the options were checked")
 
     monkeypatch.setattr(registry, "resolve_profile", no_measuring)
-    with pytest.raises(TlegError):
-        fit(Budget(latency_ms=1.0), device="host", out_dir=tmp_path / "out", **bad)
+    res = runner.invoke(app, ["fit", "--device", "host", "--latency", "1ms", "-o", str(tmp_path / "out"), *bad])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", [{"search": {"objective": "fastest"}}, {"search": {"precisions": ("fp8",)}},
+                                 {"search": {"margin": 1.5}}, {"search": {"objective": "accuracy"}},
+                                 {"epochs": 0}, {"max_steps": -1}])
+def test_a_fit_request_is_checked_when_made(bad: dict, tmp_path: Path) -> None:
+    from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
+    from tleg_deploy.errors import TlegError
+    from tleg_deploy.plan.solve import Budget
+
+    fields = {k: v for k, v in bad.items() if k != "search"}
+    with pytest.raises(TlegError):
+        if "search" in bad:
+            SearchOptions(**bad["search"])
+        FitRequest(Budget(latency_ms=1.0), device="host", out_dir=tmp_path / "out", **fields)
+    ok = FitRequest(Budget(latency_ms=1.0), device="host", out_dir=str(tmp_path / "out"),  # type: ignore[arg-type]
+                    search=SearchOptions(precisions=["int8"]))  # type: ignore[arg-type]
+    assert ok.out_dir == tmp_path / "out" and ok.search.precisions == ("int8",)

@@ -6,7 +6,7 @@ import pytest
 
 from tleg_deploy.export import tensorrt, validate
 from tleg_deploy.plan import costs
-from tleg_deploy.plan.precisions import ONNX_KINDS, PRECISION, PRECISIONS, export_formats
+from tleg_deploy.plan.precisions import ONNX_KINDS, PRECISION, PRECISIONS, deployed_kind, export_formats
 from tleg_deploy.profile import table
 
 
@@ -38,3 +38,12 @@ def test_readers_use_it() -> None:
 ])
 def test_export_formats(precision: str, backend: str, formats: tuple[str, ...]) -> None:
     assert export_formats(precision, backend) == formats
+
+
+@pytest.mark.parametrize(("precision", "backend", "kind"), [
+    ("fp32", "onnxruntime", "fp32"), ("fp16", "onnxruntime", "fp16"), ("int8", "onnxruntime", "int8"),
+    ("fp32", "tensorrt", "fp32"), ("fp16", "tensorrt", "fp16"), ("int8", "tensorrt", "int8-qdq"),
+])
+def test_deployed_kind(precision: str, backend: str, kind: str) -> None:
+    assert deployed_kind(precision, backend) == kind
+    assert ONNX_KINDS[kind].precision == precision

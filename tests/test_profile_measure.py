@@ -7,13 +7,15 @@ import pytest
 from tleg_deploy.errors import BackendError, DepthError
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.plan import costs
+from tleg_deploy.profile.config import MeasureConfig
 from tleg_deploy.profile.estimate import (
     calibrate_efficiency,
     estimate_entry,
     fvcore_macs,
     load_datasheets,
 )
-from tleg_deploy.profile.measure import MeasureConfig, profile, require_backend
+from tleg_deploy.profile.measure import profile
+from tleg_deploy.profile.runners import require_backend
 from tleg_deploy.profile.table import DeviceProfile
 
 
@@ -152,3 +154,29 @@ def test_shipped_profiles_are_what_the_estimator_computes() -> None:
                     b = fresh.predict(depth, spec=spec, precision=precision)
                     assert a.latency_p90_upper_ms == pytest.approx(b.latency_p90_upper_ms, rel=1e-9), path.stem
                     assert a.memory_mb == pytest.approx(b.memory_mb, rel=1e-9), path.stem
+
+
+def test_memory_probe_runs_the_installed_module_with_this_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from tleg_deploy.profile import memory
+
+    calls: list[tuple[list[str], dict]] = []
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        calls.append((cmd, kwargs))
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"peak_mb": 12.5}\n', stderr="")
+
+    monkeypatch.setattr(memory.subprocess, "run", fake_run)
+    spec = ViTSpec.preset("digits")
+    assert memory.peak_memory_mb(MeasureConfig(), spec, 2, "fp32", "x.onnx") == 12.5
+    (cmd, kwargs), = calls
+    assert cmd[:3] == [sys.executable, "-m", "tleg_deploy.profile.memory"] and "env" not in kwargs
+
+    def too_slow(cmd: list[str], **kwargs: object) -> None:
+        raise subprocess.TimeoutExpired(cmd, 1)
+
+    monkeypatch.setattr(memory.subprocess, "run", too_slow)
+    with pytest.raises(BackendError, match="ran over"):
+        memory.peak_memory_mb(MeasureConfig(), spec, 2, "fp32", "x.onnx")

@@ -14,6 +14,7 @@ import torch
 from tleg_deploy.model.expansion import expand, load_descendant
 from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.train.finetune import finetune
+from tleg_deploy.train.loop import TrainConfig
 
 
 @pytest.mark.slow
@@ -37,7 +38,8 @@ def test_two_processes_step_like_one(tiny_lg: Learngene, tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "lg.safetensors", "two.run", "two.safetensors"]
     two, _ = load_descendant(out)
 
-    one = finetune(expand(tiny_lg, 3), f"npz:{data}", epochs=1, batch_size=70, warmup_epochs=0.0, lr=0.01).model
+    one = finetune(expand(tiny_lg, 3), f"npz:{data}", TrainConfig(epochs=1, batch_size=70, warmup_epochs=0.0,
+                                                                  lr=0.01)).model
     start = expand(tiny_lg, 3).state_dict()
     moved, d = 0, tiny_lg.spec.embed_dim
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):

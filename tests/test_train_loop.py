@@ -13,8 +13,8 @@ from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.model.vit import ViT, init_vit_
 from tleg_deploy.train.finetune import finetune, splits, train_teacher
-from tleg_deploy.train.learngene import train_learngene
-from tleg_deploy.train.loop import CHECKPOINT, METRICS, TrainConfig, fit, lr_at
+from tleg_deploy.train.learngene import DistillConfig, train_learngene
+from tleg_deploy.train.loop import CHECKPOINT, METRICS, RunOptions, TrainConfig, lr_at, run_training
 from tleg_deploy.train.losses import CrossEntropy, DistillationLoss
 
 
@@ -34,6 +34,15 @@ def test_schedule_warms_up_then_decays_to_min_lr() -> None:
         TrainConfig(epochs=-1)
 
 
+@pytest.mark.parametrize("bad", [{"aux_depth": 0}, {"alpha": 1.5}, {"tau": 0.0}, {"tau": float("nan")}])
+def test_training_configs_reject_bad_values_when_made(bad: dict) -> None:
+    with pytest.raises(TlegError):
+        DistillConfig(**bad)
+    with pytest.raises(TlegError, match="resume needs"):
+        RunOptions(resume=True)
+    assert RunOptions(run_dir="x.run").run_dir == Path("x.run")  # type: ignore[arg-type]
+
+
 def test_distillation_loss_is_kl_at_tau_and_zero_against_itself() -> None:
     torch.manual_seed(0)
     teacher = torch.nn.Linear(4, 3)
@@ -50,10 +59,10 @@ def test_distillation_loss_is_kl_at_tau_and_zero_against_itself() -> None:
 
 
 def test_short_distillation_run_lowers_the_loss(digit_spec: ViTSpec, tmp_path: Path) -> None:
-    teacher = train_teacher("digits", digit_spec, 2, epochs=3, lr=3e-3, batch_size=128).model
+    teacher = train_teacher("digits", digit_spec, 2, TrainConfig(epochs=3, lr=3e-3, batch_size=128)).model
     init = Learngene.init(digit_spec, aux_depth=3, seed=0)
-    res = train_learngene("digits", teacher, learngene=init, epochs=4, lr=3e-3, batch_size=128,
-                          run_dir=tmp_path / "run")
+    res = train_learngene("digits", teacher, TrainConfig(epochs=4, lr=3e-3, batch_size=128),
+                          opts=RunOptions(run_dir=tmp_path / "run"), learngene=init)
     losses = [h["train_loss"] for h in res.history]
     assert losses[-1] < 0.7 * losses[0], losses
     assert res.metrics["aux_test_acc"] > 0.3  # well above chance (0.1)
@@ -84,12 +93,12 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(digit_spec: ViTS
     cfg = TrainConfig(epochs=4, lr=3e-3, batch_size=64, augment=True, seed=3)
     fresh = lambda: init_vit_(ViT(digit_spec, 2), torch.Generator().manual_seed(0))  # noqa: E731
     whole = fresh()
-    fit(whole, CrossEntropy(), train, val, cfg, run_dir=tmp_path / "a")
+    run_training(whole, CrossEntropy(), train, val, cfg, RunOptions(run_dir=tmp_path / "a"))
     broken = fresh()
     with pytest.raises(KeyboardInterrupt):  # dies in epoch 3, after epoch 2's checkpoint
-        fit(broken, _Interrupt(n=10), train, val, cfg, run_dir=tmp_path / "b")
+        run_training(broken, _Interrupt(n=10), train, val, cfg, RunOptions(run_dir=tmp_path / "b"))
     resumed = fresh()
-    res = fit(resumed, CrossEntropy(), train, val, cfg, run_dir=tmp_path / "b", resume=True)
+    res = run_training(resumed, CrossEntropy(), train, val, cfg, RunOptions(run_dir=tmp_path / "b", resume=True))
     assert res.resumed_from == 2 and [h["epoch"] for h in res.history] == [1, 2, 3, 4]
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
@@ -99,13 +108,13 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(digit_spec: ViTS
     # a checkpoint of other settings, or of more epochs than asked for, is refused before any step
     for change, match in (({"seed": 4}, "seed=3"), ({"epochs": 3}, "4 epochs")):
         with pytest.raises(CheckpointError, match=match):
-            fit(fresh(), CrossEntropy(), train, val, dataclasses.replace(cfg, **change), run_dir=tmp_path / "b",
-                resume=True)
+            run_training(fresh(), CrossEntropy(), train, val, dataclasses.replace(cfg, **change),
+                         RunOptions(run_dir=tmp_path / "b", resume=True))
 
 
 def test_finetune_reports_contract_metrics(digit_spec: ViTSpec) -> None:
     model = init_vit_(ViT(digit_spec, 1), torch.Generator().manual_seed(0))
-    res = finetune(model, "digits", epochs=2, lr=3e-3, batch_size=128, track_test=True)
+    res = finetune(model, "digits", TrainConfig(epochs=2, lr=3e-3, batch_size=128, track_test=True))
     assert res.model is model
     for key in ("val_acc", "test_acc", "epochs", "seconds"):
         assert key in res.metrics

@@ -121,6 +121,7 @@ def demo(
     """
     from tleg_deploy.cli.fit import render_summary
     from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.deploy.fit_types import FitRequest
     from tleg_deploy.model.resources import learngene_spec
     from tleg_deploy.plan.solve import Budget, evaluate
     from tleg_deploy.profile.registry import resolve_profile
@@ -132,10 +133,10 @@ def demo(
     depth6 = min((evaluate(host, probe, spec=spec, depth=6, precision=p) for p in host.precisions(spec)),
                  key=lambda c: c.latency_upper_ms)
     budget = Budget(latency_ms=round(depth6.latency_upper_ms * 1.02, 4))
-    render_summary(fit(budget, device=host, out_dir=output / "host", quiet=quiet))
+    render_summary(fit(FitRequest(budget, device=host, out_dir=output / "host"), quiet=quiet))
     out.rule("[bold]2/2 jetson[/bold]: Jetson Orin Nano, TensorRT (estimated profile: nothing is run)")
     budget = Budget.from_strings(latency=jetson_latency, memory="256MB")
-    render_summary(fit(budget, device="jetson", out_dir=output / "jetson", quiet=quiet))
+    render_summary(fit(FitRequest(budget, device="jetson", out_dir=output / "jetson"), quiet=quiet))
 
 
 def _render_info(facts: dict[str, Any]) -> None:

@@ -10,7 +10,11 @@ import typer
 from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, err, out
 
 if TYPE_CHECKING:
-    from tleg_deploy.deploy.fit import FitResult
+    from tleg_deploy.deploy.fit_types import FitResult
+
+# Where the paper-claims benchmark writes its accuracy table, relative to the working directory
+# (a checkout of this repository); --accuracy names any other file.
+DEFAULT_ACCURACY = Path("benchmarks/results/paper_claims.json")
 
 
 @command()
@@ -43,17 +47,18 @@ def fit(
     Example: tleg-deploy fit --latency 5ms --memory 256MB --device jetson -o fit-jetson
     """
     from tleg_deploy.deploy.fit import fit as run_fit
+    from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
     from tleg_deploy.plan.solve import Budget, load_accuracy_table
 
     budget = Budget.from_strings(latency=latency, memory=memory, params=params, percentile=percentile)
-    table = load_accuracy_table(accuracy) if objective == "accuracy" or accuracy is not None else None
-    wanted = [p.strip() for p in precision.split(",") if p.strip()] if precision else None
-    dest = output or Path(f"fit-{Path(device).stem}")
+    table = load_accuracy_table(accuracy or DEFAULT_ACCURACY) if objective == "accuracy" or accuracy else None
+    wanted = tuple(p.strip() for p in precision.split(",") if p.strip()) if precision else None
+    search = SearchOptions(margin=margin, max_depth=max_depth, precisions=wanted, objective=objective, accuracy=table)
+    request = FitRequest(budget, device=device, out_dir=output or Path(f"fit-{Path(device).stem}"),
+                         learngene=learngene, search=search, finetune_data=finetune_data, epochs=epochs,
+                         refresh_profile=refresh_profile)
     log = None if (quiet or json_) else (lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
-    result = run_fit(budget, device=device, out_dir=dest, learngene=learngene, finetune_data=finetune_data,
-                     epochs=epochs, margin=margin, max_depth=max_depth, precisions=wanted, objective=objective,
-                     accuracy=table, refresh_profile=refresh_profile,
-                     quiet=quiet or json_, log=log)
+    result = run_fit(request, quiet=quiet or json_, log=log)
     if json_:
         emit_json(result.to_dict())
     else:

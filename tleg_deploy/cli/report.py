@@ -9,6 +9,9 @@ import typer
 
 from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, err, out
 
+# Where `make bench` writes the benchmark results, relative to the working directory (a checkout).
+DEFAULT_RESULTS = Path("benchmarks/results")
+
 
 @command()
 def report(
@@ -36,7 +39,7 @@ def report(
     """
     from tleg_deploy.errors import TlegError
     from tleg_deploy.plan.units import parse_latency_ms
-    from tleg_deploy.report import DEFAULT_RESULTS, ReportConfig, build_report
+    from tleg_deploy.report import ReportConfig, build_report
 
     if results is not None and not results.is_dir():  # named on purpose: a typo must not give an empty report
         why = "is not a directory" if results.exists() else "does not exist"

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from tleg_deploy.cli.app import DepthOpt, JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, out
 from tleg_deploy.errors import TlegError
 from tleg_deploy.model.spec import MAX_DEPTH
+
+if TYPE_CHECKING:
+    from tleg_deploy.train.loop import RunOptions, TrainConfig
 
 DataOpt = Annotated[str, typer.Option("--data", help="digits, folder:PATH (ImageFolder) or npz:PATH.")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", "-e", min=1, help="Training epochs.")]
@@ -27,11 +30,15 @@ AugmentOpt = Annotated[bool, typer.Option("--augment/--no-augment", help="Random
 
 
 def _common(epochs: int, lr: float, batch_size: int, seed: int, quiet: bool, output: Path, resume: bool,
-            clip_grad: float | None, warmup: float, augment: bool) -> dict[str, Any]:
+            clip_grad: float | None, warmup: float, augment: bool) -> tuple[TrainConfig, RunOptions]:
+    """The training options every command shares, as the loop's two configs (run state in <output>.run/)."""
+    from tleg_deploy.train.loop import RunOptions, TrainConfig
+
     if output.is_dir():  # found now, not after the training
         raise TlegError(f"output {output} is a directory", hint="give a .safetensors file path")
-    return dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, quiet=quiet, run_dir=output.with_suffix(".run"),
-                resume=resume, clip_grad=clip_grad, warmup_epochs=warmup, augment=augment)
+    return (TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, clip_grad=clip_grad,
+                        warmup_epochs=warmup, augment=augment),
+            RunOptions(run_dir=output.with_suffix(".run"), resume=resume, quiet=quiet))
 
 
 def _report(result: dict[str, Any], json_: bool, text: str) -> None:
@@ -66,8 +73,8 @@ def train_teacher_cmd(
 
     s = ViTSpec.preset(spec)
     s = dataclasses.replace(s, embed_dim=width or s.embed_dim, num_heads=heads or s.num_heads)
-    res = train_teacher(data, s, depth, **_common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad,
-                                                  warmup, augment))
+    res = train_teacher(data, s, depth, *_common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad,
+                                                 warmup, augment))
     if is_main_process():
         save_descendant(res.model, output, "", {"made_by": "train-teacher", "data": data, **res.metrics})
     _report({"output": str(output), **res.metrics}, json_,
@@ -92,10 +99,11 @@ def train_learngene_cmd(
     """
     from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.train.distributed import is_main_process
-    from tleg_deploy.train.learngene import train_learngene
+    from tleg_deploy.train.learngene import DistillConfig, train_learngene
 
-    res = train_learngene(data, teacher, spec=ViTSpec.preset(spec), aux_depth=aux_depth, alpha=alpha, tau=tau,
-                          **_common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad, warmup, augment))
+    cfg, opts = _common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad, warmup, augment)
+    res = train_learngene(data, teacher, cfg, DistillConfig(aux_depth=aux_depth, alpha=alpha, tau=tau), opts,
+                          spec=ViTSpec.preset(spec))
     if is_main_process():
         res.learngene.save(output)
     _report({"output": str(output), "sha256": res.learngene.sha256(), **res.metrics}, json_,
@@ -126,8 +134,8 @@ def finetune_cmd(
     lg = load_learngene(learngene)
     teacher_model = load_descendant(teacher)[0] if teacher is not None else None
     model = init_model(init, depth, learngene=lg, teacher=teacher_model, seed=seed)
-    res = finetune(model, data, **_common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad, warmup,
-                                          augment))
+    res = finetune(model, data, *_common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad, warmup,
+                                         augment))
     if is_main_process():
         derived = init in ("tleg", "base-only")  # the other inits do not come from the learngene
         save_descendant(res.model, output, lg.sha256() if derived else "",

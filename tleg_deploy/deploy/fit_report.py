@@ -1,5 +1,6 @@
 """What ``fit`` writes for people: ``REPORT.md`` (budget, pick, predicted vs measured, candidates,
-the next command) and ``build_engine.sh`` (the script to run on the target device).
+the next command) and ``build_engine.sh`` (the script to run on the target device). Renders only:
+``deploy.fit`` writes the files.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.plan import costs
 
 if TYPE_CHECKING:
-    from tleg_deploy.deploy.fit import FitResult
+    from tleg_deploy.deploy.fit_types import FitResult
     from tleg_deploy.profile.table import DeviceProfile
 
 

@@ -315,7 +315,9 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
     for precision, path in files.items():
         r = reports[precision]
         artifacts.append(entry(precision, "onnx", path, {
-            "max_abs_diff": r.max_abs_diff["logits"], "tolerance": _finite(r.tolerance["logits"]),
+            "max_abs_diff": r.max_abs_diff["logits"],
+            "max_rel_diff": None if r.max_rel_diff is None else r.max_rel_diff["logits"],
+            "tolerance": _finite(r.tolerance["logits"]),
             "agreement": r.agreement, "images": r.images, "data": r.data,
             "report": path.stem + ".validation.json", "mode": r.mode,
         }))

@@ -51,7 +51,7 @@ class Learngene:
         g = torch.Generator().manual_seed(seed)
         stem = ViT(spec, depth=0)
         shared = {
-            name: _init_tensor(name, p.shape, g, lecun=name == "patch_embed.proj.weight")
+            name: _init_tensor(name, p.shape, g, torch_default_bound=name == "patch_embed.proj.weight")
             for name, p in stem.named_parameters()
         }
         shapes = block_param_shapes(spec)
@@ -148,14 +148,14 @@ class Learngene:
 
 def _init_tensor(
     name: str, shape: torch.Size | tuple[int, ...], g: torch.Generator, *, slope: bool = False,
-    lecun: bool = False,
+    torch_default_bound: bool = False,
 ) -> torch.Tensor:
     t = torch.empty(tuple(shape))
     if is_norm_param(name):
         return t.fill_(1.0 if name.endswith("weight") and not slope else 0.0)
     if name.endswith("bias"):
         return t.zero_()
-    if lecun:  # PyTorch's default Conv2d init, which the official code keeps for the stem
+    if torch_default_bound:  # PyTorch's default Conv2d init, U(±1/sqrt(fan_in)), kept by the official code for the stem
         fan_in = math.prod(tuple(shape)[1:])
         bound = 1.0 / fan_in**0.5
         return t.uniform_(-bound, bound, generator=g)

@@ -76,3 +76,11 @@ def export_formats(precision: str, backend: str) -> tuple[str, ...]:
         return ("onnx",) if p.name == "fp32" else ("onnx", "tensorrt")
     fmt = ONNX_KINDS[p.onnxruntime_kind].export_format
     return ("onnx",) if fmt == "onnx" else ("onnx", fmt)
+
+
+def deployed_kind(precision: str, backend: str) -> str:
+    """The ONNX kind that carries ``precision`` for ``backend`` by itself: the file ONNX Runtime runs,
+    or for TensorRT the one a strongly typed build reads (``int8`` -> ``int8-qdq``). ``KeyError`` for an
+    unknown precision."""
+    p = PRECISION[precision]
+    return p.tensorrt_kind_v11 if backend == "tensorrt" else p.onnxruntime_kind

@@ -258,12 +258,9 @@ def _index(plist: Sequence[Profile], pick: Candidate) -> int:
     return next(i for i, p in enumerate(plist) if p.name == pick.device)
 
 
-def load_accuracy_table(path: str | Path | None = None, init: str = "tleg") -> dict[int, float]:
+def load_accuracy_table(path: str | Path, init: str = "tleg") -> dict[int, float]:
     """``{depth: test top-1}`` from a JSON file: either the paper-claims benchmark's results
-    (``{"accuracy": {init: {depth: {"mean": ...}}}}``; default: this checkout's
-    ``benchmarks/results/paper_claims.json``) or a plain ``{depth: accuracy}`` object."""
-    if path is None:
-        path = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "paper_claims.json"
+    (``{"accuracy": {init: {depth: {"mean": ...}}}}``) or a plain ``{depth: accuracy}`` object."""
     try:
         data = json.loads(Path(path).read_text())
         rows = data["accuracy"][init] if isinstance(data, dict) and "accuracy" in data else data

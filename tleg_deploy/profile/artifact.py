@@ -1,4 +1,4 @@
-"""Time one exported ONNX file on this CPU with the profiler's own protocol (``profile.measure``:
+"""Time one exported ONNX file on this CPU with the profiler's own protocol (``profile.timing``:
 fixed intra-op threads, spinning off, warm-up, interleaved rounds, medians), so that a measured
 artifact and a predicted depth are figures of the same kind. Used by ``fit`` (the measured check)
 and ``export_family(measure_latency=True)``.
@@ -37,8 +37,9 @@ class Measurement:
 
 def measure_onnx(path: str | os.PathLike[str], spec: ViTSpec, *, depth: int, precision: str, threads: int = 1,
                  batch: int = 1, rounds: int = 7, round_seconds: float = 0.15) -> Measurement:
-    from tleg_deploy.profile.measure import MeasureConfig, time_runners
+    from tleg_deploy.profile.config import MeasureConfig
     from tleg_deploy.profile.runners import OrtRunner
+    from tleg_deploy.profile.timing import time_runners
 
     cfg = MeasureConfig(threads=threads, batch=batch, rounds=rounds, round_seconds=round_seconds, memory=False)
     stats = time_runners({depth: OrtRunner(Path(path), spec, batch, threads, "cpu")}, cfg)[depth]

@@ -1,25 +1,15 @@
 """``profile(...)``: measure latency and peak memory of a few depths on this machine and fit the
 depth cost model (``table.make_entry``) into a ``DeviceProfile``.
 
-Backends sit behind one small interface (a *runner*: one call = one timed inference, in ms):
-
-- ``onnxruntime``: the model exported with ``tleg_deploy.export.onnx.export_onnx`` (INT8 through
-  ``tleg_deploy.export.quantize.quantize_int8``); CPU execution provider, or CUDA / TensorRT
-  providers with ``device="cuda"`` when installed. Thread spinning is off (``session.intra_op.
-  allow_spinning=0`` and inter-op) so a spinning pool cannot steal the core being timed.
-- ``torch``: eager ``ViT``; CPU timed with ``perf_counter``, CUDA with CUDA events after a sync.
-- ``tensorrt``: an engine built from the ONNX file, timed with CUDA events; skipped with a clear
-  error when the package or a GPU is absent.
-
-Protocol (same for all): fixed intra-op threads (default 1, recorded), warm-up, then several
-*interleaved rounds* (each round times every depth, in a shuffled order) so slow drift of the
-machine hits all depths alike, plus a few extra rounds (bounded) while a depth's p50 is still
-unsettled; the statistics are p50/p90/p99/mean/std over all runs, and the standard error of
-p50/p90 across rounds feeds the fit's prediction interval. Every block of a ViT costs the same,
-so a session whose p50 points are off a line by more than 3% was disturbed (a neighbour's burst of
-load): it is measured again, at most twice, the most linear session is kept and the others are
-recorded in the entry's ``basis``. Peak memory is measured in a fresh subprocess per point
-(``_probe``).
+The pieces, one module each: ``config`` (``MeasureConfig``), ``runners`` (whether a backend can
+run here; the runner of one point: ONNX Runtime, eager torch or a TensorRT engine), ``timing``
+(warm-up and interleaved rounds, statistics per depth), ``memory`` (peak memory in a fresh
+subprocess per point). This module runs them in order, one session per precision, and keeps
+the session honest: every block of a ViT costs the same, so a session whose p50 points are off a
+line by more than ``linear_tolerance`` was disturbed (a neighbour's burst of load): it is measured
+again, at most ``retries`` times, the most linear session is kept and the others are recorded in
+the entry's ``basis``. Fixed intra-op threads (default 1) are recorded with the profile; a machine
+that was busy widens the latency intervals.
 """
 
 from __future__ import annotations
@@ -27,142 +17,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import json
-import math
 import os
-import random
-import statistics
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from tleg_deploy.errors import BackendError
-from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
+from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile import env as envmod
+from tleg_deploy.profile.config import MeasureConfig
 from tleg_deploy.profile.linefit import fit_line
-from tleg_deploy.profile.runners import (
-    CLOCKS,
-    OrtRunner,
-    TensorRTRunner,
-    TorchRunner,
-    build_model,
-    export_artifact,
-    torch_runner_model,
-)
-from tleg_deploy.profile.table import BACKENDS, PRECISIONS, DeviceProfile, Entry, Point, make_entry
+from tleg_deploy.profile.memory import peak_memory_mb
+from tleg_deploy.profile.runners import make_runner, require_backend
+from tleg_deploy.profile.table import DeviceProfile, Entry, Point, make_entry
+from tleg_deploy.profile.timing import Runner, time_runners
 
-INSTALL_HINTS = {
-    "onnxruntime": "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA / TensorRT providers)",
-    "torch": "pip install torch",
-    "tensorrt": "pip install 'tleg-deploy[tensorrt]' on a machine with an NVIDIA GPU and driver",
-}
-
-
-@dataclass(frozen=True)
-class MeasureConfig:
-    """How to measure. ``round_seconds`` sets the repetitions per depth per round from a warm-up
-    timing (clamped to ``min_reps..max_reps``)."""
-
-    backend: str = "onnxruntime"
-    precisions: tuple[str, ...] = ("fp32",)
-    depths: tuple[int, ...] = (1, 6, 12)
-    batch: int = 1
-    threads: int = 1
-    device: str = "cpu"
-    warmup: int = 3
-    rounds: int = 5
-    round_seconds: float = 0.1
-    min_reps: int = 3
-    max_reps: int = 200
-    memory: bool = True
-    seed: int = 0
-    clock: str = "wall"  # "thread": CPU time of the timing thread (diagnostic on a shared machine, 1 thread only)
-    extra_rounds: int = 5  # at most this many more rounds while a depth's p50 is still unsettled ...
-    settle_rel_se: float = 0.01  # ... i.e. its standard error across rounds exceeds this fraction of it
-    retries: int = 2  # re-measure a session whose p50 points are not on a line within linear_tolerance ...
-    linear_tolerance: float = 0.03  # ... (worst relative residual; needs >= 3 depths), keep the most linear
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise BackendError(f"unknown backend {self.backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
-        if not self.precisions:
-            raise BackendError("no precision given", hint=f"choose from {', '.join(PRECISIONS)}")
-        for p in self.precisions:
-            if p not in PRECISIONS:
-                raise BackendError(f"unknown precision {p!r}", hint=f"choose from {', '.join(PRECISIONS)}")
-        if len(set(self.depths)) < 2:
-            raise BackendError(f"need at least 2 distinct depths to fit a line, got {list(self.depths)}",
-                               hint="e.g. --depths 1,6,12")
-        for d in self.depths:
-            check_depth(d, maximum=MAX_DEPTH)
-        for name in ("batch", "threads", "rounds", "min_reps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BackendError(f"{name} must be a positive integer, got {value!r}")
-        if self.retries < 0 or not 0 < self.linear_tolerance < 1:
-            raise BackendError("retries must be >= 0 and linear_tolerance in (0, 1)")
-        if self.warmup < 0 or self.extra_rounds < 0 or self.max_reps < self.min_reps or not self.round_seconds > 0:
-            raise BackendError("warmup and extra_rounds must be >= 0, max_reps >= min_reps and round_seconds > 0")
-        if self.device not in ("cpu", "cuda"):
-            raise BackendError(f"unknown device {self.device!r}", hint="use cpu or cuda")
-        if self.clock not in CLOCKS:
-            raise BackendError(f"unknown clock {self.clock!r}", hint=f"choose one of {', '.join(CLOCKS)}")
-        if self.clock == "thread" and (self.threads != 1 or self.device != "cpu"):
-            raise BackendError("clock='thread' measures the calling thread only", hint="use it with 1 thread on CPU")
-        if self.backend == "tensorrt" and self.device != "cuda":
-            raise BackendError("the tensorrt backend runs on a GPU", hint="use --backend onnxruntime or torch on CPU")
-
-
-class Runner(Protocol):
-    """One timed inference per call, returning its latency in milliseconds."""
-
-    def __call__(self) -> float: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# Availability
-
-
-def require_backend(backend: str, device: str = "cpu") -> None:
-    """Raise ``BackendError`` saying what to install when ``backend`` cannot run here."""
-    import importlib.util
-
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
-    if importlib.util.find_spec(backend) is None:
-        raise BackendError(f"the {backend} package is not installed", hint=INSTALL_HINTS[backend])
-    if device == "cuda" or backend == "tensorrt":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BackendError(f"{backend} on cuda needs an NVIDIA GPU, and none is visible",
-                               hint="run on the GPU machine, or use --backend onnxruntime for this CPU")
-    if backend == "onnxruntime" and device == "cuda":
-        import onnxruntime as ort
-
-        if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()):
-            raise BackendError("onnxruntime has no CUDA execution provider here", hint=INSTALL_HINTS["onnxruntime"])
-
-
-def make_runner(cfg: MeasureConfig, spec: ViTSpec, depth: int, precision: str, workdir: Path,
-                learngene: Any = None) -> tuple[Runner, str | None]:
-    """The runner for one point, and the artifact the memory probe loads (``None`` for torch)."""
-    if cfg.backend == "torch":
-        model, x = torch_runner_model(spec, depth, precision, cfg.batch, cfg.device)
-        return TorchRunner(model, x, cfg.device, cfg.clock), None
-    model = build_model(spec, depth, learngene)
-    path = export_artifact(model, precision, cfg.backend, workdir, cfg.batch)
-    if cfg.backend == "onnxruntime":
-        return OrtRunner(path, spec, cfg.batch, cfg.threads, cfg.device, cfg.clock), str(path)
-    return TensorRTRunner(path, spec, cfg.batch), str(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# The protocol
+__all__ = ["MeasureConfig", "measure_command", "measure_points", "profile", "runtime_info"]
 
 
 @contextlib.contextmanager
@@ -175,75 +45,6 @@ def _threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _percentile(xs: Sequence[float], q: float) -> float:
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def time_runners(runners: dict[int, Runner], cfg: MeasureConfig,
-                 tick: Callable[[], None] | None = None) -> dict[int, dict[str, float]]:
-    """Warm up, then ``cfg.rounds`` interleaved rounds over all depths (plus up to ``cfg.extra_rounds``
-    while some depth's p50 has not settled, e.g. a neighbour's burst of load); statistics per depth."""
-    reps: dict[int, int] = {}
-    for depth, run in runners.items():
-        warm = [run() for _ in range(max(cfg.warmup, 1))]
-        per_call_s = min(warm) / 1e3
-        reps[depth] = max(cfg.min_reps, min(cfg.max_reps, round(cfg.round_seconds / max(per_call_s, 1e-6))))
-    samples: dict[int, list[float]] = {d: [] for d in runners}
-    round_p50: dict[int, list[float]] = {d: [] for d in runners}
-    round_p90: dict[int, list[float]] = {d: [] for d in runners}
-    rng = random.Random(cfg.seed)
-    order = list(runners)
-    for r in range(cfg.rounds + cfg.extra_rounds):
-        if r >= cfg.rounds and all(
-            _se(round_p50[d]) <= cfg.settle_rel_se * statistics.median(round_p50[d]) for d in runners
-        ):
-            break
-        rng.shuffle(order)
-        for depth in order:
-            # One untimed call after switching models: the first call after another model ran finds
-            # this one's weights evicted from the caches, which a model serving back to back never
-            # sees; with few reps per round it would land in the p90.
-            runners[depth]()
-            times = [runners[depth]() for _ in range(reps[depth])]
-            samples[depth] += times
-            round_p50[depth].append(statistics.median(times))
-            round_p90[depth].append(_percentile(times, 0.9))
-        if tick is not None:
-            tick()
-    stats = {}
-    for depth, xs in samples.items():
-        k = len(round_p50[depth])
-        stats[depth] = {
-            "p50": statistics.median(xs), "p90": _percentile(xs, 0.9), "p99": _percentile(xs, 0.99),
-            "mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs),
-            "rounds": k, "p50_se": _se(round_p50[depth]), "p90_se": _se(round_p90[depth]),
-        }
-    return stats
-
-
-def _se(values: Sequence[float]) -> float:
-    """Standard error of the mean of per-round statistics."""
-    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-
-
-def peak_memory_mb(cfg: MeasureConfig, spec: ViTSpec, depth: int, precision: str, artifact: str | None) -> float:
-    """Peak memory of one point, in a fresh interpreter (see ``_probe``)."""
-    payload = {"backend": cfg.backend, "device": cfg.device, "spec": spec.to_dict(), "depth": depth,
-               "precision": precision, "batch": cfg.batch, "threads": cfg.threads, "artifact": artifact}
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "tleg_deploy.profile._probe", json.dumps(payload)],
-                          capture_output=True, text=True, env=env, check=False, timeout=900)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise BackendError(f"memory probe for depth {depth} ({precision}) failed: {tail}")
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
 def measure_points(

@@ -1,5 +1,14 @@
-"""Runners for ``profile.measure``: build the model of a depth, export the artifact a backend
-runs (ONNX for ONNX Runtime, an engine for TensorRT), and time one inference per call (ms).
+"""Runners for ``profile.measure``: whether a backend can run here (``require_backend``: what to
+install when it cannot), build the model of a depth, export the artifact a backend runs (ONNX for
+ONNX Runtime, an engine for TensorRT), and time one inference per call in ms (``make_runner``):
+
+- ``onnxruntime``: the model exported with ``tleg_deploy.export.onnx.export_onnx`` (INT8 through
+  ``tleg_deploy.export.quantize.quantize_int8``); CPU execution provider, or CUDA / TensorRT
+  providers with ``device="cuda"`` when installed. Thread spinning is off (``session.intra_op.
+  allow_spinning=0`` and inter-op) so a spinning pool cannot steal the core being timed.
+- ``torch``: eager ``ViT``; CPU timed with ``perf_counter``, CUDA with CUDA events after a sync.
+- ``tensorrt``: an engine built from the ONNX file, timed with CUDA events; skipped with a clear
+  error when the package or a GPU is absent.
 """
 
 from __future__ import annotations
@@ -11,9 +20,38 @@ from typing import Any
 
 from tleg_deploy.errors import BackendError
 from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.profile.config import MeasureConfig
+from tleg_deploy.profile.table import BACKENDS
+from tleg_deploy.profile.timing import Runner
 
-CLOCKS = ("wall", "thread")
-_CLOCK_NS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
+_CLOCK_NS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}  # keys: config.CLOCKS
+
+INSTALL_HINTS = {
+    "onnxruntime": "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA / TensorRT providers)",
+    "torch": "pip install torch",
+    "tensorrt": "pip install 'tleg-deploy[tensorrt]' on a machine with an NVIDIA GPU and driver",
+}
+
+
+def require_backend(backend: str, device: str = "cpu") -> None:
+    """Raise ``BackendError`` saying what to install when ``backend`` cannot run here."""
+    import importlib.util
+
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
+    if importlib.util.find_spec(backend) is None:
+        raise BackendError(f"the {backend} package is not installed", hint=INSTALL_HINTS[backend])
+    if device == "cuda" or backend == "tensorrt":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendError(f"{backend} on cuda needs an NVIDIA GPU, and none is visible",
+                               hint="run on the GPU machine, or use --backend onnxruntime for this CPU")
+    if backend == "onnxruntime" and device == "cuda":
+        import onnxruntime as ort
+
+        if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()):
+            raise BackendError("onnxruntime has no CUDA execution provider here", hint=INSTALL_HINTS["onnxruntime"])
 
 
 def build_model(spec: ViTSpec, depth: int, learngene: Any = None) -> Any:
@@ -176,3 +214,14 @@ class TensorRTRunner:
         return float(start.elapsed_time(end))
 
 
+def make_runner(cfg: MeasureConfig, spec: ViTSpec, depth: int, precision: str, workdir: Path,
+                learngene: Any = None) -> tuple[Runner, str | None]:
+    """The runner for one point, and the artifact the memory probe loads (``None`` for torch)."""
+    if cfg.backend == "torch":
+        model, x = torch_runner_model(spec, depth, precision, cfg.batch, cfg.device)
+        return TorchRunner(model, x, cfg.device, cfg.clock), None
+    model = build_model(spec, depth, learngene)
+    path = export_artifact(model, precision, cfg.backend, workdir, cfg.batch)
+    if cfg.backend == "onnxruntime":
+        return OrtRunner(path, spec, cfg.batch, cfg.threads, cfg.device, cfg.clock), str(path)
+    return TensorRTRunner(path, spec, cfg.batch), str(path)

@@ -27,21 +27,21 @@ from tleg_deploy.report.inputs import Results, bench_command, learngene_facts, l
 
 Progress = Callable[[str], None]
 FIGURES = "figures"
-DEFAULT_RESULTS = Path("benchmarks/results")
 FIGURE_NAMES = ("latency_vs_depth", "predicted_vs_measured", "solver_check", "accuracy_vs_depth",
                 "accuracy_vs_latency", "storage")
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """What to report on. ``devices`` empty = every profile ``tleg-deploy devices`` lists (a cached host
-    measurement included, none made); ``latency_ms`` None = a budget per device in the middle of its range."""
+    """What to report on: the benchmark results in ``results_dir`` (``<name>.json`` as the scripts in
+    ``benchmarks/`` write them). ``devices`` empty = every profile ``tleg-deploy devices`` lists (a cached
+    host measurement included, none made); ``latency_ms`` None = a budget per device in the middle of its range."""
 
     out_dir: Path
+    results_dir: Path
     devices: tuple[str, ...] = ()
     learngene: str = "demo"
     family: Path | None = None
-    results_dir: Path = DEFAULT_RESULTS
     latency_ms: float | None = None
     max_depth: int = 24
 

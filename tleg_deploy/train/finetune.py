@@ -1,12 +1,12 @@
 """``finetune``: train a descendant (or any plain ViT) with no linear constraint; ``train_teacher`` is
 the same from the standard random init. Cross-entropy on the data's train split; the model of the
-last epoch is kept (no selection on the test set); accuracy is reported on val and test."""
+last epoch is kept (no selection on the test set); accuracy is reported on val and test. The
+optimisation is a ``TrainConfig``, the run's checkpoint directory and progress a ``RunOptions``
+(both frozen and validated when made; ``train.loop``)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ import torch
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.model.vit import ViT, init_vit_
 from tleg_deploy.train.data import load_data
-from tleg_deploy.train.loop import Split, TrainConfig, evaluate, fit
+from tleg_deploy.train.loop import RunOptions, Split, TrainConfig, evaluate, run_training
 from tleg_deploy.train.losses import CrossEntropy
 
 
@@ -30,23 +30,17 @@ def splits(data: str, spec: ViTSpec) -> tuple[Split, Split, Split]:
 
 
 def finetune(
-    model: ViT, data: str, *, epochs: int, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
-    quiet: bool = True, weight_decay: float = 0.05, warmup_epochs: float = 1.0, min_lr: float = 1e-5,
-    clip_grad: float | None = None, augment: bool = False, device: str | None = None,
-    run_dir: str | os.PathLike[str] | None = None, resume: bool = False, track_test: bool = False,
-    label: str = "finetune",
+    model: ViT, data: str, cfg: TrainConfig, opts: RunOptions = RunOptions(), *, label: str = "finetune",
 ) -> FinetuneResult:
-    """Train ``model`` (in place) on ``data`` for ``epochs`` epochs; returns it with its metrics."""
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                      warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad, seed=seed,
-                      augment=augment, device=device, track_test=track_test)
+    """Train ``model`` (in place) on ``data`` (digits, folder:PATH or npz:PATH) for ``cfg.epochs``
+    epochs; returns it with its metrics."""
     train, val, test = splits(data, model.spec)
-    res = fit(model, CrossEntropy(), train, val, cfg, test=test, run_dir=Path(run_dir) if run_dir else None,
-              resume=resume, quiet=quiet, label=label, extra_config={"data": data, "depth": model.depth})
+    res = run_training(model, CrossEntropy(), train, val, cfg, opts, test=test, label=label,
+                       extra_config={"data": data, "depth": model.depth})
     device_ = next(model.parameters()).device
     metrics = {
         "val_acc": evaluate(model, val, device_), "test_acc": evaluate(model, test, device_),
-        "epochs": epochs, "seconds": res.seconds, "train_images": res.train_images,
+        "epochs": cfg.epochs, "seconds": res.seconds, "train_images": res.train_images,
         "resumed_from_epoch": res.resumed_from, "final_train_loss": res.history[-1]["train_loss"] if res.history
         else None,
     }
@@ -54,8 +48,9 @@ def finetune(
 
 
 def train_teacher(
-    data: str, spec: ViTSpec, depth: int, *, epochs: int, seed: int = 0, **kwargs: Any
+    data: str, spec: ViTSpec, depth: int, cfg: TrainConfig, opts: RunOptions = RunOptions()
 ) -> FinetuneResult:
-    """A plain ViT trained from the standard random init: the teacher for Aux-Net distillation."""
-    model = init_vit_(ViT(spec, depth), torch.Generator().manual_seed(seed))
-    return finetune(model, data, epochs=epochs, seed=seed, label="teacher", **kwargs)
+    """A plain ViT trained from the standard random init (seeded by ``cfg.seed``): the teacher for
+    Aux-Net distillation."""
+    model = init_vit_(ViT(spec, depth), torch.Generator().manual_seed(cfg.seed))
+    return finetune(model, data, cfg, opts, label="teacher")

@@ -1,4 +1,4 @@
-"""The one training loop behind ``train_learngene`` and ``finetune``.
+"""``run_training``: the one training loop behind ``train_learngene`` and ``finetune``.
 
 AdamW (no weight decay on biases, LayerNorms and position embeddings, as DeiT/timm), a per-step
 cosine schedule with linear warm-up, optional gradient-norm clipping, bf16 autocast on CUDA only,
@@ -36,9 +36,11 @@ METRICS = "metrics.jsonl"
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The optimisation: what a run must share with a checkpoint it resumes (``_RESUME_KEYS``) and more."""
+
     epochs: int
     lr: float = 1e-3
-    batch_size: int = 128          # global: split over the processes
+    batch_size: int = 64           # global: split over the processes
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr: float = 1e-5
@@ -62,6 +64,22 @@ class TrainConfig:
             raise TlegError(f"clip_grad {self.clip_grad!r} must be positive")
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """Where a run keeps its state and how it reports: ``run_dir`` gets ``checkpoint.safetensors`` and
+    ``metrics.jsonl`` after every epoch (rank 0), ``resume`` continues from them, ``quiet`` hides the bar."""
+
+    run_dir: Path | None = None
+    resume: bool = False
+    quiet: bool = True
+
+    def __post_init__(self) -> None:
+        if self.run_dir is not None and not isinstance(self.run_dir, Path):
+            object.__setattr__(self, "run_dir", Path(self.run_dir))
+        if self.resume and self.run_dir is None:
+            raise TlegError("resume needs the run directory that holds the checkpoint", hint="pass run_dir")
+
+
 @dataclass
 class Split:
     x: Tensor
@@ -69,7 +87,7 @@ class Split:
 
 
 @dataclass
-class FitResult:
+class TrainResult:
     history: list[dict[str, Any]]
     seconds: float                 # wall time of this call (resumed epochs excluded)
     train_images: int              # images seen in training by this call, all processes
@@ -110,12 +128,14 @@ def evaluate(model: nn.Module, split: Split, device: torch.device, batch_size: i
     return correct / max(1, len(split.y))
 
 
-def fit(
-    model: nn.Module, criterion: nn.Module, train: Split, val: Split, cfg: TrainConfig, *,
-    test: Split | None = None, run_dir: str | Path | None = None, resume: bool = False, quiet: bool = True,
-    label: str = "train", extra_config: dict[str, Any] | None = None,
-) -> FitResult:
-    """Train ``model`` in place with ``criterion(inputs, outputs, labels)``; returns the history."""
+def run_training(
+    model: nn.Module, criterion: nn.Module, train: Split, val: Split, cfg: TrainConfig,
+    opts: RunOptions = RunOptions(), *, test: Split | None = None, label: str = "train",
+    extra_config: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place with ``criterion(inputs, outputs, labels)``; returns the history.
+    ``label`` and ``extra_config`` (the data, depth, ...) are saved with the checkpoint and must match
+    on resume."""
     info = D.setup(cfg.device)
     if cfg.batch_size % info.world:
         raise TlegError(f"batch size {cfg.batch_size} is not divisible by the {info.world} processes")
@@ -128,11 +148,11 @@ def fit(
     groups = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
-    run = Path(run_dir) if run_dir is not None else None
+    run = opts.run_dir
     history: list[dict[str, Any]] = []
     start = 0
     config = {"label": label, **asdict(cfg), "world": info.world, **(extra_config or {})}
-    if resume and run is not None and (run / CHECKPOINT).is_file():
+    if opts.resume and run is not None and (run / CHECKPOINT).is_file():
         ckpt = load_checkpoint(run / CHECKPOINT)
         _check_resumable(run / CHECKPOINT, ckpt.config, ckpt.epoch, config)
         restore(ckpt, model, optimizer)
@@ -147,7 +167,7 @@ def fit(
     steps_per_epoch = len(loader)
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     t_start, seen = time.perf_counter(), 0
-    with _progress(not quiet and info.is_main, label, cfg.epochs, start) as bar:
+    with _progress(not opts.quiet and info.is_main, label, cfg.epochs, start) as bar:
         for epoch in range(start, cfg.epochs):
             model.train()
             sampler.set_epoch(epoch)
@@ -188,7 +208,7 @@ def fit(
                 save_checkpoint(run / CHECKPOINT, model, optimizer, epoch + 1, history, config)
                 write_text_atomic(run / METRICS, "".join(json.dumps(r) + "\n" for r in history))
             D.barrier(info)
-    return FitResult(history, time.perf_counter() - t_start, seen, start)
+    return TrainResult(history, time.perf_counter() - t_start, seen, start)
 
 
 # Settings a resumed run must share with the checkpoint (epochs, lr, ... may change: a longer schedule).

@@ -1,19 +1,50 @@
-"""Peak-memory probe, run as ``python -m tleg_deploy.profile._probe '<json>'`` in a fresh process
-per point so points don't pollute each other (allocator caches, arenas, earlier models).
+"""Peak memory of one measured point, taken in a fresh interpreter per point so points don't
+pollute each other (allocator caches, arenas, earlier models).
 
-CPU: peak resident set above this interpreter's baseline once the runtime library is imported
-(Linux: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``).
-CUDA: device memory taken after the CUDA context exists (drop in free memory, or torch's peak
-allocation if larger). Prints one JSON line ``{"peak_mb": ...}``. Imports only what the backend needs:
-the ONNX Runtime probe never imports torch.
+``peak_memory_mb`` (this process) runs ``sys.executable -m tleg_deploy.profile.memory '<json>'``
+(the child, ``probe``): the same interpreter and environment, so the child imports the same package
+as this process; nothing edits ``PYTHONPATH``. The child prints one JSON line ``{"peak_mb": ...}``.
+
+CPU: peak resident set above the child's baseline once the runtime library is imported (Linux:
+``VmHWM`` after resetting it through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``). CUDA:
+device memory taken after the CUDA context exists (drop in free memory, or torch's peak allocation
+if larger). The child imports only what the backend needs: the ONNX Runtime probe never imports torch.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from tleg_deploy.errors import BackendError
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.profile.config import MeasureConfig
+
+PROBE_TIMEOUT_S = 900
+
+
+def peak_memory_mb(cfg: MeasureConfig, spec: ViTSpec, depth: int, precision: str, artifact: str | None) -> float:
+    """Peak memory of one point in MB: ``artifact`` (the exported file; ``None`` for the torch
+    backend, whose child builds the model itself) loaded and run a few times in a fresh interpreter."""
+    payload = {"backend": cfg.backend, "device": cfg.device, "spec": spec.to_dict(), "depth": depth,
+               "precision": precision, "batch": cfg.batch, "threads": cfg.threads, "artifact": artifact}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tleg_deploy.profile.memory", json.dumps(payload)],
+                              capture_output=True, text=True, check=False, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise BackendError(f"memory probe for depth {depth} ({precision}) ran over {PROBE_TIMEOUT_S} s",
+                           hint="measure without memory (--no-memory), or a smaller spec") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BackendError(f"memory probe for depth {depth} ({precision}) failed: {tail}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The child
 
 
 def _rss_bytes(field: str) -> int | None:
@@ -73,6 +104,8 @@ class _CudaPeak:
 
 
 def probe(cfg: dict[str, Any]) -> float:
+    """The child side: load and run the point described by ``cfg`` (``peak_memory_mb``'s payload) a few
+    times; its peak memory in MB."""
     backend, device, runs = cfg["backend"], cfg["device"], 3
     meter: _CpuPeak | _CudaPeak
     if backend == "onnxruntime":
@@ -90,8 +123,6 @@ def probe(cfg: dict[str, Any]) -> float:
             sess.run(None, {"pixel_values": x})
         return meter.peak_mb()
     import torch
-
-    from tleg_deploy.model.spec import ViTSpec
 
     torch.set_num_threads(cfg["threads"])
     spec = ViTSpec.from_dict(cfg["spec"])
