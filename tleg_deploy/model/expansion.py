@@ -14,6 +14,7 @@ import torch
 
 from tleg_deploy.errors import FormatError, SpecError
 from tleg_deploy.files.tensorfile import check_tensors, read_tensor_file, write_tensor_file
+from tleg_deploy.model.finite import check_finite, check_float32
 from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.model.vit import ViT, block_param_shapes, shared_param_shapes
@@ -30,6 +31,8 @@ def expansion_state_dict(lg: Learngene, depth: int) -> dict[str, torch.Tensor]:
         for i in range(depth):
             for name, t in lg.layer_tensors(i, depth).items():
                 state[f"blocks.{i}.{name}"] = t.detach()
+    # base + (i/L)·slope of finite tensors overflows only for absurd magnitudes, but never pass it on.
+    check_finite(f"depth-{depth} expansion", state, hint="the learngene's base/slope are too large to expand")
     return state
 
 
@@ -69,7 +72,10 @@ def save_descendant(
         "learngene_sha256": learngene_sha256,
         "provenance": json.dumps(provenance or {}, sort_keys=True),
     }
-    write_tensor_file(path, dict(model.state_dict()), DESCENDANT_FORMAT, meta)
+    state = dict(model.state_dict())
+    check_float32("descendant", state, hint="cast the model with .float() before saving")
+    check_finite("descendant", state, hint="the model diverged or was corrupted; not saved")
+    write_tensor_file(path, state, DESCENDANT_FORMAT, meta)
 
 
 def load_descendant(path: str | os.PathLike[str]) -> tuple[ViT, dict[str, str]]:
@@ -81,4 +87,6 @@ def load_descendant(path: str | os.PathLike[str]) -> tuple[ViT, dict[str, str]]:
     except (SpecError, ValueError) as e:
         raise FormatError(f"{path} has invalid metadata: {e}") from None
     check_tensors(path, tensors, descendant_shapes(spec, depth))
+    check_float32(path, tensors, hint="descendant files are float32; re-save it with the model cast by .float()")
+    check_finite(path, tensors)
     return vit_from_state(spec, depth, tensors), meta

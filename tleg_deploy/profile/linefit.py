@@ -84,6 +84,21 @@ class LinearFit:
     def upper(self, depth: float) -> float:
         return self.value(depth) + self.half_width(depth)
 
+    def nondecreasing_from(self) -> float:
+        """A depth from which ``value`` and ``upper`` never decrease (``inf`` if the line falls).
+
+        ``upper`` is the line plus the larger of a term convex in depth with its minimum at
+        ``depth_mean`` and a relative floor ``rel_floor·(1 + excess)·|value|`` that shrinks towards the
+        measured depths while ``|value|`` grows: below ``depth_mean`` (or where the line is still
+        negative) a deeper model can get a *smaller* upper bound, so a search must not assume the
+        depths that fit form one run there (``tleg_deploy.plan.solve``)."""
+        if self.slope < 0:
+            return math.inf
+        start = max(self.depth_mean, float(self.depth_min))
+        if self.intercept < 0 < self.slope:
+            start = max(start, -self.intercept / self.slope)
+        return start
+
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIT_KEYS}
 
