@@ -219,3 +219,25 @@ def test_monotone_from_is_where_upper_bounds_stop_falling() -> None:
     upper = [prof.predict(d, spec=SPEC, precision="fp32").latency_p90_upper_ms for d in range(1, 49)]
     assert upper[1] < upper[3]  # depth 2 is cheaper than depth 4: not one run
     assert all(a <= b + 1e-12 for a, b in zip(upper[start - 1:], upper[start:], strict=False))
+
+
+def test_upper_bound_never_falls_from_nondecreasing_from() -> None:
+    import random
+
+    rng = random.Random(7)
+    tight = 0
+    for _ in range(300):
+        depths = sorted(rng.sample(range(1, 30), rng.randint(2, 6)))
+        a, b = rng.uniform(-5.0, 50.0), rng.choice([0.0, rng.uniform(0.0, 0.05), rng.uniform(0.0, 3.0)])
+        values = [max(0.0, a + b * d + rng.gauss(0, rng.choice([0.0, 0.5, 5.0]))) for d in depths]
+        fit = fit_line(depths, values, noise_std=rng.choice([0.0, 0.1, 3.0]), noise_dof=rng.choice([0, 4, 20]),
+                       rel_floor=rng.choice([0.0, 0.03, 0.3]))
+        start = fit.nondecreasing_from()
+        if math.isinf(start):
+            assert fit.slope < 0
+            continue
+        first = max(1, math.ceil(start))
+        up = [fit.upper(d) for d in range(first, 200)]
+        assert all(x <= y * (1 + 1e-12) + 1e-12 for x, y in zip(up, up[1:], strict=False)), (depths, values, fit)
+        tight += first > 1 and fit.upper(first - 1) > fit.upper(first)  # the bound is not just "from 1"
+    assert tight > 20
