@@ -120,7 +120,7 @@ def test_too_small_npz_is_refused_with_the_size_needed(tmp_path: Path, grey_spec
 
 def test_files_that_are_not_npz_say_what_they_are(tmp_path: Path, grey_spec: ViTSpec) -> None:
     (tmp_path / "text.npz").write_text("x,y\n1,2\n")
-    with pytest.raises(DataError, match="not a zip archive") as e:
+    with pytest.raises(DataError, match=r"is not an .npz archive \(a zip file; this one starts with b.x,y") as e:
         load_data(f"npz:{tmp_path / 'text.npz'}", grey_spec, "train")
     assert "pickle" not in str(e.value)
     np.save(tmp_path / "one.npy", np.zeros((4, 8, 8)))

@@ -82,7 +82,8 @@ def extract_learngene(
     """
     state = _state_dict(source)
     depth = _depth_of(state, spec)
-    check_finite("model", state, hint="a model with NaN or infinite weights has no learngene; "
+    where = source if isinstance(source, (str, os.PathLike)) else "model"
+    check_finite(where, state, hint="a model with NaN or infinite weights has no learngene; "
                  "check the training run that made it")
     shared = {k: state[k].detach().float().clone() for k in shared_param_shapes(spec)}
     coef = torch.arange(depth, dtype=torch.float64) / depth  # c_i = i / L

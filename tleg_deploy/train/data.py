@@ -101,10 +101,13 @@ def _check_npz_magic(path: Path) -> None:
         head = f.read(6)
     if head.startswith(b"PK"):
         return
-    what = ("a single .npy array" if head.startswith(b"\x93NUMPY") else
-            "empty" if not head else "not a zip archive (an .npz is one)")
-    raise DataError(f"{path} is {what}, not an .npz file",
-                    hint="save images and labels with numpy.savez(path, x=images, y=labels)")
+    if not head:
+        problem = "is empty"
+    elif head.startswith(b"\x93NUMPY"):
+        problem = "is a single .npy array, not an .npz archive"
+    else:
+        problem = f"is not an .npz archive (a zip file; this one starts with {head!r})"
+    raise DataError(f"{path} {problem}", hint="save images and labels with numpy.savez(path, x=images, y=labels)")
 
 
 def _first_line(e: Exception) -> str:
