@@ -174,3 +174,15 @@ def test_npz_with_nan_pixels_is_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x=x, y=np.repeat(np.arange(3), 10))
     with pytest.raises(DataError, match=r"NaN or infinite values in 1 of 30 images \(first: sample 7\)"):
         load_data(f"npz:{tmp_path / 'd.npz'}", spec, "train")
+
+
+def test_resuming_from_a_non_finite_checkpoint_is_refused(tiny_spec: ViTSpec, tmp_path: Path) -> None:
+    from tleg_deploy.train.checkpoint import save_checkpoint
+
+    model = ViT(tiny_spec, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    with torch.no_grad():
+        model.pos_embed.fill_(float("nan"))
+    save_checkpoint(tmp_path / "ckpt.safetensors", model, optimizer, 1, [], {})
+    with pytest.raises(NonFiniteError, match="ckpt.safetensors tensor 'pos_embed' is not finite"):
+        load_checkpoint(tmp_path / "ckpt.safetensors")
