@@ -141,7 +141,7 @@ def test_import_refuses_mismatched_keys(official_state: dict[str, torch.Tensor],
     with pytest.raises(CheckpointError, match="bias_ilayer"):
         import_tleg_checkpoint(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         import_tleg_checkpoint(tmp_path / "junk.pth")
 
 
@@ -151,5 +151,38 @@ def test_import_refuses_pickled_code(tmp_path: Path) -> None:
             return (print, ("pwned",))
 
     torch.save({"model": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"contains Python objects \(\S*print\) that tleg-deploy does "
+                                              r"not load, for safety \(re-save it as a plain state dict") as e:
         import_tleg_checkpoint(tmp_path / "evil.pth")
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_import_of_an_empty_file_is_a_format_error(tmp_path: Path) -> None:
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(FormatError, match="empty.pth is empty"):
+        import_tleg_checkpoint(tmp_path / "empty.pth")
+    (tmp_path / "cut.pth").write_bytes(b"\x80\x02")  # a pickle that stops after its header
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        import_tleg_checkpoint(tmp_path / "cut.pth")
+
+
+def test_extract_leaves_constant_tensors_out_of_the_mean(tiny_lg: Learngene) -> None:
+    # LayerNorm weights and the fc2 bias identical in every layer (as if never trained away from init).
+    for name in ("norm1.weight", "norm2.weight", "mlp.fc2.bias"):
+        tiny_lg.slope[name] = torch.zeros_like(tiny_lg.slope[name])
+    state = expand(tiny_lg, 6).state_dict()
+    state["blocks.3.mlp.fc1.weight"] = torch.randn_like(state["blocks.3.mlp.fc1.weight"])
+    lg, report = extract_learngene(state, tiny_lg.spec)
+    assert report.constant == ("norm1.weight", "norm2.weight", "mlp.fc2.bias")
+    assert set(report.r2).isdisjoint(report.constant) and len(report.r2) == len(BLOCK_PARAMS) - 3
+    assert report.mean_r2 == pytest.approx(sum(report.r2.values()) / len(report.r2))
+    assert report.mean_r2 < sum([*report.r2.values(), 1.0, 1.0, 1.0]) / len(BLOCK_PARAMS)  # the old, inflated mean
+    assert "3 constant across layers (R² undefined, not counted): norm1.weight" in report.summary()
+    assert report.to_dict()["constant"] == ["norm1.weight", "norm2.weight", "mlp.fc2.bias"]
+    torch.testing.assert_close(lg.base["norm1.weight"], tiny_lg.base["norm1.weight"])
+    everything_constant = {k: v for k, v in expand(tiny_lg, 3).state_dict().items()}
+    for i in range(3):
+        for name in BLOCK_PARAMS:
+            everything_constant[f"blocks.{i}.{name}"] = tiny_lg.base[name]
+    report = extract_learngene(everything_constant, tiny_lg.spec)[1]
+    assert report.mean_r2 is None and report.min_r2 is None and "mean R² n/a over 0 tensors" in report.summary()

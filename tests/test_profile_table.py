@@ -11,6 +11,7 @@ import pytest
 
 from tleg_deploy.errors import DepthError, DeviceError, FormatError
 from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.profile import table as table_module
 from tleg_deploy.profile.linefit import fit_line, t975
 from tleg_deploy.profile.table import DeviceProfile, Point, make_entry
 
@@ -171,3 +172,72 @@ def test_prediction_is_linear_in_depth() -> None:
     prof = _profile([_point(1, 1.0), _point(8, 4.6), _point(16, 8.4)])
     p = [prof.predict(d, spec=SPEC, precision="fp32").latency_p50_ms for d in (2, 3, 4)]
     assert math.isclose(p[1] - p[0], p[2] - p[1], rel_tol=1e-9)
+
+
+@pytest.mark.parametrize(("cost", "points"), [
+    ("p50 latency", [_point(2, 5.0), _point(8, 4.0), _point(16, 3.0)]),
+    ("memory", [_point(2, 1.0, mem=30.0), _point(8, 4.0, mem=20.0), _point(16, 8.0, mem=12.0)]),
+])
+def test_profile_whose_cost_falls_with_depth_is_refused(tmp_path, cost: str, points: list[Point]) -> None:
+    good = _profile([_point(1, 1.0), _point(8, 4.6), _point(16, 8.4)])
+    data = good.to_dict()
+    falling = make_entry(SPEC, "fp32", 1, points)  # as a measurement or an edit could produce it
+    data["entries"][0] = table_module._entry_to_dict(falling)
+    path = tmp_path / "falling.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(FormatError, match=rf"falling.json: profile 'testbox' entries\[0\] \(digits fp32, batch 1\): "
+                                          rf"{cost} falls with depth .* over the measured points depth 2: .*depth 16"):
+        DeviceProfile.load(path)
+    with pytest.raises(FormatError, match="falls with depth"):
+        good.with_entries([falling])
+    # A flat cost (e.g. memory dominated by the runtime) is not falling.
+    flat = [_point(d, 1.0 + d, mem=50.0) for d in (1, 6, 12)]
+    assert good.with_entries([make_entry(SPEC, "fp32", 1, flat)]).entries[0].fit.memory.slope == pytest.approx(0)
+
+
+def test_shipped_profiles_still_load() -> None:
+    from pathlib import Path
+
+    import tleg_deploy
+
+    shipped = sorted((Path(tleg_deploy.__file__).parent / "profiles").glob("*.json"))
+    shipped += sorted((Path(tleg_deploy.__file__).parents[1] / "profiles").glob("*.json"))
+    assert len(shipped) >= 4
+    for path in shipped:
+        prof = DeviceProfile.load(path)
+        for e in prof.entries:
+            assert min(e.fit.latency_p50.slope, e.fit.latency_p90.slope, e.fit.memory.slope) >= 0, path
+
+
+def test_monotone_from_is_where_upper_bounds_stop_falling() -> None:
+    # Three exact points far from depth 1 and a wide relative floor: below the measured depths the
+    # widening interval makes shallower depths cost *more* than deeper ones.
+    pts = [Point(depth=d, p50_ms=40.0 + d, p90_ms=40.0 + d, p99_ms=40.0 + d, mean_ms=40.0 + d, std_ms=0.0, n=50,
+                 rounds=5, p50_se_ms=0.0, p90_se_ms=0.0, memory_mb=10.0 + d) for d in (6, 7, 8)]
+    prof = _profile(pts).with_entries([make_entry(SPEC, "fp32", 1, pts, latency_rel_floor=0.05)])
+    start = prof.monotone_from(SPEC, "fp32")
+    upper = [prof.predict(d, spec=SPEC, precision="fp32").latency_p90_upper_ms for d in range(1, 49)]
+    assert upper[1] < upper[3]  # depth 2 is cheaper than depth 4: not one run
+    assert all(a <= b + 1e-12 for a, b in zip(upper[start - 1:], upper[start:], strict=False))
+
+
+def test_upper_bound_never_falls_from_nondecreasing_from() -> None:
+    import random
+
+    rng = random.Random(7)
+    tight = 0
+    for _ in range(300):
+        depths = sorted(rng.sample(range(1, 30), rng.randint(2, 6)))
+        a, b = rng.uniform(-5.0, 50.0), rng.choice([0.0, rng.uniform(0.0, 0.05), rng.uniform(0.0, 3.0)])
+        values = [max(0.0, a + b * d + rng.gauss(0, rng.choice([0.0, 0.5, 5.0]))) for d in depths]
+        fit = fit_line(depths, values, noise_std=rng.choice([0.0, 0.1, 3.0]), noise_dof=rng.choice([0, 4, 20]),
+                       rel_floor=rng.choice([0.0, 0.03, 0.3]))
+        start = fit.nondecreasing_from()
+        if math.isinf(start):
+            assert fit.slope < 0
+            continue
+        first = max(1, math.ceil(start))
+        up = [fit.upper(d) for d in range(first, 200)]
+        assert all(x <= y * (1 + 1e-12) + 1e-12 for x, y in zip(up, up[1:], strict=False)), (depths, values, fit)
+        tight += first > 1 and fit.upper(first - 1) > fit.upper(first)  # the bound is not just "from 1"
+    assert tight > 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -36,11 +37,13 @@ FP32 = (0.5, 0.4, 10.0, 2.0)
 INT8 = (0.3, 0.25, 8.0, 1.0)
 
 
-def brute_force(prof: DeviceProfile, budget: Budget, max_depth: int, margin: float = 0.0) -> tuple[int, str]:
-    """The deepest fitting (depth, precision) by scanning everything; ties to the higher precision."""
+def brute_force(prof: DeviceProfile, budget: Budget, max_depth: int, margin: float = 0.0, *,
+                depths: tuple[int, ...] = (), precisions: tuple[str, ...] = ()) -> tuple[int, str]:
+    """The deepest fitting (depth, precision) by scanning everything (or ``depths`` x ``precisions``);
+    ties to the higher precision."""
     best = (0, "")
-    for precision in prof.precisions(SPEC):
-        for d in range(1, max_depth + 1):
+    for precision in precisions or prof.precisions(SPEC):
+        for d in depths or range(1, max_depth + 1):
             p = prof.predict(d, spec=SPEC, precision=precision)
             lat = p.latency_p90_upper_ms if budget.percentile == "p90" else p.latency_p50_upper_ms
             ok = (budget.latency_ms is None or lat <= budget.latency_ms * (1 - margin)) and \
@@ -250,3 +253,110 @@ def test_wide_interval_where_depth_1_does_not_fit_but_deeper_does() -> None:
     plan = solve(prof, budget, spec=SPEC, max_depth=16)
     assert (plan.depth, plan.precision) == brute_force(prof, budget, 16)
     assert plan.depth > 7
+
+
+@pytest.mark.parametrize("bad", [1.5, -3, 72.1, float("nan")])
+def test_accuracy_tables_must_hold_fractions(tmp_path: Path, bad: float) -> None:
+    with pytest.raises(TlegError, match="accuracy table value"):
+        solve(profile({"fp32": FP32}), Budget(latency_ms=5.0), spec=SPEC, objective="accuracy", accuracy={4: bad})
+    path = tmp_path / "acc.json"
+    path.write_text(json.dumps({"2": 0.5, "4": bad}))
+    with pytest.raises(TlegError, match="4"):
+        load_accuracy_table(path)
+
+
+def test_cli_default_accuracy_table_is_this_checkouts_benchmark_result() -> None:
+    from tleg_deploy.cli.fit import DEFAULT_ACCURACY
+
+    table = load_accuracy_table(Path(__file__).resolve().parents[1] / DEFAULT_ACCURACY)
+    assert table and all(0.0 <= a <= 1.0 for a in table.values())
+
+
+def _exact_profile(points: dict[int, float], rel_floor: float) -> DeviceProfile:
+    pts = [Point(depth=d, p50_ms=ms, p90_ms=ms, p99_ms=ms, mean_ms=ms, std_ms=0.0, n=50, rounds=5, p50_se_ms=0.0,
+                 p90_se_ms=0.0, memory_mb=10.0 + d) for d, ms in points.items()]
+    return DeviceProfile(name="edge", source="measured", kind="cpu", backend="onnxruntime", measure_command="m",
+                         entries=(make_entry(SPEC, "fp32", 1, pts, latency_rel_floor=rel_floor),))
+
+
+def test_fitting_depths_below_the_measured_range_need_not_be_one_run() -> None:
+    # Depths 6/7/8 at 40 + d ms, a 5% floor that widens below depth 6: depths 1, 2 and 6 fit 48.35 ms,
+    # 3..5 do not. Binary search from depth 1 used to answer 2.
+    prof = _exact_profile({6: 46.0, 7: 47.0, 8: 48.0}, 0.05)
+    budget = Budget(latency_ms=48.35)
+    fits = [d for d in range(1, 13) if prof.predict(d, spec=SPEC, precision="fp32").latency_p90_upper_ms <= 48.35]
+    assert fits == [1, 2, 6]
+    assert brute_force(prof, budget, 48) == (6, "fp32")
+    assert solve(prof, budget, spec=SPEC, max_depth=48).depth == 6
+    plan = solve(prof, budget, spec=SPEC, max_depth=48, objective="accuracy", accuracy={3: 0.9, 4: 0.95, 6: 0.8})
+    assert plan.depth == 6  # 3 and 4 score higher but do not fit
+
+
+def _random_profile(rng: random.Random) -> DeviceProfile:
+    """Random measured depths (often excluding 1), noisy points around a rising line, wide or narrow
+    intervals, one to three precisions. A third of the entries are "edge" ones like the test above:
+    exact points and a relative floor whose widening below the measured depths outweighs the line's
+    rise, so the upper bound first rises, then falls towards the measured range."""
+    entries = []
+    for precision in rng.sample(["fp32", "fp16", "int8"], rng.randint(1, 3)):
+        while True:
+            depths = sorted(rng.sample(range(rng.choice([1, 2, 4, 8, 8]), 25), rng.randint(2, 5)))
+            floor = rng.choice([0.0, 0.03, 0.2, 0.5])
+            a, b = rng.uniform(0.0, 50.0), rng.uniform(0.0, 3.0)
+            ma, mb = rng.uniform(1.0, 100.0), rng.uniform(0.0, 5.0)
+            noise, se = rng.choice([0.0, 0.01, 0.2]), rng.choice([0.0, 0.05, 2.0])
+            if depths[0] >= 3 and rng.random() < 0.7:  # edge: the floor's peak lies in (1, first measured depth)
+                floor, noise, se, b = rng.choice([0.02, 0.05, 0.1]), 0.0, 0.0, max(b, 0.1)
+                span, peak = depths[-1] - depths[0], rng.uniform((1 + depths[0]) / 2, depths[0] - 0.5)
+                # upper(d) = (a + b d)(1 + floor (1 + (d0 - d) / span)) peaks at d = (span + d0 - a/b + span/floor) / 2
+                a = b * (span + depths[0] + span / floor - 2 * peak)
+            pts = [Point(depth=d, p50_ms=max(0.0, a + b * d + rng.gauss(0, noise * (a + b * d + 1))),
+                         p90_ms=max(0.0, 1.2 * (a + b * d) + rng.gauss(0, noise * (a + b * d + 1))),
+                         p99_ms=2 * (a + b * d), mean_ms=a + b * d, std_ms=0.1, n=20, rounds=rng.randint(1, 6),
+                         p50_se_ms=se, p90_se_ms=2 * se, memory_mb=max(0.0, ma + mb * d + rng.gauss(0, noise * ma)))
+                   for d in depths]
+            entry = make_entry(SPEC, precision, 1, pts, latency_rel_floor=floor,
+                               memory_rel_floor=rng.choice([0.0, 0.05, 0.3]))
+            f = entry.fit
+            if min(f.latency_p50.slope, f.latency_p90.slope, f.memory.slope) >= 0:  # falling ones are refused
+                break
+        entries.append(entry)
+    return DeviceProfile(name="random", source="measured", kind="cpu", backend="onnxruntime", measure_command="m",
+                         entries=tuple(entries))
+
+
+def _runs(prof: DeviceProfile, budget: Budget, max_depth: int) -> int:
+    """The most separate runs of fitting depths any precision has (the old solver assumed one)."""
+    most = 0
+    for precision in prof.precisions(SPEC):
+        fits = [brute_force(prof, budget, 0, depths=(d,), precisions=(precision,))[0] == d
+                for d in range(1, max_depth + 1)]
+        most = max(most, sum(1 for i, f in enumerate(fits) if f and (i == 0 or not fits[i - 1])))
+    return most
+
+
+def test_solver_matches_brute_force_on_random_profiles() -> None:
+    rng = random.Random(20240611)
+    checked = split_runs = 0
+    for _ in range(400):
+        prof = _random_profile(rng)
+        max_depth = rng.choice([1, 5, 12, 24, 48, 64])
+        # Budgets around the cost of a random depth; half of the time at or just below the measured range,
+        # and often exactly that depth's upper bound (where a run can be split in two).
+        entry = rng.choice(prof.entries)
+        d_ref = rng.randint(1, max_depth) if rng.random() < 0.5 else min(entry.depths[0], max_depth)
+        p = prof.predict(d_ref, spec=SPEC, precision=entry.precision)
+        scale = rng.choice([rng.uniform(0.8, 1.2), rng.uniform(0.999, 1.001), 1.0])
+        budget = Budget(latency_ms=p.latency_p90_upper_ms * scale or 1.0,
+                        memory_mb=rng.choice([None, None, p.memory_upper_mb * rng.uniform(0.9, 1.5) or 1.0]),
+                        params=rng.choice([None, None, costs.params(SPEC, rng.randint(1, 64))]))
+        expected = brute_force(prof, budget, max_depth)
+        if expected[0] == 0:
+            with pytest.raises(InfeasibleError):
+                solve(prof, budget, spec=SPEC, max_depth=max_depth)
+            continue
+        plan = solve(prof, budget, spec=SPEC, max_depth=max_depth)
+        assert (plan.depth, plan.precision) == expected, (prof, budget, max_depth)
+        checked += 1
+        split_runs += _runs(prof, budget, max_depth) > 1
+    assert checked > 250 and split_runs > 20, (checked, split_runs)  # the budgets do reach the tricky region

@@ -102,3 +102,30 @@ def test_folder_errors_name_the_problem(tmp_path: Path, grey_spec: ViTSpec) -> N
     root2 = _folder(tmp_path / "many", {c: 2 for c in "abcd"})  # 4 classes, spec has 3
     with pytest.raises(DataError, match="4 classes"):
         load_data(f"folder:{root2}", grey_spec, "train")
+
+
+def test_too_small_npz_is_refused_with_the_size_needed(tmp_path: Path, grey_spec: ViTSpec) -> None:
+    from tleg_deploy.train.data import min_class_size
+
+    assert [min_class_size(s) for s in ("train", "val", "test")] == [1, 6, 3]
+    tiny = _npz(tmp_path, np.zeros((3, 8, 8), np.uint8), np.array([0, 1, 2]))
+    load_data(tiny, grey_spec, "train")  # one sample per class: train gets them all
+    for split in ("val", "test"):
+        with pytest.raises(DataError, match=rf"3 samples in 3 classes: too few for a non-empty {split} split"
+                                            r".*at least 6 samples of one class"):
+            load_data(tiny, grey_spec, split)
+    ok = _npz(tmp_path, np.zeros((6, 8, 8), np.uint8), np.zeros(6, np.int64))
+    assert [len(load_data(ok, grey_spec, s)[1]) for s in ("train", "val", "test")] == [4, 1, 1]
+
+
+def test_files_that_are_not_npz_say_what_they_are(tmp_path: Path, grey_spec: ViTSpec) -> None:
+    (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+    with pytest.raises(DataError, match=r"is not an .npz archive \(a zip file; this one starts with b.x,y") as e:
+        load_data(f"npz:{tmp_path / 'text.npz'}", grey_spec, "train")
+    assert "pickle" not in str(e.value)
+    np.save(tmp_path / "one.npy", np.zeros((4, 8, 8)))
+    with pytest.raises(DataError, match="a single .npy array"):
+        load_data(f"npz:{tmp_path / 'one.npy'}", grey_spec, "train")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(DataError, match="is empty"):
+        load_data(f"npz:{tmp_path / 'empty.npz'}", grey_spec, "train")

@@ -58,14 +58,14 @@ from tleg_deploy.model.auxnet import AuxNet
 from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.train.distributed import is_main_process
 from tleg_deploy.train.finetune import splits
-from tleg_deploy.train.loop import TrainConfig, fit
+from tleg_deploy.train.loop import TrainConfig, run_training
 from tleg_deploy.train.losses import CrossEntropy
 
 torch.set_num_threads(1)
 lg = Learngene.load(sys.argv[1])
 train, val, _ = splits(sys.argv[2], lg.spec)
 aux = AuxNet(lg)
-fit(aux, CrossEntropy(), train, val, TrainConfig(epochs=1, batch_size=70, warmup_epochs=0.0, lr=0.01))
+run_training(aux, CrossEntropy(), train, val, TrainConfig(epochs=1, batch_size=70, warmup_epochs=0.0, lr=0.01))
 if is_main_process():
     aux.to_learngene().save(sys.argv[3])
 """
@@ -75,7 +75,7 @@ def test_aux_net_under_ddp_steps_like_one_process(tiny_lg: Learngene, tmp_path: 
     """The Aux-Net (functional_call over meta templates) trains under DDP with no special option."""
     from tleg_deploy.model.auxnet import AuxNet
     from tleg_deploy.train.finetune import splits
-    from tleg_deploy.train.loop import TrainConfig, fit
+    from tleg_deploy.train.loop import TrainConfig, run_training
     from tleg_deploy.train.losses import CrossEntropy
 
     lg_path, data, script, out = (tmp_path / n for n in ("lg.safetensors", "d.npz", "aux.py", "two.safetensors"))
@@ -93,7 +93,7 @@ def test_aux_net_under_ddp_steps_like_one_process(tiny_lg: Learngene, tmp_path: 
 
     aux = AuxNet(Learngene.load(lg_path))
     train, val, _ = splits(f"npz:{data}", tiny_lg.spec)
-    fit(aux, CrossEntropy(), train, val, TrainConfig(epochs=1, batch_size=70, warmup_epochs=0.0, lr=0.01))
+    run_training(aux, CrossEntropy(), train, val, TrainConfig(epochs=1, batch_size=70, warmup_epochs=0.0, lr=0.01))
     one, d = aux.to_learngene(), tiny_lg.spec.embed_dim
     moved = 0
     for part in ("shared", "base", "slope"):

@@ -46,6 +46,14 @@ class FormatError(TlegError, ValueError):
     """A file that is not what it claims to be: wrong format, schema, keys or shapes."""
 
 
+class NonFiniteError(FormatError):
+    """Weights or measurements holding NaN or infinity: never written, loaded or reported as a result."""
+
+
+class DivergedError(NonFiniteError):
+    """Training produced a non-finite loss or non-finite weights (the run is stopped, not saved)."""
+
+
 class CheckpointError(FormatError):
     """A third-party checkpoint whose keys or shapes do not match what we expect."""
 

@@ -59,8 +59,10 @@ def extract(
     table = Table("block tensor", "R² (linear in depth)")
     for name, r2 in report.r2.items():
         table.add_row(name, f"{r2:.3f}")
+    for name in report.constant:
+        table.add_row(name, "n/a (constant across layers)")
     out.print(table)
-    out.print(f"wrote {output}: from depth {report.depth}, mean R² {report.mean_r2:.3f}")
+    out.print(f"wrote {output}: {report.summary()}")
 
 
 @command("import-tleg")

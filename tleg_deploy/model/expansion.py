@@ -15,6 +15,7 @@ import torch
 
 from tleg_deploy.errors import FormatError, SpecError
 from tleg_deploy.files.tensorfile import check_tensors, read_tensor_file, write_tensor_file
+from tleg_deploy.model.finite import check_finite, check_float32, first_non_finite
 from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.model.vit import ViT, block_param_shapes, final_norm_name, shared_param_shapes
@@ -31,7 +32,21 @@ def expansion_state_dict(lg: Learngene, depth: int) -> dict[str, torch.Tensor]:
         for i in range(depth):
             for name, t in lg.layer_tensors(i, depth).items():
                 state[f"blocks.{i}.{name}"] = t.detach()
+    if not _cannot_overflow(lg):  # a NaN put into the learngene after it was built, or absurd magnitudes
+        check_finite(f"depth-{depth} expansion", state, hint="the learngene's base/slope are too large to expand")
     return state
+
+
+def _cannot_overflow(lg: Learngene) -> bool:
+    """Every ``base + c·slope`` (0 <= c < 1) is finite: all inputs finite and |base| + |slope| far from
+    the float limit. Checking the learngene costs 1/depth of checking the expansion (which was 60%
+    of a deit-base depth-12 ``expand``)."""
+    for k, b in lg.base.items():
+        s = lg.slope[k]
+        bound = float(b.detach().abs().max()) + float(s.detach().abs().max()) if b.numel() else 0.0
+        if not bound < torch.finfo(b.dtype).max / 2:  # also False for NaN
+            return False
+    return first_non_finite(lg.shared) is None
 
 
 def expand(lg: Learngene, depth: int, drop_path_rate: float = 0.0, *, fc_norm: bool | None = None) -> ViT:
@@ -82,7 +97,10 @@ def save_descendant(
         "learngene_sha256": learngene_sha256,
         "provenance": json.dumps(provenance or {}, sort_keys=True),
     }
-    write_tensor_file(path, dict(model.state_dict()), DESCENDANT_FORMAT, meta)
+    state = dict(model.state_dict())
+    check_float32("descendant", state, hint="cast the model with .float() before saving")
+    check_finite("descendant", state, hint="the model diverged or was corrupted; not saved")
+    write_tensor_file(path, state, DESCENDANT_FORMAT, meta)
 
 
 def load_descendant(path: str | os.PathLike[str]) -> tuple[ViT, dict[str, str]]:
@@ -94,4 +112,6 @@ def load_descendant(path: str | os.PathLike[str]) -> tuple[ViT, dict[str, str]]:
     except (SpecError, ValueError) as e:
         raise FormatError(f"{path} has invalid metadata: {e}") from None
     check_tensors(path, tensors, descendant_shapes(spec, depth))
+    check_float32(path, tensors, hint="descendant files are float32; re-save it with the model cast by .float()")
+    check_finite(path, tensors)
     return vit_from_state(spec, depth, tensors), meta

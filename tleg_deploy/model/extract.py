@@ -21,6 +21,7 @@ from torch import nn
 from tleg_deploy.errors import FormatError
 from tleg_deploy.files.tensorfile import check_tensors
 from tleg_deploy.model.expansion import descendant_shapes
+from tleg_deploy.model.finite import check_finite
 from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.model.spec import ViTSpec, check_depth
 from tleg_deploy.model.vit import block_param_shapes, shared_param_shapes
@@ -30,22 +31,45 @@ ModelSource = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[str]
 
 @dataclass(frozen=True)
 class ExtractionReport:
-    """Per block tensor: R² of the linear fit across layers (1.0 = perfectly linear)."""
+    """Per block tensor that varies across layers: R² of the linear fit (1.0 = perfectly linear).
+
+    A tensor that is the same in every layer (e.g. LayerNorm weights never trained away from their
+    init) has no across-layer variance to explain: its R² is undefined, so it is listed in
+    ``constant`` and left out of ``r2`` and the mean, which would otherwise count it as a perfect fit.
+    """
 
     depth: int
     r2: dict[str, float]
+    constant: tuple[str, ...] = ()
 
     @property
-    def mean_r2(self) -> float:
-        return sum(self.r2.values()) / len(self.r2)
+    def mean_r2(self) -> float | None:
+        """Mean R² over the tensors that vary across layers; ``None`` if none varies."""
+        return sum(self.r2.values()) / len(self.r2) if self.r2 else None
 
     @property
-    def min_r2(self) -> tuple[str, float]:
+    def min_r2(self) -> tuple[str, float] | None:
+        if not self.r2:
+            return None
         name = min(self.r2, key=self.r2.__getitem__)
         return name, self.r2[name]
 
+    def summary(self) -> str:
+        """One line for users: the mean over varying tensors and which ones were left out."""
+        mean = "n/a" if self.mean_r2 is None else f"{self.mean_r2:.3f}"
+        line = f"from depth {self.depth}, mean R² {mean} over {len(self.r2)} tensors that vary across layers"
+        if self.constant:
+            line += (f"; {len(self.constant)} constant across layers (R² undefined, not counted): "
+                     f"{', '.join(self.constant)}")
+        return line
+
     def to_dict(self) -> dict[str, Any]:
-        return {"depth": self.depth, "mean_r2": self.mean_r2, "r2": self.r2}
+        return {"depth": self.depth, "mean_r2": self.mean_r2, "r2": self.r2,
+                "constant": list(self.constant)}
+
+
+# Across-layer spread below this fraction of a tensor's RMS counts as constant (float round-off).
+_CONSTANT_REL = 1e-6
 
 
 def extract_learngene(
@@ -58,12 +82,16 @@ def extract_learngene(
     """
     state = _state_dict(source)
     depth = _depth_of(state, spec)
+    where = source if isinstance(source, (str, os.PathLike)) else "model"
+    check_finite(where, state, hint="a model with NaN or infinite weights has no learngene; "
+                 "check the training run that made it")
     shared = {k: state[k].detach().float().clone() for k in shared_param_shapes(spec)}
     coef = torch.arange(depth, dtype=torch.float64) / depth  # c_i = i / L
     c_centred = coef - coef.mean()
     base: dict[str, torch.Tensor] = {}
     slope: dict[str, torch.Tensor] = {}
     r2: dict[str, float] = {}
+    constant: list[str] = []
     for name in block_param_shapes(spec):
         y = torch.stack([state[f"blocks.{i}.{name}"].detach().double() for i in range(depth)])
         y_mean = y.mean(0)
@@ -73,11 +101,16 @@ def extract_learngene(
         residual = y - (b + coef.view(view) * s)
         ss_res = float((residual**2).sum())
         ss_tot = float(((y - y_mean) ** 2).sum())
-        r2[name] = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+        if ss_tot <= _CONSTANT_REL**2 * float((y**2).sum()):
+            constant.append(name)
+        else:
+            r2[name] = 1.0 - ss_res / ss_tot
         base[name], slope[name] = b.float(), s.float()
-    provenance = {"made_by": "extract_learngene", "source_depth": depth, "mean_r2": sum(r2.values()) / len(r2)}
+    report = ExtractionReport(depth, r2, tuple(constant))
+    provenance = {"made_by": "extract_learngene", "source_depth": depth, "mean_r2": report.mean_r2,
+                  "constant_tensors": len(constant)}
     lg = Learngene(spec, check_depth(aux_depth or depth), shared, base, slope, provenance)
-    return lg, ExtractionReport(depth, r2)
+    return lg, report
 
 
 def _state_dict(source: ModelSource) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from tleg_deploy.errors import FormatError, SpecError
 from tleg_deploy.files.tensorfile import check_tensors, read_tensor_file, write_tensor_file
+from tleg_deploy.model.finite import check_finite, check_float32
 from tleg_deploy.model.spec import ViTSpec, check_depth
 from tleg_deploy.model.vit import ViT, block_param_shapes, is_norm_param, shared_param_shapes
 
@@ -43,6 +44,7 @@ class Learngene:
     def __post_init__(self) -> None:
         check_depth(self.aux_depth)
         check_tensors("learngene", self.tensors(), self.expected_shapes(self.spec))
+        check_finite("learngene", self.tensors())
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -102,13 +104,17 @@ class Learngene:
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the learngene (float32, finite tensors only) atomically to ``path``."""
+        tensors = self.tensors()
+        check_float32("learngene", tensors, hint="cast with .float() before saving")
+        check_finite("learngene", tensors, hint="the learngene diverged or was corrupted; not saved")
         meta = {
             "spec": self.spec.to_json(),
             "aux_depth": str(self.aux_depth),
             "rule": RULE,
             "provenance": json.dumps(self.provenance, sort_keys=True),
         }
-        write_tensor_file(path, self.tensors(), FORMAT, meta)
+        write_tensor_file(path, tensors, FORMAT, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Learngene:
@@ -122,6 +128,8 @@ class Learngene:
         except (SpecError, ValueError) as e:
             raise FormatError(f"{path} has invalid metadata: {e}") from None
         check_tensors(path, tensors, cls.expected_shapes(spec))
+        check_float32(path, tensors, hint="learngene files are float32; re-save it with tensors cast by .float()")
+        check_finite(path, tensors)
         pick = lambda prefix: {  # noqa: E731
             k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)
         }

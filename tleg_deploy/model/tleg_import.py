@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from tleg_deploy.errors import CheckpointError, SpecError
+from tleg_deploy.model.finite import check_finite
 from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.model.vit import block_param_shapes
@@ -49,14 +52,7 @@ def import_tleg_checkpoint(
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such file: {p}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{p} could not be read as a PyTorch checkpoint with weights_only=True: "
-            f"{str(e).splitlines()[0][:200]}"
-        ) from None
+    obj = _load(p)
     state = _pick_state(obj, use_ema, p)
     spec = _infer_spec(state, num_heads, p)
     expected = set(_SHARED)
@@ -71,14 +67,48 @@ def import_tleg_checkpoint(
             f"({len(missing)} missing, {len(extra)} unexpected)",
             hint="is this an Aux-Net checkpoint of aux_deit_{tiny,small,base}_patch16_224?",
         )
-    shared = {k: state[k].float().clone() for k in _SHARED}
-    base = {n: state[official_key(n, "base")].float().clone() for n in names}
-    slope = {n: state[official_key(n, "ilayer")].float().clone() for n in names}
+    # float32 copies under the official names, checked before they become a learngene (a float64
+    # value beyond float32's range turns into inf here).
+    wanted = list(_SHARED) + [official_key(n, part) for n in names for part in ("base", "ilayer")]
+    f32 = {k: state[k].float().clone() for k in wanted}
+    check_finite(p, f32, hint="the checkpoint is corrupted or its training diverged")
+    shared = {k: f32[k] for k in _SHARED}
+    base = {n: f32[official_key(n, "base")] for n in names}
+    slope = {n: f32[official_key(n, "ilayer")] for n in names}
     provenance = {"made_by": "import_tleg_checkpoint", "source": p.name, "ema": use_ema}
     try:
         return Learngene(spec, aux_depth, shared, base, slope, provenance)
     except Exception as e:  # shapes that disagree with one another
         raise CheckpointError(f"{p} has inconsistent tensor shapes: {e}") from None
+
+
+def _load(p: Path) -> object:
+    """``torch.load(weights_only=True)`` with its failures worded for users: an unsafe pickle is
+    refused without torch's advice to turn the safety off."""
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p} is empty", hint="pass the checkpoint.pth the TLEG code saved")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if found := re.search(r"GLOBAL (\S+)", text):
+            raise CheckpointError(
+                f"{p} contains Python objects ({found.group(1)}) that tleg-deploy does not load, for safety",
+                hint="re-save it as a plain state dict of tensors, e.g. torch.save({'model': model.state_dict()}, "
+                     "'plain.pth'), where you trust the file",
+            ) from None
+        # Not torch's advice to turn the safety off: only what the unpickler tripped on.
+        reason = text.partition("WeightsUnpickler error:")[2].strip().splitlines()
+        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint"
+                              + (f" ({reason[0][:200]})" if reason else "")) from None
+    except Exception as e:
+        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def _pick_state(obj: object, use_ema: bool, p: Path) -> Mapping[str, torch.Tensor]:

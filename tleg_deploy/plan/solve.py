@@ -10,9 +10,11 @@ compared with the budget; ``margin`` tightens the predicted budgets (latency, me
 ``margin=0.1`` asks the upper prediction to stay under 90% of the budget. Exact figures (params,
 MACs, bytes) are compared as they are.
 
-Cost grows with depth (the profile is linear in depth, costs.py is affine), so each precision's
-deepest fitting depth is found by binary search over ``1..max_depth``: no unbounded loops, and a
-few dozen predictions per solve. Torch-free, stdlib only.
+Cost grows with depth (the profile is linear in depth, costs.py is affine) except where the
+profile's prediction interval widens below its measured depths; the profile says from which depth
+its predictions are non-decreasing (``monotone_from``), so each precision's deepest fitting depth is
+found by binary search above that depth and a short scan below it: no unbounded loops, and a few
+dozen predictions per solve. Torch-free, stdlib only.
 """
 
 from __future__ import annotations
@@ -211,8 +213,9 @@ def solve(
             cache[key] = _candidate(plist[i], depth, precision, spec, batch, budget, limits, margin, acc)
         return cache[key]
 
-    # Deepest fitting depth per option (0: none fits); cost is monotone in depth.
-    deepest = {(i, p): _deepest_fitting(lambda d, i=i, p=p: cand(i, d, p).fits, max_depth) for i, p in options}
+    # Deepest fitting depth per option (0: none fits).
+    deepest = {(i, p): _deepest_fitting(lambda d, i=i, p=p: cand(i, d, p).fits, max_depth,
+                                        _monotone_from(plist[i], spec, p, batch)) for i, p in options}
     if not any(deepest.values()):
         raise _infeasible(budget, [cand(i, 1, p) for i, p in options], margin)
 
@@ -221,7 +224,8 @@ def solve(
         best = max((opt for opt in options if deepest[opt]), key=lambda o: (deepest[o], -order[o]))
         pick = cand(best[0], deepest[best], best[1])
     else:
-        fitting = [(acc[d], -d, -order[o], o, d) for o in options for d in acc if 1 <= d <= min(deepest[o], max_depth)]
+        fitting = [(acc[d], -d, -order[o], o, d) for o in options for d in acc
+                   if 1 <= d <= min(deepest[o], max_depth) and cand(o[0], d, o[1]).fits]
         if not fitting:
             raise InfeasibleError(
                 f"no depth covered by the accuracy table ({_depth_range(acc)}) fits {budget.describe()}",
@@ -317,25 +321,32 @@ def _candidate(prof: Profile, depth: int, precision: str, spec: ViTSpec, batch: 
     return dataclasses.replace(c, violated=tuple(o[1] for o in over), violations=tuple(o[2] for o in over))
 
 
-def _deepest_fitting(fits: Any, max_depth: int) -> int:
+def _deepest_fitting(fits: Any, max_depth: int, monotone_from: int) -> int:
     """Largest d in 1..max_depth with fits(d); 0 if none.
 
-    The upper prediction is linear in depth plus an interval half-width that is convex in depth, so
-    the depths that fit form one run [a, b]. Usually a = 1 and b is found by binary search; when
-    depth 1 does not fit (a wide interval at the edge of the measured range can make the upper bound
-    of depth 1 exceed that of depth 2), a bounded scan finds a first.
+    Every cost is non-decreasing in depth from ``monotone_from`` on (exact costs everywhere; the
+    profile's upper predictions from about its mean measured depth), so there the depths that fit
+    are a prefix and binary search finds its end. Below it, a prediction interval that widens away
+    from the measured depths can make a shallower depth cost *more* than a deeper one, so the fitting
+    depths need not form one run: those few depths are scanned from the top down.
     """
-    lo = next((d for d in range(1, max_depth + 1) if fits(d)), 0) if not fits(1) else 1
-    if lo == 0:
-        return 0
-    hi = max_depth  # invariant: fits(lo); the answer is in [lo, hi]
-    while lo < hi:  # at most log2(max_depth) + 1 rounds
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    start = min(max(monotone_from, 1), max_depth + 1)
+    if start <= max_depth and fits(start):
+        lo, hi = start, max_depth  # invariant: fits(lo); the answer is in [lo, hi]
+        while lo < hi:  # at most log2(max_depth) + 1 rounds
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+    return next((d for d in range(start - 1, 0, -1) if fits(d)), 0)
+
+
+def _monotone_from(prof: Profile, spec: ViTSpec, precision: str, batch: int) -> int:
+    """Where ``prof``'s predictions stop falling with depth; a profile that cannot say is scanned whole."""
+    monotone_from = getattr(prof, "monotone_from", None)
+    return int(monotone_from(spec, precision, batch)) if monotone_from is not None else MAX_DEPTH + 1
 
 
 def _why_not_deeper(pick: Candidate, deeper: Sequence[Candidate], max_depth: int, objective: str) -> tuple[str, str]:
@@ -377,8 +388,11 @@ def _check_accuracy(table: Mapping[int, float]) -> dict[int, float]:
     for d, a in table.items():
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise TlegError(f"accuracy table depth {d!r} must be a positive integer")
-        if not (isinstance(a, (int, float)) and math.isfinite(a)):
+        if isinstance(a, bool) or not (isinstance(a, (int, float)) and math.isfinite(a)):
             raise TlegError(f"accuracy table value {a!r} at depth {d} must be a finite number")
+        if not 0.0 <= a <= 1.0:
+            raise TlegError(f"accuracy table value {a!r} at depth {d} is not a fraction in [0, 1]",
+                            hint="write top-1 accuracy as a fraction, e.g. 0.72 for 72%")
         out[d] = float(a)
     return out
 

@@ -71,23 +71,45 @@ class LinearFit:
 
     def half_width(self, depth: float) -> float:
         """Half-width of the 95% prediction interval for a new observation at ``depth``."""
-        resid_dof = max(self.n - 2, 0)
-        dof = resid_dof + self.noise_dof
-        if dof > 0:
-            pooled = (resid_dof * self.resid_std**2 + self.noise_dof * self.noise_std**2) / dof
-            s = max(math.sqrt(pooled), self.resid_std)
-            lever = 1.0 + 1.0 / self.n + (depth - self.depth_mean) ** 2 / self.sxx
-            stat = t975(dof) * s * math.sqrt(lever)
-        else:
-            stat = 0.0
+        scale = self._t_s()
+        stat = scale * math.sqrt(1.0 + 1.0 / self.n + (depth - self.depth_mean) ** 2 / self.sxx) if scale else 0.0
         # Beyond the measured depths the relative floor grows with the distance (cache capacity,
         # memory placement and kernel choice can change there; the line has not seen it).
         span = max(self.depth_max - self.depth_min, 1)
         excess = max(self.depth_min - depth, depth - self.depth_max, 0) / span
         return max(stat, self.rel_floor * (1.0 + excess) * abs(self.value(depth)))
 
+    def _t_s(self) -> float:
+        """``t · s`` of the interval: Student's t at the pooled degrees of freedom times the pooled scale."""
+        resid_dof = max(self.n - 2, 0)
+        dof = resid_dof + self.noise_dof
+        if dof <= 0:
+            return 0.0
+        pooled = (resid_dof * self.resid_std**2 + self.noise_dof * self.noise_std**2) / dof
+        return t975(dof) * max(math.sqrt(pooled), self.resid_std)
+
     def upper(self, depth: float) -> float:
         return self.value(depth) + self.half_width(depth)
+
+    def nondecreasing_from(self) -> float:
+        """A depth from which ``value`` and ``upper`` never decrease (``inf`` if the line falls).
+
+        ``upper`` is the line plus the larger of two terms. The statistical one, ``t·s·sqrt(c + (d -
+        x̄)²/Sxx)``, falls below the mean depth; the line outgrows it from ``x̄ - b·Sxx·sqrt(c / ((t·s)² -
+        b²·Sxx))`` on (everywhere if ``(t·s)² <= b²·Sxx``). The relative floor ``rel_floor·(1 + excess)·|value|``
+        shrinks towards the measured depths from below, and where the line is still negative. Below
+        the returned depth a deeper model can get a *smaller* upper bound, so a search must not assume
+        the depths that fit form one run there (``tleg_deploy.plan.solve``)."""
+        b = self.slope
+        if b < 0:
+            return math.inf
+        start = float(self.depth_min)
+        if self.intercept < 0 < b:
+            start = max(start, -self.intercept / b)
+        ts, c = self._t_s(), 1.0 + 1.0 / self.n
+        if ts * ts > b * b * self.sxx:
+            start = max(start, self.depth_mean - b * self.sxx * math.sqrt(c / (ts * ts - b * b * self.sxx)))
+        return start
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIT_KEYS}

@@ -32,7 +32,7 @@ from typing import Any
 from tleg_deploy.errors import DeviceError, FormatError, SpecError, TlegError
 from tleg_deploy.files import schema
 from tleg_deploy.files.fileio import write_json_atomic
-from tleg_deploy.model.spec import ViTSpec, check_depth
+from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.plan.precisions import PRECISIONS
 from tleg_deploy.profile.linefit import FIT_KEYS, LinearFit, fit_line
 
@@ -167,6 +167,8 @@ class DeviceProfile:
                 raise FormatError(f"{where} has two entries for precision {e.precision}, batch {e.batch} "
                                   "of the same spec")
             seen.add(key)
+        for i, e in enumerate(self.entries):
+            _check_rising(e, f"{where} entries[{i}]", self.measure_command)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -214,6 +216,13 @@ class DeviceProfile:
             extrapolated=not (f.latency_p50.depth_min <= depth <= f.latency_p50.depth_max),
             source=self.source,
         )
+
+    def monotone_from(self, spec: ViTSpec, precision: str, batch: int = 1) -> int:
+        """The depth from which every predicted cost and upper bound is non-decreasing in depth."""
+        f = self.entry(spec, precision, batch).fit
+        start = max(f.latency_p50.nondecreasing_from(), f.latency_p90.nondecreasing_from(),
+                    f.memory.nondecreasing_from())
+        return math.ceil(start) if math.isfinite(start) else MAX_DEPTH + 1
 
     def with_entries(self, entries: Sequence[Entry]) -> DeviceProfile:
         """A copy whose entries for the same (spec, precision, batch) are replaced by ``entries``."""
@@ -373,6 +382,20 @@ def _fit_from_dict(data: Any, where: str) -> LinearFit:
         else:
             vals[k] = _num(d[k], f"{where}.{k}", minimum=0.0)
     return LinearFit(**vals)
+
+
+def _check_rising(e: Entry, where: str, measure_command: str) -> None:
+    """A cost falling with depth is noise or an edit: refuse it (a solver would pick the deepest at ~0 ms)."""
+    for label, fit, attr, unit in (("p50 latency", e.fit.latency_p50, "p50_ms", "ms"),
+                                   ("p90 latency", e.fit.latency_p90, "p90_ms", "ms"),
+                                   ("memory", e.fit.memory, "memory_mb", "MB")):
+        first, last = fit.value(fit.depth_min), fit.value(fit.depth_max)
+        if fit.slope < 0 and last < first - 1e-9 * max(abs(first), 1e-12):
+            pts = ", ".join(f"depth {p.depth}: {getattr(p, attr):.4g} {unit}" for p in e.points)
+            raise FormatError(
+                f"{where} ({e.spec.preset_name() or 'custom spec'} {e.precision}, batch {e.batch}): {label} falls "
+                f"with depth ({fit.slope:.4g} {unit}/block) over the measured points {pts}",
+                hint=f"a deeper model cannot cost less; re-measure: {measure_command}")
 
 
 def _check_precision(precision: str) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from tleg_deploy.errors import CheckpointError
 from tleg_deploy.files.tensorfile import read_tensor_file, write_tensor_file
+from tleg_deploy.model.finite import check_finite
 
 FORMAT = "tleg-train-checkpoint"
 _META = {"state"}
@@ -63,6 +64,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         elif k.startswith("optim."):
             _, idx, key = k.split(".", 2)
             opt_state.setdefault(int(idx), {})[key] = v
+    check_finite(path, model, hint="the run diverged before this checkpoint was written; start afresh")
     if "rng" not in tensors:
         raise CheckpointError(f"{path} is missing tensor 'rng'")
     return Checkpoint(epoch, model, {"state": opt_state, "param_groups": groups}, tensors["rng"], history, config)

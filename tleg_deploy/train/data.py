@@ -76,6 +76,45 @@ def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
+def min_class_size(split: str) -> int:
+    """The fewest samples one class needs for ``split`` to get at least one of them."""
+    return next(n for n in range(1, 1000) if len(split_indices(np.zeros(n, dtype=np.int64), split)))
+
+
+def _nonempty(idx: np.ndarray, labels: np.ndarray, split: str, origin: str) -> np.ndarray:
+    """``idx``, or a ``DataError`` saying how much data a non-empty ``split`` needs."""
+    if len(idx):
+        return idx
+    need = max(min_class_size(s) for s in SPLITS)
+    shares = f"train {1 - sum(SPLIT_FRACTIONS.values()):.0%}, " + ", ".join(
+        f"{k} {v:.0%}" for k, v in SPLIT_FRACTIONS.items())
+    raise DataError(
+        f"{origin} has {len(labels)} samples in {len(np.unique(labels))} classes: too few for a non-empty "
+        f"{split} split ({shares}, drawn per class)",
+        hint=f"at least {need} samples of one class are needed for train, val and test to be non-empty",
+    )
+
+
+def _check_npz_magic(path: Path) -> None:
+    """An .npz is a zip archive; say what the file is instead of numpy's guess ("pickled data")."""
+    with path.open("rb") as f:
+        head = f.read(6)
+    if head.startswith(b"PK"):
+        return
+    if not head:
+        problem = "is empty"
+    elif head.startswith(b"\x93NUMPY"):
+        problem = "is a single .npy array, not an .npz archive"
+    else:
+        problem = f"is not an .npz archive (a zip file; this one starts with {head!r})"
+    raise DataError(f"{path} {problem}", hint="save images and labels with numpy.savez(path, x=images, y=labels)")
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def _finish(x: np.ndarray, y: np.ndarray, spec: ViTSpec, origin: str) -> tuple[Tensor, Tensor]:
     """``x`` in [0, 1] as (N, C, H, W) float32 → normalised tensor; labels checked against spec."""
     y = np.asarray(y)
@@ -113,6 +152,7 @@ def _digits_split(split: str, spec: ViTSpec) -> tuple[Tensor, Tensor]:
 def _npz(path: Path, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
     if not path.is_file():
         raise DataError(f"no such npz file: {path}")
+    _check_npz_magic(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f or "y" not in f:
@@ -121,7 +161,7 @@ def _npz(path: Path, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{path} is not a readable .npz file: {e}") from None
+        raise DataError(f"{path} is not a readable .npz file: {_first_line(e)}") from None
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
@@ -136,8 +176,14 @@ def _npz(path: Path, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
         )
     if c != spec.in_chans:
         raise DataError(f"{path}: images have {c} channel(s), the spec expects {spec.in_chans}")
+    if not np.issubdtype(x.dtype, np.integer) and not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{path}: x must hold numbers, got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.floating) and not (finite := np.isfinite(x)).all():
+        bad = np.flatnonzero(~finite.reshape(len(x), -1).all(1))
+        raise DataError(f"{path}: x holds NaN or infinite values in {len(bad)} of {len(x)} images "
+                        f"(first: sample {int(bad[0])})", hint="clean or drop those images")
     scale = 255.0 if np.issubdtype(x.dtype, np.integer) or x.max(initial=0) > 1.0 else 1.0
-    idx = split_indices(y, split)
+    idx = _nonempty(split_indices(y, split), y, split, f"npz:{path}")
     return _finish(x[idx].transpose(0, 3, 1, 2) / scale, y[idx], spec, str(path))
 
 
@@ -152,7 +198,7 @@ def _folder(root: Path, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
     else:
         classes = _classes(root)
         files, labels = _scan(root, classes)
-        idx = split_indices(labels, split)
+        idx = _nonempty(split_indices(labels, split), labels, split, f"folder:{root}")
     if len(classes) > spec.num_classes:
         raise DataError(
             f"{root} has {len(classes)} classes, the spec has {spec.num_classes}",

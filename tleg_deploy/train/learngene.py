@@ -18,6 +18,7 @@ from typing import Any
 from tleg_deploy.errors import SpecError, TlegError
 from tleg_deploy.model.auxnet import AuxNet
 from tleg_deploy.model.expansion import load_descendant
+from tleg_deploy.model.finite import check_finite
 from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.model.vit import ViT
@@ -61,6 +62,7 @@ def train_learngene(
     if not isinstance(teacher, ViT):
         teacher_meta["file"] = str(teacher)
         teacher, _ = load_descendant(teacher)
+    check_finite("teacher", teacher.state_dict(), hint="a teacher with NaN or infinite weights cannot teach")
     if learngene is not None:  # the Aux-Net trains its tensors in place: work on a copy
         copy = lambda d: {k: v.detach().clone() for k, v in d.items()}  # noqa: E731
         lg = Learngene(learngene.spec, learngene.aux_depth, copy(learngene.shared), copy(learngene.base),

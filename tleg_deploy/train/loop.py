@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from tleg_deploy.errors import CheckpointError, TlegError
+from tleg_deploy.errors import CheckpointError, DataError, DivergedError, TlegError
 from tleg_deploy.files.fileio import write_text_atomic
+from tleg_deploy.model.finite import check_finite, first_non_finite
 from tleg_deploy.train import distributed as D
 from tleg_deploy.train.checkpoint import load_checkpoint, restore, save_checkpoint
 from tleg_deploy.train.data import augment_batch
@@ -141,6 +142,10 @@ def run_training(
         raise TlegError(f"batch size {cfg.batch_size} is not divisible by the {info.world} processes")
     if len(train.y) == 0:
         raise TlegError("the training split is empty")
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        if split is not None:
+            check_finite(f"{name} split", {"images": split.x}, error=DataError,
+                         hint="the data holds NaN or infinite pixels; clean it before training")
     device = info.device
     model.to(device)
     criterion.to(device)
@@ -183,16 +188,21 @@ def run_training(
                 with _autocast(device, cfg.amp):
                     out = net(x)
                     loss = criterion(x, out, y)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):  # stop before the step spreads it into the weights
+                    raise _diverged(run, f"the loss is {loss_value} at epoch {epoch + 1}, step {step + 1}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad is not None:
                     nn.utils.clip_grad_norm_(params, cfg.clip_grad)
                 optimizer.step()
-                loss_sum += float(loss.detach()) * len(y)
+                loss_sum += loss_value * len(y)
                 correct += float((out.detach().argmax(1) == y).sum())
                 count += len(y)
                 bar(epoch, step + 1, steps_per_epoch, loss_sum / count, correct / count)
             loss_sum, correct, count = D.all_reduce_sum([loss_sum, correct, count], info)
+            if (bad := first_non_finite(model.named_parameters())) is not None:
+                raise _diverged(run, f"parameter {bad!r} is not finite after epoch {epoch + 1}")
             seconds = time.perf_counter() - t0
             seen += int(count)
             row: dict[str, Any] = {
@@ -213,6 +223,14 @@ def run_training(
 
 # Settings a resumed run must share with the checkpoint (epochs, lr, ... may change: a longer schedule).
 _RESUME_KEYS = ("label", "data", "depth", "aux_depth", "alpha", "tau", "batch_size", "seed", "augment")
+
+
+def _diverged(run: Path | None, what: str) -> DivergedError:
+    kept = ""
+    if run is not None and (run / CHECKPOINT).is_file():
+        kept = f"; {run / CHECKPOINT} still holds the last finished epoch"
+    return DivergedError(f"training diverged: {what}{kept}",
+                         hint="lower the learning rate, set clip_grad, or check the data and teacher")
 
 
 def _check_resumable(path: Path, saved: dict[str, Any], epochs_done: int, config: dict[str, Any]) -> None:
