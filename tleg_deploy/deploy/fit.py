@@ -13,8 +13,10 @@
       ``build_engine.sh`` for the target and ``REPORT.md``
 
 The directory is built next to its destination and renamed into place at the end, so Ctrl-C
-leaves nothing half-written. Up to step 2 nothing imports torch (``fit --device jetson`` needs no
-GPU; the solver and profile tables are torch-free).
+leaves nothing half-written. A re-run replaces an earlier fit output as a whole, so it refuses one
+holding a file fit did not write (``check_destination``, the policy of ``files.outputs``). Up to
+step 2 nothing imports torch (``fit --device jetson`` needs no GPU; the solver and profile tables
+are torch-free).
 """
 
 from __future__ import annotations
@@ -22,17 +24,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
+import re
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tleg_deploy.errors import ExportError, InfeasibleError
+from tleg_deploy.errors import InfeasibleError
 from tleg_deploy.files.fileio import sha256_file, write_json_atomic, write_text_atomic
+from tleg_deploy.files.outputs import has_marker, output_dir, staging_dir
 from tleg_deploy.plan.solve import DEFAULT_MAX_DEPTH, Budget, Candidate, Plan, check_options, evaluate, solve
 from tleg_deploy.profile.artifact import Measurement
 
@@ -109,9 +111,9 @@ def fit(
     """Run the whole job (module docstring); returns what was built and why. ``device`` is a profile
     name or path (``resolve_profile``) or a ``DeviceProfile``."""
     say = log or (lambda _msg: None)
-    out = Path(out_dir)
-    _check_destination(out)
-    from tleg_deploy.model.resources import learngene_spec
+    from tleg_deploy.model.resources import learngene_path, learngene_spec
+
+    out = check_destination(Path(out_dir), inputs=[learngene_path(learngene)])
 
     spec = learngene_spec(learngene)
     check_options(max_depth=max_depth, precisions=precisions, objective=objective, margin=margin, accuracy=accuracy)
@@ -136,8 +138,7 @@ def fit(
     notes = list(plan.warnings)
     if not runnable and profile.source == "measured":
         notes.append(f"{profile.name} cannot be run here: figures are predicted, not measured")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staging = staging_dir(out)
     export = functools.partial(_export, lg=lg, learngene=learngene, precision=plan.precision, profile=profile,
                                out=staging, data=finetune_data or "digits", say=say)
     try:
@@ -250,16 +251,26 @@ def _clear(d: Path) -> None:
         shutil.rmtree(f) if f.is_dir() else f.unlink()
 
 
-def _check_destination(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_fit_output(out))):
-        raise ExportError(f"{out} exists and is not an earlier fit output", hint="choose another -o")
+def check_destination(out: Path, inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
+    """Where fit may write: a new or empty directory, or an earlier fit output (``plan.json`` of our
+    format) holding only files fit writes; it never holds an input. Raises ``OutputError``."""
+    return output_dir(out, inputs=inputs, ours=lambda d: has_marker(d, "plan.json", FIT_FORMAT), owns=_fit_owns,
+                      whole=True)
 
 
-def _is_fit_output(out: Path) -> bool:
-    try:
-        return bool(json.loads((out / "plan.json").read_text()).get("format") == FIT_FORMAT)
-    except (OSError, ValueError, AttributeError):
-        return False
+_FIT_FILE = re.compile(r"plan\.json|manifest\.json|REPORT\.md|build_engine\.sh|timing\.cache|\.tleg-export\.lock"
+                       r"|model_d\d+\.safetensors")
+
+
+def _fit_owns(rel: str, is_dir: bool) -> bool:
+    """A path (relative to a fit directory) that fit writes: its top-level files, ``depth_NN/`` and
+    the member files export writes in there."""
+    from tleg_deploy.export.family import is_member_file
+
+    head, _, rest = rel.partition("/")
+    if re.fullmatch(r"depth_\d+", head):
+        return (is_dir and not rest) or (not is_dir and "/" not in rest and is_member_file(rest))
+    return not is_dir and not rest and _FIT_FILE.fullmatch(head) is not None
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
