@@ -35,12 +35,14 @@ WarmupOpt = Annotated[float, typer.Option("--warmup", min=0.0, help="Warm-up epo
 AugmentOpt = Annotated[bool, typer.Option("--augment/--no-augment", help="Random shifts of the training images.")]
 
 
-def _destination(output: str, force: bool, data: str, *inputs: Path | None) -> Path:
-    """The output file, checked now, not after the training (``files.outputs``); inputs must be files."""
+def _destination(output: str, force: bool, resume: bool, data: str, *inputs: Path | None) -> Path:
+    """The output file, checked now, not after the training (``files.outputs``); inputs must be files.
+    ``--resume`` of a run that has its ``<output>.run/`` may replace that run's output."""
     from tleg_deploy.files.outputs import input_file, output_file
 
     files = [input_file(p) for p in inputs if p is not None]
-    return output_file(output, inputs=[*files, data_path(data)], force=force)
+    own_run = resume and Path(output).name not in ("", ".", "..") and Path(output).with_suffix(".run").is_dir()
+    return output_file(output, inputs=[*files, data_path(data)], force=force or own_run)
 
 
 def _common(epochs: int, lr: float, batch_size: int, seed: int, quiet: bool, output: Path, resume: bool,
@@ -79,7 +81,7 @@ def train_teacher_cmd(
     from tleg_deploy.train.distributed import is_main_process
     from tleg_deploy.train.finetune import train_teacher
 
-    dest = _destination(output, force, data)
+    dest = _destination(output, force, resume, data)
     s = ViTSpec.preset(spec)
     s = dataclasses.replace(s, embed_dim=width or s.embed_dim, num_heads=heads or s.num_heads)
     res = train_teacher(data, s, depth, **_common(epochs, lr, batch_size, seed, quiet, dest, resume, clip_grad,
@@ -110,7 +112,7 @@ def train_learngene_cmd(
     from tleg_deploy.train.distributed import is_main_process
     from tleg_deploy.train.learngene import train_learngene
 
-    dest = _destination(output, force, data, teacher)
+    dest = _destination(output, force, resume, data, teacher)
     res = train_learngene(data, teacher, spec=ViTSpec.preset(spec), aux_depth=aux_depth, alpha=alpha, tau=tau,
                           **_common(epochs, lr, batch_size, seed, quiet, dest, resume, clip_grad, warmup, augment))
     if is_main_process():
@@ -140,7 +142,7 @@ def finetune_cmd(
     from tleg_deploy.train.finetune import finetune
     from tleg_deploy.train.inits import init_model
 
-    dest = _destination(output, force, data, learngene_path(learngene), teacher)
+    dest = _destination(output, force, resume, data, learngene_path(learngene), teacher)
     lg = load_learngene(learngene)
     teacher_model = load_descendant(teacher)[0] if teacher is not None else None
     model = init_model(init, depth, learngene=lg, teacher=teacher_model, seed=seed)

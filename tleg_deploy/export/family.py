@@ -35,6 +35,7 @@ from typing import Any
 from tleg_deploy.errors import DepthError, ExportError, TlegError
 from tleg_deploy.export.manifest import (
     FORMATS,
+    LOCK_NAME,
     MANIFEST_NAME,
     directory_lock,
     load_manifest,
@@ -190,8 +191,13 @@ def export_family(
 
 def check_export_dir(out: str | os.PathLike[str], *, inputs: Iterable[Any] = (), force: bool = False) -> Path:
     """Where ``export_family`` may write (``files.outputs``): a new or empty directory, an export
-    directory (it has a ``manifest.json``), or with ``force`` any directory; never one holding an input."""
-    return output_dir(out, inputs=inputs, force=force, ours=lambda d: (d / MANIFEST_NAME).is_file())
+    directory (it has a ``manifest.json`` or the export lock), or with ``force`` any directory;
+    never one holding an input."""
+
+    def ours(d: Path) -> bool:  # a lock alone: a first run is writing it (the lock then says who)
+        return (d / MANIFEST_NAME).is_file() or (d / LOCK_NAME).is_file()
+
+    return output_dir(out, inputs=inputs, force=force, ours=ours)
 
 
 def _export_locked(
