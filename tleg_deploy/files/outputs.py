@@ -61,8 +61,7 @@ def check_not_input(out: PathLike, inputs: Iterable[PathLike | None], what: str 
         i = Path(given)
         i_res, i_st = i.resolve(), _stat(i)
         if o_res == i_res or (o_st is not None and i_st is not None and _same_file(o_st, i_st)):
-            how = ("is" if o.absolute() == i.absolute() else "is a link to" if o_res == i_res
-                   else "is the same file as")
+            how = "is" if o.absolute() == i.absolute() else "is the same file as"  # via a symlink or hard link
             raise OutputError(f"{what} {o} {how} the input {i}; an output never replaces an input",
                               hint="choose another output path")
         if o_res in i_res.parents:
