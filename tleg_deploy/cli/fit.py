@@ -53,7 +53,7 @@ def fit(
     wanted = [p.strip() for p in precision.split(",") if p.strip()] if precision else None
     inputs = [input_file(learngene_path(learngene), "learngene"), accuracy, data_path(finetune_data),
               device if device.endswith(".json") else None]
-    dest = check_destination(Path(output if output is not None else f"fit-{Path(device).stem}"), inputs)
+    dest = check_destination(output if output is not None else f"fit-{Path(device).stem}", inputs)
     log = None if (quiet or json_) else (lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
     result = run_fit(budget, device=device, out_dir=dest, learngene=learngene, finetune_data=finetune_data,
                      epochs=epochs, margin=margin, max_depth=max_depth, precisions=wanted, objective=objective,

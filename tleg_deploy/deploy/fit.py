@@ -113,7 +113,7 @@ def fit(
     say = log or (lambda _msg: None)
     from tleg_deploy.model.resources import learngene_path, learngene_spec
 
-    out = check_destination(Path(out_dir), inputs=[learngene_path(learngene)])
+    out = check_destination(out_dir, inputs=[learngene_path(learngene)])
 
     spec = learngene_spec(learngene)
     check_options(max_depth=max_depth, precisions=precisions, objective=objective, margin=margin, accuracy=accuracy)
@@ -251,7 +251,7 @@ def _clear(d: Path) -> None:
         shutil.rmtree(f) if f.is_dir() else f.unlink()
 
 
-def check_destination(out: Path, inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
+def check_destination(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
     """Where fit may write: a new or empty directory, or an earlier fit output (``plan.json`` of our
     format) holding only files fit writes; it never holds an input. Raises ``OutputError``."""
     return output_dir(out, inputs=inputs, ours=lambda d: has_marker(d, "plan.json", FIT_FORMAT), owns=_fit_owns,
