@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tleg_deploy.errors import DepthError, ExportError
+from tleg_deploy.errors import DepthError, ExportError, OutputError
 from tleg_deploy.export.family import export_family, parse_depths, parse_formats
 from tleg_deploy.export.manifest import LOCK_NAME, load_manifest, member_is_intact
 from tleg_deploy.files.fileio import sha256_file
@@ -128,7 +128,7 @@ def test_bad_manifest_and_other_learngene_are_errors(tiny_lg, tmp_path):
 def test_not_a_directory_and_unwritable(tiny_lg, tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises((ExportError, OSError)):
+    with pytest.raises(OutputError, match="but a directory is expected"):
         export_family(tiny_lg, [1], blocker, "onnx", data=None)
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -101,7 +101,7 @@ def test_fit_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     res = runner.invoke(app, ["fit", "--device", "jetson", "--latency", "1ms", "-o", str(tmp_path / "mine")])
-    assert res.exit_code == 2 and "not an earlier fit output" in res.output
+    assert res.exit_code == 2 and "already holds files tleg-deploy did not write, e.g. notes.txt" in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]

@@ -156,11 +156,11 @@ def test_cli_profile_writes_a_measured_profile(isolated) -> None:
 
 
 def test_parse_depths() -> None:
-    from tleg_deploy.cli.profile import parse_depths
     from tleg_deploy.errors import DepthError
+    from tleg_deploy.export.family import parse_depths  # the one depth-list parser (profile uses it too)
 
-    assert parse_depths("12,1,6") == (1, 6, 12)
-    assert parse_depths("1-3,8") == (1, 2, 3, 8)
-    for bad in ("5-2", "0-3", "1-5000", "x"):
+    assert parse_depths("12,1,6") == [1, 6, 12]
+    assert parse_depths("1-3,8") == [1, 2, 3, 8]
+    for bad in ("5-2", "0-3", "1-5000", "x", "1,,2", "1,", ""):
         with pytest.raises(DepthError):
             parse_depths(bad)

@@ -212,7 +212,7 @@ def test_cli_help_has_example() -> None:
     (("--device", "no-such-device"), "unknown device 'no-such-device'"),
     (("--latency", "5 parsecs"), "unknown time unit"),
     (("--learngene", "missing.safetensors"), "missing.safetensors"),
-    (("--family", "."), "no manifest.json"),
+    (("--family", str(Path(__file__).parent)), "no manifest.json"),  # a directory outside the output
     (("--results", "no-such-results-dir"), "results directory 'no-such-results-dir' does not exist"),
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, no_host_cache: None, args: tuple[str, ...], needle: str) -> None:

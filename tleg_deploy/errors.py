@@ -80,3 +80,8 @@ class ExportError(TlegError, RuntimeError):
 
 class InfeasibleError(TlegError, ValueError):
     """A budget that no option satisfies."""
+
+
+class OutputError(TlegError, ValueError):
+    """An output that would replace an input, a file tleg-deploy did not write, or a non-regular file
+    (``tleg_deploy.files.outputs``)."""

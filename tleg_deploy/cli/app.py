@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -33,25 +33,39 @@ err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# (exception type, exit code): first match wins. Everything else is an internal error.
-_EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
-    (TlegError, 2),
-    (FileNotFoundError, 2),
-    (PermissionError, 3),
-    (OSError, 3),
-    (KeyboardInterrupt, 130),
+# (exception type, exit code, how an OSError that names a file reads): first match wins.
+# Everything else is an internal error (70).
+_EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
+    (TlegError, 2, ""),
+    (FileNotFoundError, 2, "no such file or directory: {path}"),
+    (IsADirectoryError, 2, "{path} is a directory, but a file is expected"),
+    (NotADirectoryError, 2, "{path}: a part of this path is not a directory"),
+    (FileExistsError, 2, "{path} already exists"),
+    (PermissionError, 3, "permission denied: {path}"),
+    (OSError, 3, "{path}: {reason}"),
+    (KeyboardInterrupt, 130, ""),
 )
 
 
+def _message(e: BaseException, template: str) -> str:
+    """One line. An ``OSError`` from the system (``[Errno 21] Is a directory: 'x'``) is reworded to
+    name the user's path; one we raised with a sentence keeps it."""
+    if isinstance(e, OSError) and e.filename is not None and template:
+        reason = (e.strerror or type(e).__name__).lower()
+        return template.format(path=os.fsdecode(e.filename), reason=reason)
+    text = str(e) if not isinstance(e, OSError) or e.strerror is None else e.strerror.lower()
+    return " ".join(text.split()) or type(e).__name__
+
+
 def _fail(e: BaseException) -> typer.Exit:
-    code = next((c for t, c in _EXIT_CODES if isinstance(e, t)), 70)
+    code, template = next(((c, m) for t, c, m in _EXIT_CODES if isinstance(e, t)), (70, ""))
     if isinstance(e, KeyboardInterrupt):
         err.print("[red]interrupted[/red]: nothing half-written was left behind")
     elif code == 70:
-        err.print(f"[red]internal error[/red]: {type(e).__name__}: {escape(str(e))} "
-                  "(set TLEG_DEBUG=1 for a traceback, and please report it)", highlight=False)
+        err.print(f"[red]internal error[/red]: {type(e).__name__}: {escape(_message(e, ''))} "
+                  "(set TLEG_DEBUG=1 for a traceback, and please report it)", highlight=False, soft_wrap=True)
     else:
-        err.print(f"[red]error[/red]: {escape(str(e))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error[/red]: {escape(_message(e, template))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -77,7 +91,21 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Print ``data`` as valid JSON: a non-finite float (NaN, inf) becomes ``null``, and
+    ``allow_nan=False`` guards against any that slip through (a bare ``NaN`` is not JSON)."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if hasattr(x, "item") and hasattr(x, "dtype"):  # a numpy / torch scalar
+        return _finite(x.item()) if getattr(x, "ndim", 0) == 0 else str(x)
+    return x
 
 
 # Shared options, declared once.
@@ -85,9 +113,20 @@ LearngeneOpt = Annotated[
     str, typer.Option("--learngene", "-l", help="Learngene file, or 'demo' for the bundled one.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
-OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Where to write.")]
+# Output paths are typed `str`, not Path, in every command: the output policy (files.outputs) must see
+# what was typed, and Path would turn "" into "." and drop the trailing "/" of "newdir/".
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing output files (never an input, never a "
+                                                        "non-regular file).")]
 DepthOpt = Annotated[int, typer.Option("--depth", "-d", min=1, max=MAX_DEPTH, help="Number of blocks.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def data_path(data: str | None) -> str | None:
+    """The file or folder behind ``folder:PATH`` / ``npz:PATH`` (an input no output may replace)."""
+    if data is None:
+        return None
+    kind, sep, path = data.partition(":")
+    return path if sep and kind in ("folder", "npz") and path else None
 
 
 def _register_commands() -> None:

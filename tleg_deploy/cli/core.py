@@ -8,15 +8,17 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from tleg_deploy.cli.app import DepthOpt, JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, out
+from tleg_deploy.cli.app import DepthOpt, ForceOpt, JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, out
+from tleg_deploy.files.outputs import input_file, output_file
 from tleg_deploy.model.spec import ViTSpec
 
 
 @command()
 def expand(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Descendant .safetensors to write.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Descendant .safetensors to write.")],
     depth: DepthOpt,
     learngene: LearngeneOpt = "demo",
+    force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Expand a learngene into a plain ViT of DEPTH blocks (timm key names).
@@ -25,11 +27,12 @@ def expand(
     """
     from tleg_deploy.model.expansion import expand as expand_lg
     from tleg_deploy.model.expansion import save_descendant
-    from tleg_deploy.model.resources import load_learngene
+    from tleg_deploy.model.resources import learngene_path, load_learngene
 
+    dest = output_file(output, inputs=[input_file(learngene_path(learngene), "learngene")], force=force)
     lg = load_learngene(learngene)
     model = expand_lg(lg, depth)
-    save_descendant(model, output, lg.sha256(), {"made_by": "expand", "learngene": str(learngene)})
+    save_descendant(model, dest, lg.sha256(), {"made_by": "expand", "learngene": str(learngene)})
     result = {"output": str(output), "depth": depth, "params": sum(p.numel() for p in model.parameters())}
     if json_:
         emit_json(result)
@@ -40,9 +43,10 @@ def expand(
 @command()
 def extract(
     model: Annotated[Path, typer.Argument(help="Trained plain ViT (.safetensors, timm key names).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Learngene .safetensors to write.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Learngene .safetensors to write.")],
     spec: Annotated[str, typer.Option(help="Spec preset of the model (deit-tiny, ..., digits).")],
     aux_depth: Annotated[int | None, typer.Option(min=1, help="Aux depth to record (default: the model's).")] = None,
+    force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Fit a learngene (least squares, coefficients i/L) to a trained ViT and report R² per tensor.
@@ -51,8 +55,9 @@ def extract(
     """
     from tleg_deploy.model.extract import extract_learngene
 
+    dest = output_file(output, inputs=[input_file(model, "model")], force=force)
     lg, report = extract_learngene(model, ViTSpec.preset(spec), aux_depth)
-    lg.save(output)
+    lg.save(dest)
     if json_:
         emit_json({"output": str(output), **report.to_dict()})
         return
@@ -68,10 +73,11 @@ def extract(
 @command("import-tleg")
 def import_tleg(
     checkpoint: Annotated[Path, typer.Argument(help="Official TLEG Aux-Net checkpoint (.pth).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Learngene .safetensors to write.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Learngene .safetensors to write.")],
     aux_depth: Annotated[int, typer.Option(min=1, max=4096, help="Aux-Net depth it was trained at.")] = 12,
     num_heads: Annotated[int | None, typer.Option(min=1, help="Heads (default embed_dim // 64).")] = None,
     ema: Annotated[bool, typer.Option("--ema", help="Take the EMA weights.")] = False,
+    force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Convert an official TLEG (AlphaXia/TLEG) Aux-Net checkpoint into our learngene format.
@@ -80,8 +86,9 @@ def import_tleg(
     """
     from tleg_deploy.model.tleg_import import import_tleg_checkpoint
 
+    dest = output_file(output, inputs=[input_file(checkpoint, "checkpoint")], force=force)
     lg = import_tleg_checkpoint(checkpoint, aux_depth=aux_depth, num_heads=num_heads, use_ema=ema)
-    lg.save(output)
+    lg.save(dest)
     info = {"output": str(output), "spec": lg.spec.preset_name() or lg.spec.to_dict(), "params": lg.num_params()}
     if json_:
         emit_json(info)
@@ -100,6 +107,8 @@ def info(
     """
     from tleg_deploy.deploy.inspect import describe_file
 
+    if path != "demo":
+        input_file(path)
     facts = describe_file(path)
     if json_:
         emit_json(facts)
@@ -109,8 +118,7 @@ def info(
 
 @command()
 def demo(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the two fit outputs.")] = Path(
-        "tleg-demo"),
+    output: Annotated[str, typer.Option("--output", "-o", help="Directory for the two fit outputs.")] = "tleg-demo",
     jetson_latency: Annotated[str, typer.Option(help="The Jetson latency budget.")] = "0.5ms",
     quiet: QuietOpt = False,
 ) -> None:
@@ -122,12 +130,19 @@ def demo(
     Example: tleg-deploy demo -o tleg-demo
     """
     from tleg_deploy.cli.fit import render_summary
-    from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.deploy.fit import check_destination, fit
     from tleg_deploy.deploy.fit_types import FitRequest
+    from tleg_deploy.files.outputs import output_dir
     from tleg_deploy.model.resources import learngene_spec
     from tleg_deploy.plan.solve import Budget, evaluate
     from tleg_deploy.profile.registry import resolve_profile
 
+    # Everything the two halves need is checked before the first starts: a bad --jetson-latency or -o
+    # must not fail only after the host half was written.
+    jetson_budget = Budget.from_strings(latency=jetson_latency, memory="256MB")
+    root = output_dir(output, ours=lambda _d: True)  # it only holds the two halves, each checked below
+    for half in ("host", "jetson"):
+        check_destination(root / half)
     spec = learngene_spec("demo")
     out.rule("[bold]1/2 host[/bold]: this machine, ONNX Runtime CPU, 1 thread (measured on first use, then cached)")
     host = resolve_profile("host", spec=spec, quiet=quiet)
@@ -135,10 +150,9 @@ def demo(
     depth6 = min((evaluate(host, probe, spec=spec, depth=6, precision=p) for p in host.precisions(spec)),
                  key=lambda c: c.latency_upper_ms)
     budget = Budget(latency_ms=round(depth6.latency_upper_ms * 1.02, 4))
-    render_summary(fit(FitRequest(budget, device=host, out_dir=output / "host"), quiet=quiet))
+    render_summary(fit(FitRequest(budget, device=host, out_dir=root / "host"), quiet=quiet))
     out.rule("[bold]2/2 jetson[/bold]: Jetson Orin Nano, TensorRT (estimated profile: nothing is run)")
-    budget = Budget.from_strings(latency=jetson_latency, memory="256MB")
-    render_summary(fit(FitRequest(budget, device="jetson", out_dir=output / "jetson"), quiet=quiet))
+    render_summary(fit(FitRequest(jetson_budget, device="jetson", out_dir=root / "jetson"), quiet=quiet))
 
 
 def _render_info(facts: dict[str, Any]) -> None:

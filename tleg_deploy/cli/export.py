@@ -10,13 +10,24 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, err, out
+from tleg_deploy.cli.app import (
+    ForceOpt,
+    JsonOpt,
+    LearngeneOpt,
+    QuietOpt,
+    command,
+    data_path,
+    emit_json,
+    err,
+    out,
+)
 
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="Comma-separated: onnx,int8,fp16,tensorrt.")]
 DataOpt = Annotated[str, typer.Option("--data", help="Images for int8/fp16 checks: digits, folder:PATH, npz:PATH.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="Device profile for predicted latency (e.g. jetson).")]
 MeasureOpt = Annotated[bool, typer.Option("--measure", help="Measure ONNX Runtime CPU latency of each file here.")]
-OutDirOpt = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (manifest.json at the top).")]
+OutDirOpt = Annotated[str, typer.Option("--output", "-o", help="Directory to write (manifest.json at the top); "
+                                                               "only its own files are ever replaced.")]
 
 
 @command("export")
@@ -30,6 +41,7 @@ def export_cmd(
     data: DataOpt = "digits",
     device: DeviceOpt = None,
     measure: MeasureOpt = False,
+    force: ForceOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -45,6 +57,7 @@ def export_cmd(
 
     check_depth(depth)
     formats = parse_formats(format_)
+    dest = _destination(output, learngene, device, data, force, weights)
     lg = load_learngene(learngene)
     models, source = None, "expand"
     if weights is not None:
@@ -59,8 +72,8 @@ def export_cmd(
             raise SpecError(f"{weights} has depth {model.depth}, not --depth {depth}",
                             hint=f"use --depth {model.depth}")
         models, source = {depth: model.eval()}, f"weights:{sha256_file(weights)}"
-    _export(lg, learngene, [depth], output, formats, data=data, device=device, measure=measure, json_=json_,
-            quiet=quiet, models=models, source=source)
+    _export(lg, learngene, [depth], dest, formats, data=data, device=device, measure=measure, json_=json_,
+            quiet=quiet, models=models, source=source, force=force)
 
 
 @command("export-family")
@@ -72,6 +85,7 @@ def export_family_cmd(
     data: DataOpt = "digits",
     device: DeviceOpt = None,
     measure: MeasureOpt = False,
+    force: ForceOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -84,13 +98,29 @@ def export_family_cmd(
 
     wanted = parse_depths(depths)
     formats = parse_formats(format_)
-    _export(load_learngene(learngene), learngene, wanted, output, formats, data=data, device=device,
-            measure=measure, json_=json_, quiet=quiet)
+    dest = _destination(output, learngene, device, data, force)
+    _export(load_learngene(learngene), learngene, wanted, dest, formats, data=data, device=device,
+            measure=measure, json_=json_, quiet=quiet, force=force)
+
+
+def _destination(output: str, learngene: str, device: str | None, data: str, force: bool,
+                 weights: Path | None = None) -> Path:
+    """The output directory, checked before any work (``files.outputs``); the inputs must be files."""
+    from tleg_deploy.export.family import check_export_dir
+    from tleg_deploy.files.outputs import input_file
+    from tleg_deploy.model.resources import learngene_path
+
+    inputs: list[Any] = [input_file(learngene_path(learngene), "learngene"), data_path(data)]
+    if weights is not None:
+        inputs.append(input_file(weights, "weights"))
+    if device is not None and device.endswith(".json"):
+        inputs.append(device)
+    return check_export_dir(output, inputs=inputs, force=force)
 
 
 def _export(lg: Any, learngene: str, depths: list[int], output: Path, formats: tuple[str, ...], *, data: str,
             device: str | None, measure: bool, json_: bool, quiet: bool, models: dict[int, Any] | None = None,
-            source: str = "expand") -> None:
+            source: str = "expand", force: bool = False) -> None:
     """What both commands share: the device profile, ``export_family`` under a progress bar, the render."""
     from tleg_deploy.export.family import export_family
     from tleg_deploy.model.resources import learngene_path
@@ -103,7 +133,7 @@ def _export(lg: Any, learngene: str, depths: list[int], output: Path, formats: t
     with _progress(quiet or json_) as progress:
         manifest = export_family(lg, depths, output, formats, data=data, learngene_file=learngene_path(learngene),
                                  models=models, source=source, profile=profile, measure_latency=measure,
-                                 progress=progress)
+                                 progress=progress, force=force)
     _render(manifest, output, json_, depths=depths)
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, err, out
+from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, data_path, emit_json, err, out
 
 if TYPE_CHECKING:
     from tleg_deploy.deploy.fit_types import FitResult
@@ -35,8 +35,8 @@ def fit(
     = "deepest",
     accuracy: Annotated[Path | None, typer.Option(help="Accuracy-by-depth JSON for --objective accuracy "
                                                        "(default: benchmarks/results/paper_claims.json).")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory to write (default fit-DEVICE).")]
-    = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Directory to write (default fit-DEVICE); "
+                                               "a re-run replaces an earlier fit output there.")] = None,
     refresh_profile: Annotated[bool, typer.Option(help="Re-measure the host profile first.")] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -46,17 +46,22 @@ def fit(
 
     Example: tleg-deploy fit --latency 5ms --memory 256MB --device jetson -o fit-jetson
     """
+    from tleg_deploy.deploy.fit import check_destination
     from tleg_deploy.deploy.fit import fit as run_fit
     from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
+    from tleg_deploy.files.outputs import input_file
+    from tleg_deploy.model.resources import learngene_path
     from tleg_deploy.plan.solve import Budget, load_accuracy_table
 
     budget = Budget.from_strings(latency=latency, memory=memory, params=params, percentile=percentile)
     table = load_accuracy_table(accuracy or DEFAULT_ACCURACY) if objective == "accuracy" or accuracy else None
     wanted = tuple(p.strip() for p in precision.split(",") if p.strip()) if precision else None
     search = SearchOptions(margin=margin, max_depth=max_depth, precisions=wanted, objective=objective, accuracy=table)
-    request = FitRequest(budget, device=device, out_dir=output or Path(f"fit-{Path(device).stem}"),
-                         learngene=learngene, search=search, finetune_data=finetune_data, epochs=epochs,
-                         refresh_profile=refresh_profile)
+    inputs = [input_file(learngene_path(learngene), "learngene"), accuracy, data_path(finetune_data),
+              device if device.endswith(".json") else None]
+    dest = check_destination(output if output is not None else f"fit-{Path(device).stem}", inputs)
+    request = FitRequest(budget, device=device, out_dir=dest, learngene=learngene, search=search,
+                         finetune_data=finetune_data, epochs=epochs, refresh_profile=refresh_profile)
     log = None if (quiet or json_) else (lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
     result = run_fit(request, quiet=quiet or json_, log=log)
     if json_:

@@ -8,30 +8,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tleg_deploy.cli.app import JsonOpt, QuietOpt, command, emit_json, err, out
+from tleg_deploy.cli.app import ForceOpt, JsonOpt, QuietOpt, command, emit_json, err, out
 
 if TYPE_CHECKING:
     from tleg_deploy.profile.table import DeviceProfile
-
-
-def parse_depths(text: str) -> tuple[int, ...]:
-    """``'1,6,12'`` or ``'1-4,8'`` -> sorted distinct depths, each in 1..MAX_DEPTH."""
-    from tleg_deploy.errors import DepthError
-    from tleg_deploy.model.spec import check_depth
-
-    depths: set[int] = set()
-    for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            first, last = int(lo), int(hi if sep else lo)
-        except ValueError:
-            raise DepthError(f"cannot read depths {text!r}", hint="write them like 1,6,12 or 1-12") from None
-        check_depth(first)
-        check_depth(last)
-        if first > last:
-            raise DepthError(f"depth range {part.strip()!r} is empty", hint="write it low-high, e.g. 1-12")
-        depths.update(range(first, last + 1))
-    return tuple(sorted(depths))
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -55,9 +35,11 @@ def profile(
     = False,
     rounds: Annotated[int, typer.Option(help="Interleaved timing rounds.")] = 5,
     no_memory: Annotated[bool, typer.Option("--no-memory", help="Skip the peak-memory subprocesses.")] = False,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Profile .json to write (default for a "
-                                                "device other than host: profiles/DEVICE.json).")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Profile .json to write (default for a "
+                                               "device other than host: profiles/DEVICE.json); an existing "
+                                               "profile there gets the new entries.")] = None,
     refresh: Annotated[bool, typer.Option(help="Re-measure host even if a cached profile exists.")] = False,
+    force: ForceOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -67,6 +49,8 @@ def profile(
     Example: tleg-deploy profile --device host --backend onnxruntime --depths 1,6,12 -o profiles/laptop.json
     """
     from tleg_deploy.errors import TlegError
+    from tleg_deploy.export.family import parse_depths
+    from tleg_deploy.files.outputs import check_plain_name
     from tleg_deploy.model.resources import load_learngene
     from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.profile import registry
@@ -74,11 +58,13 @@ def profile(
     from tleg_deploy.profile.measure import profile as measure
     from tleg_deploy.profile.table import DeviceProfile
 
+    check_plain_name(device)  # it names profiles/DEVICE.json: no '/', no '..'
     archs = [ViTSpec.preset(name) for name in _csv(spec)] or [ViTSpec.preset("digits")]
     precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
-    cfg = MeasureConfig(backend=backend, precisions=precisions, depths=parse_depths(depths), batch=batch,
+    cfg = MeasureConfig(backend=backend, precisions=precisions, depths=tuple(parse_depths(depths)), batch=batch,
                         threads=threads, device="cuda" if (gpu or backend == "tensorrt") else "cpu", rounds=rounds,
                         memory=not no_memory)
+    dest = _destination(output, force) if output is not None else None
     host_default = (device == registry.HOST and output is None and backend == "onnxruntime" and not gpu
                     and precision is None and cfg.depths == registry.HOST_DEPTHS and batch == 1 and threads == 1
                     and rounds == 5 and not no_memory)
@@ -94,24 +80,41 @@ def profile(
                 device, aliases = known.name, known.aliases
             except TlegError:
                 pass
-            output = output or Path("profiles") / f"{device}.json"
-        if output is not None and output.is_file():  # add to a profile measured earlier, e.g. another spec
-            result = DeviceProfile.load(output)
+            dest = dest or _destination(str(Path("profiles") / f"{device}.json"), force)
+        if dest is not None and dest.is_file() and not force:  # add to a profile measured earlier (another spec)
+            result = DeviceProfile.load(dest)
         for arch in archs:
             lg = load_learngene("demo") if arch == ViTSpec.preset("digits") else None
             result = measure(arch, name=device, config=cfg, learngene=lg, aliases=aliases, quiet=quiet or json_,
                              base=result)
     if result is None:  # unreachable: archs is never empty
         raise TlegError("no spec to measure", hint="pass --spec digits")
-    if output is not None:
-        result.save(output)
+    if dest is not None:
+        result.save(dest)
     if json_:
-        emit_json({**result.to_dict(), "written": str(output) if output else None})
+        emit_json({**result.to_dict(), "written": str(dest) if dest else None})
         return
     for arch in archs:
         render_profile(result, arch)
-    if output is not None:
-        out.print(f"wrote {output}")
+    if dest is not None:
+        out.print(f"wrote {dest}")
+
+
+def _destination(output: str, force: bool) -> Path:
+    """The profile file to write: an existing one must be a profile (it gets the new entries), unless
+    ``--force`` replaces it; never a directory, a device file or a fifo."""
+    from tleg_deploy.errors import OutputError, TlegError
+    from tleg_deploy.files.outputs import output_file
+    from tleg_deploy.profile.table import DeviceProfile
+
+    dest = output_file(output, force=True)  # the path checks; whether an existing file may change is below
+    if dest.is_file() and not force:
+        try:
+            DeviceProfile.load(dest)
+        except (TlegError, OSError, ValueError):
+            raise OutputError(f"{dest} exists and is not a device profile (so it cannot get the new entries)",
+                              hint="pass --force to replace it, or choose another -o") from None
+    return dest
 
 
 def render_profile(prof: DeviceProfile, arch: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, err, out
+from tleg_deploy.cli.app import ForceOpt, JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, err, out
 
 # Where `make bench` writes the benchmark results, relative to the working directory (a checkout).
 DEFAULT_RESULTS = Path("benchmarks/results")
@@ -15,8 +15,8 @@ DEFAULT_RESULTS = Path("benchmarks/results")
 
 @command()
 def report(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write report.md, report.html and "
-                                                                "figures/ into.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Directory to write report.md, report.html and "
+                                                               "figures/ into.")],
     device: Annotated[list[str] | None, typer.Option("--device", help="Profile name or .json; repeat for several "
                                                      "(default: every profile `tleg-deploy devices` lists).")] = None,
     learngene: LearngeneOpt = "demo",
@@ -28,6 +28,7 @@ def report(
     latency: Annotated[str | None, typer.Option(help="Latency budget drawn on accuracy vs latency, e.g. 5ms "
                                                      "(default: one per device, mid-range).")] = None,
     max_depth: Annotated[int, typer.Option(min=1, max=4096, help="Deepest depth plotted and searched.")] = 24,
+    force: ForceOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -38,16 +39,22 @@ def report(
     Example: tleg-deploy report --device host --device jetson -o out/report
     """
     from tleg_deploy.errors import TlegError
+    from tleg_deploy.model.resources import learngene_path
     from tleg_deploy.plan.units import parse_latency_ms
     from tleg_deploy.report import ReportConfig, build_report
+    from tleg_deploy.report.build import check_report_dir
 
     if results is not None and not results.is_dir():  # named on purpose: a typo must not give an empty report
         why = "is not a directory" if results.exists() else "does not exist"
         raise TlegError(f"results directory {str(results)!r} {why}",
                         hint=f"leave --results out for {DEFAULT_RESULTS}, or run `make bench` to produce it")
-    cfg = ReportConfig(out_dir=output, devices=tuple(device or ()), learngene=learngene, family=family,
+    inputs = [learngene_path(learngene), family, results or DEFAULT_RESULTS,
+              *(d for d in device or () if d.endswith(".json"))]
+    dest = check_report_dir(output, inputs=inputs, force=force)
+    cfg = ReportConfig(out_dir=dest, devices=tuple(device or ()), learngene=learngene, family=family,
                        results_dir=results or DEFAULT_RESULTS,
-                       latency_ms=parse_latency_ms(latency) if latency else None, max_depth=max_depth)
+                       latency_ms=parse_latency_ms(latency) if latency else None, max_depth=max_depth,
+                       force=force)
     log = None if (quiet or json_) else (lambda msg: err.print(f"[dim]{msg}…[/dim]", highlight=False))
     result = build_report(cfg, progress=log, quiet=quiet or json_)
     if json_:

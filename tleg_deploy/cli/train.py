@@ -10,8 +10,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tleg_deploy.cli.app import DepthOpt, JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, out
-from tleg_deploy.errors import TlegError
+from tleg_deploy.cli.app import (
+    DepthOpt,
+    ForceOpt,
+    JsonOpt,
+    LearngeneOpt,
+    QuietOpt,
+    command,
+    data_path,
+    emit_json,
+    out,
+)
 from tleg_deploy.model.spec import MAX_DEPTH
 
 if TYPE_CHECKING:
@@ -23,10 +32,20 @@ LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="Peak AdamW learning
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Global batch size (split over processes).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (init, shuffling).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from <output>.run/checkpoint.safetensors.")]
-OutOpt = Annotated[Path, typer.Option("--output", "-o", help=".safetensors file to write.")]
+OutOpt = Annotated[str, typer.Option("--output", "-o", help=".safetensors file to write.")]
 ClipOpt = Annotated[float | None, typer.Option("--clip-grad", min=0.0, help="Clip the gradient norm to this.")]
 WarmupOpt = Annotated[float, typer.Option("--warmup", min=0.0, help="Warm-up epochs.")]
 AugmentOpt = Annotated[bool, typer.Option("--augment/--no-augment", help="Random shifts of the training images.")]
+
+
+def _destination(output: str, force: bool, resume: bool, data: str, *inputs: Path | None) -> Path:
+    """The output file, checked now, not after the training (``files.outputs``); inputs must be files.
+    ``--resume`` of a run that has its ``<output>.run/`` may replace that run's output."""
+    from tleg_deploy.files.outputs import input_file, output_file
+
+    files = [input_file(p) for p in inputs if p is not None]
+    own_run = resume and Path(output).name not in ("", ".", "..") and Path(output).with_suffix(".run").is_dir()
+    return output_file(output, inputs=[*files, data_path(data)], force=force or own_run)
 
 
 def _common(epochs: int, lr: float, batch_size: int, seed: int, quiet: bool, output: Path, resume: bool,
@@ -34,8 +53,6 @@ def _common(epochs: int, lr: float, batch_size: int, seed: int, quiet: bool, out
     """The training options every command shares, as the loop's two configs (run state in <output>.run/)."""
     from tleg_deploy.train.loop import RunOptions, TrainConfig
 
-    if output.is_dir():  # found now, not after the training
-        raise TlegError(f"output {output} is a directory", hint="give a .safetensors file path")
     return (TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, clip_grad=clip_grad,
                         warmup_epochs=warmup, augment=augment),
             RunOptions(run_dir=output.with_suffix(".run"), resume=resume, quiet=quiet))
@@ -60,7 +77,7 @@ def train_teacher_cmd(
     heads: Annotated[int | None, typer.Option(min=1, help="Attention heads (default: the spec's).")] = None,
     data: DataOpt = "digits", epochs: EpochsOpt = 30, lr: LrOpt = 1e-3, batch_size: BatchOpt = 32, seed: SeedOpt = 0,
     clip_grad: ClipOpt = None, warmup: WarmupOpt = 1.0, augment: AugmentOpt = False, resume: ResumeOpt = False,
-    quiet: QuietOpt = False, json_: JsonOpt = False,
+    force: ForceOpt = False, quiet: QuietOpt = False, json_: JsonOpt = False,
 ) -> None:
     """Train a plain ViT from a random init, to serve as the Aux-Net's distillation teacher.
 
@@ -71,12 +88,13 @@ def train_teacher_cmd(
     from tleg_deploy.train.distributed import is_main_process
     from tleg_deploy.train.finetune import train_teacher
 
+    dest = _destination(output, force, resume, data)
     s = ViTSpec.preset(spec)
     s = dataclasses.replace(s, embed_dim=width or s.embed_dim, num_heads=heads or s.num_heads)
-    res = train_teacher(data, s, depth, *_common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad,
-                                                 warmup, augment))
+    res = train_teacher(data, s, depth, *_common(epochs, lr, batch_size, seed, quiet, dest, resume, clip_grad,
+                                                  warmup, augment))
     if is_main_process():
-        save_descendant(res.model, output, "", {"made_by": "train-teacher", "data": data, **res.metrics})
+        save_descendant(res.model, dest, "", {"made_by": "train-teacher", "data": data, **res.metrics})
     _report({"output": str(output), **res.metrics}, json_,
             f"wrote {output}: teacher depth {depth}, test accuracy {res.metrics['test_acc']:.3f}")
 
@@ -91,7 +109,7 @@ def train_learngene_cmd(
     tau: Annotated[float, typer.Option(min=0.0, help="Distillation temperature.")] = 1.0,
     data: DataOpt = "digits", epochs: EpochsOpt = 30, lr: LrOpt = 1e-3, batch_size: BatchOpt = 32, seed: SeedOpt = 0,
     clip_grad: ClipOpt = None, warmup: WarmupOpt = 1.0, augment: AugmentOpt = False, resume: ResumeOpt = False,
-    quiet: QuietOpt = False, json_: JsonOpt = False,
+    force: ForceOpt = False, quiet: QuietOpt = False, json_: JsonOpt = False,
 ) -> None:
     """Learn a learngene: train its Aux-Net with soft distillation from a teacher (TLEG, alpha=1, tau=1).
 
@@ -101,11 +119,12 @@ def train_learngene_cmd(
     from tleg_deploy.train.distributed import is_main_process
     from tleg_deploy.train.learngene import DistillConfig, train_learngene
 
-    cfg, opts = _common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad, warmup, augment)
+    dest = _destination(output, force, resume, data, teacher)
+    cfg, opts = _common(epochs, lr, batch_size, seed, quiet, dest, resume, clip_grad, warmup, augment)
     res = train_learngene(data, teacher, cfg, DistillConfig(aux_depth=aux_depth, alpha=alpha, tau=tau), opts,
                           spec=ViTSpec.preset(spec))
     if is_main_process():
-        res.learngene.save(output)
+        res.learngene.save(dest)
     _report({"output": str(output), "sha256": res.learngene.sha256(), **res.metrics}, json_,
             f"wrote {output}: Aux-Net test accuracy {res.metrics['aux_test_acc']:.3f} "
             f"(teacher {res.metrics['teacher_test_acc']:.3f})")
@@ -119,26 +138,27 @@ def finetune_cmd(
     teacher: Annotated[Path | None, typer.Option(help="Teacher .safetensors for --init weight-selection.")] = None,
     data: DataOpt = "digits", epochs: EpochsOpt = 10, lr: LrOpt = 1e-3, batch_size: BatchOpt = 32, seed: SeedOpt = 0,
     clip_grad: ClipOpt = None, warmup: WarmupOpt = 1.0, augment: AugmentOpt = False, resume: ResumeOpt = False,
-    quiet: QuietOpt = False, json_: JsonOpt = False,
+    force: ForceOpt = False, quiet: QuietOpt = False, json_: JsonOpt = False,
 ) -> None:
     """Fine-tune a descendant of DEPTH blocks (no linear constraint) and save it.
 
     Example: tleg-deploy finetune --learngene demo --depth 6 --epochs 10 -o digits6.safetensors
     """
     from tleg_deploy.model.expansion import load_descendant, save_descendant
-    from tleg_deploy.model.resources import load_learngene
+    from tleg_deploy.model.resources import learngene_path, load_learngene
     from tleg_deploy.train.distributed import is_main_process
     from tleg_deploy.train.finetune import finetune
     from tleg_deploy.train.inits import init_model
 
+    dest = _destination(output, force, resume, data, learngene_path(learngene), teacher)
     lg = load_learngene(learngene)
     teacher_model = load_descendant(teacher)[0] if teacher is not None else None
     model = init_model(init, depth, learngene=lg, teacher=teacher_model, seed=seed)
-    res = finetune(model, data, *_common(epochs, lr, batch_size, seed, quiet, output, resume, clip_grad, warmup,
+    res = finetune(model, data, *_common(epochs, lr, batch_size, seed, quiet, dest, resume, clip_grad, warmup,
                                          augment))
     if is_main_process():
         derived = init in ("tleg", "base-only")  # the other inits do not come from the learngene
-        save_descendant(res.model, output, lg.sha256() if derived else "",
+        save_descendant(res.model, dest, lg.sha256() if derived else "",
                         {"made_by": "finetune", "init": init, "data": data, "learngene": str(learngene), **res.metrics})
     _report({"output": str(output), "depth": depth, "init": init, **res.metrics}, json_,
             f"wrote {output}: depth {depth} ({init}), test accuracy {res.metrics['test_acc']:.3f}")

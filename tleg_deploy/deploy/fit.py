@@ -14,28 +14,30 @@
     6 write the directory: descendant weights, ONNX files, ``plan.json``,      ``_write_outputs``
       ``manifest.json``, ``build_engine.sh`` for the target and ``REPORT.md``
 
-The directory is built next to its destination and renamed into place at the end (``_staged``), so
-Ctrl-C leaves nothing half-written. Up to step 2 nothing imports torch (``fit --device jetson`` needs
-no GPU; the solver and profile tables are torch-free).
+The directory is built next to its destination and renamed into place at the end (``_staged``), so Ctrl-C
+leaves nothing half-written. A re-run replaces an earlier fit output as a whole, so it refuses one
+holding a file fit did not write (``check_destination``, the policy of ``files.outputs``). Up to
+step 2 nothing imports torch (``fit --device jetson`` needs no GPU; the solver and profile tables
+are torch-free).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
+import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tleg_deploy.deploy.fit_report import build_engine_script, render_report
 from tleg_deploy.deploy.fit_types import FIT_FORMAT, FitRequest, FitResult
-from tleg_deploy.errors import ExportError, InfeasibleError
+from tleg_deploy.errors import InfeasibleError
 from tleg_deploy.files.fileio import sha256_file, write_json_atomic, write_text_atomic
+from tleg_deploy.files.outputs import has_marker, output_dir, staging_dir
 from tleg_deploy.plan.precisions import deployed_kind, export_formats
 from tleg_deploy.plan.solve import Plan, evaluate, solve
 from tleg_deploy.profile.artifact import Measurement
@@ -64,8 +66,9 @@ class _Built:
 def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> FitResult:
     """Run the whole job (module docstring); returns what was built and why."""
     say = log or (lambda _msg: None)
-    _check_destination(request.out_dir)
-    from tleg_deploy.model.resources import learngene_spec
+    from tleg_deploy.model.resources import learngene_path, learngene_spec
+
+    check_destination(request.out_dir, inputs=[learngene_path(request.learngene)])
 
     spec = learngene_spec(request.learngene)
     profile = _resolve_profile(request, spec, quiet)
@@ -258,25 +261,33 @@ def _write_outputs(d: Path, result: FitResult, profile: DeviceProfile, built: _B
 # Where the directory goes
 
 
-def _check_destination(out: Path) -> None:
-    """Refuse, before any work, a destination that is not empty and not an earlier fit output."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_fit_output(out))):
-        raise ExportError(f"{out} exists and is not an earlier fit output", hint="choose another -o")
+def check_destination(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
+    """Where fit may write: a new or empty directory, or an earlier fit output (``plan.json`` of our
+    format) holding only files fit writes; it never holds an input. Raises ``OutputError``."""
+    return output_dir(out, inputs=inputs, ours=lambda d: has_marker(d, "plan.json", FIT_FORMAT), owns=_fit_owns,
+                      whole=True)
 
 
-def _is_fit_output(out: Path) -> bool:
-    try:
-        return bool(json.loads((out / "plan.json").read_text()).get("format") == FIT_FORMAT)
-    except (OSError, ValueError, AttributeError):
-        return False
+_FIT_FILE = re.compile(r"plan\.json|manifest\.json|REPORT\.md|build_engine\.sh|timing\.cache|\.tleg-export\.lock"
+                       r"|model_d\d+\.safetensors")
+
+
+def _fit_owns(rel: str, is_dir: bool) -> bool:
+    """A path (relative to a fit directory) that fit writes: its top-level files, ``depth_NN/`` and
+    the member files export writes in there."""
+    from tleg_deploy.export.family import is_member_file
+
+    head, _, rest = rel.partition("/")
+    if re.fullmatch(r"depth_\d+", head):
+        return (is_dir and not rest) or (not is_dir and "/" not in rest and is_member_file(rest))
+    return not is_dir and not rest and _FIT_FILE.fullmatch(head) is not None
 
 
 @contextlib.contextmanager
 def _staged(out: Path) -> Iterator[Path]:
     """A fresh directory next to ``out`` to build in. Swapped into place when the block ends (an earlier
     fit output is replaced only once the new one is whole); removed if it raises (Ctrl-C included)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staging = staging_dir(out)
     try:
         yield staging
     except BaseException:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from tleg_deploy.errors import DepthError, ExportError, TlegError
 from tleg_deploy.export.manifest import (
     FORMATS,
     LOCK_NAME,
+    MANIFEST_NAME,
     directory_lock,
     load_manifest,
     member_is_intact,
@@ -42,6 +44,7 @@ from tleg_deploy.export.manifest import (
     write_manifest,
 )
 from tleg_deploy.files.fileio import sha256_file
+from tleg_deploy.files.outputs import move_files_into, output_dir
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.plan import costs
 from tleg_deploy.plan.precisions import ONNX_KINDS, PRECISION, PRECISIONS
@@ -51,11 +54,16 @@ Progress = Callable[[str, int, int], None]
 
 # -- parsing user input (torch-free) -------------------------------------------------------------
 def parse_depths(text: str, *, maximum: int = MAX_DEPTH) -> list[int]:
-    """``"1-12"``, ``"2,4,8"``, ``"1-24:2"`` (start-stop:step, inclusive) or mixes like ``"1-4,8"``."""
+    """``"1-12"``, ``"2,4,8"``, ``"1-24:2"`` (start-stop:step, inclusive) or mixes like ``"1-4,8"``.
+    The one depth-list parser of every command; an empty item (``"1,,2"``) is an error, not skipped."""
     depths: set[int] = set()
-    for part in str(text).replace(" ", "").split(","):
+    parts = str(text).replace(" ", "").split(",")
+    if parts == [""]:
+        raise DepthError("no depths given", hint="e.g. --depths 1-12")
+    for part in parts:
         if not part:
-            continue
+            raise DepthError(f"cannot read depths {text!r}: an empty item",
+                             hint="write them like 1-12, 2,4,8 or 1-24:2")
         try:
             span, _, step_s = part.partition(":")
             lo_s, dash, hi_s = span.partition("-")
@@ -133,6 +141,7 @@ def export_family(
     measure_latency: bool = False,
     use_template: bool = True,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Export and validate ``depths`` of ``lg`` into ``out_dir``; returns the manifest.
 
@@ -141,6 +150,9 @@ def export_family(
     ``data`` gives the real images int8/fp16 are validated on and the int8 calibration set.
     ``profile`` (a ``DeviceProfile``) adds predicted latencies; ``measure_latency`` measures the
     ONNX Runtime latency of every ONNX file here (1 thread, batch 1).
+    ``out_dir`` must be new, empty or an export directory (it has a ``manifest.json``); ``force``
+    allows another directory. Only our files are replaced: a user's file in it, or in a
+    ``depth_NN/`` of it, is kept (``files.outputs``).
     """
     from tleg_deploy.export.tensorrt import BatchRange
 
@@ -154,6 +166,7 @@ def export_family(
             raise ExportError(f"the model given for depth {d} has another spec than the learngene")
         if getattr(m, "depth", None) != d:
             raise ExportError(f"the model given for depth {d} has depth {getattr(m, 'depth', '?')}")
+    check_export_dir(out, force=force)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +190,17 @@ def export_family(
                     (out / LOCK_NAME).unlink()
                 out.rmdir()
         raise
+
+
+def check_export_dir(out: str | os.PathLike[str], *, inputs: Iterable[Any] = (), force: bool = False) -> Path:
+    """Where ``export_family`` may write (``files.outputs``): a new or empty directory, an export
+    directory (it has a ``manifest.json`` or the export lock), or with ``force`` any directory;
+    never one holding an input."""
+
+    def ours(d: Path) -> bool:  # a lock alone: a first run is writing it (the lock then says who)
+        return (d / MANIFEST_NAME).is_file() or (d / LOCK_NAME).is_file()
+
+    return output_dir(out, inputs=inputs, force=force, ours=ours)
 
 
 def _export_locked(
@@ -231,6 +255,14 @@ def _member_dir(depth: int) -> str:
     return f"depth_{depth:02d}"
 
 
+_MEMBER_FILE = re.compile(r"model(_\w+)?\.(onnx|engine)|model(_\w+)?\.validation\.json|build_engine\.sh")
+
+
+def is_member_file(name: str) -> bool:
+    """A file name ``_build_member`` writes into a ``depth_NN/`` (so a re-run may replace it)."""
+    return _MEMBER_FILE.fullmatch(name) is not None
+
+
 def _clean_staging(out: Path) -> None:
     for p in out.glob(".depth_*.partial"):
         shutil.rmtree(p, ignore_errors=True)
@@ -249,13 +281,11 @@ def _export_member(ctx: _Context, manifest: dict[str, Any], model: Any, source: 
         if str(depth) in manifest["members"]:
             _drop_member(manifest, depth)
             write_manifest(ctx.out_dir, manifest)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(stage, final)
+        placed = move_files_into(stage, final, ours=is_member_file)  # a user's file in `final` stays
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    files = {f"{name}/{path.name}": sha256_file(path) for path in sorted(final.iterdir())}
+    files = {f"{name}/{n}": sha256_file(final / n) for n in placed}
     for a in artifacts:
         a["file"] = f"{name}/{a['file']}"
         a["sha256"] = files[a["file"]]

@@ -1,6 +1,9 @@
 """Atomic file writes: write to a temporary file in the target's directory, then rename.
 
-A crash or Ctrl-C leaves either the old file or the new one, never half of one. Stdlib only.
+A crash or Ctrl-C leaves either the old file or the new one, never half of one; the temporary file
+is removed. A target that exists and is not a regular file (``/dev/null``, a fifo, a directory) is
+never replaced, and an ``OSError`` names the target, not the temporary file. Whether a target may
+be replaced at all is the output policy's question (``files.outputs``). Stdlib only.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,20 +25,52 @@ _MAX_HEADER = 100_000_000
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    _check_replaceable(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise _naming(e, target) from None
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the usual mode
+        _check_replaceable(target)  # it may have appeared while we wrote
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and tmp in (e.filename, e.filename2):
+            raise _naming(e, target) from None
         raise
 
 
-def _umask() -> int:
+def _check_replaceable(target: Path) -> None:
+    from tleg_deploy.errors import OutputError
+
+    try:
+        mode = os.stat(target).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not stat.S_ISREG(mode):
+        raise OutputError(f"{target} is {file_kind(mode)}, not a regular file; it is never replaced",
+                          hint="choose another output path")
+
+
+def _naming(e: OSError, target: Path) -> OSError:
+    """The same error, naming ``target`` (the user's path) instead of our temporary file."""
+    return type(e)(e.errno, e.strerror, str(target))
+
+
+def file_kind(mode: int) -> str:
+    """``'a directory'``, ``'a character device'``, ... for an ``st_mode``."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a fifo (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def umask() -> int:
+    """The process umask (read without changing it for longer than the call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

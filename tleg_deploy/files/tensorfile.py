@@ -90,10 +90,9 @@ def check_tensors(
 
 
 def _existing(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such file: {p}")
-    return p
+    from tleg_deploy.files.outputs import input_file
+
+    return input_file(path)
 
 
 def _short(e: Exception) -> str:

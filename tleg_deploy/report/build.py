@@ -7,20 +7,24 @@ measured latency (``benchmarks/predictor_accuracy.py``), the solver's picks meas
 budget and the Pareto front (``benchmarks/paper_claims.py``), and the storage of the learngene vs
 its family (an export manifest, else ``costs.py``). A section whose input is missing says which
 command produces it. Writes ``report.md``, ``figures/*.png`` and a self-contained ``report.html``
-(images inlined), each file atomically; figures of an earlier build that this one has no data for
-are removed.
+(images inlined), each file atomically, and ``.tleg-report.json``, the record of those files: a
+re-run replaces only recorded files (so a user's ``report.md`` is never overwritten without
+``force``), and removes a recorded figure that this build has no data for (``files.outputs``).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.errors import TlegError, UnitError
-from tleg_deploy.files.fileio import write_text_atomic
+from tleg_deploy.errors import OutputError, TlegError, UnitError
+from tleg_deploy.files.fileio import write_json_atomic, write_text_atomic
+from tleg_deploy.files.outputs import FORCE_HINT, has_marker, output_dir
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.report import sections
 from tleg_deploy.report.inputs import Results, bench_command, learngene_facts, load_results, spec_label
@@ -29,6 +33,8 @@ Progress = Callable[[str], None]
 FIGURES = "figures"
 FIGURE_NAMES = ("latency_vs_depth", "predicted_vs_measured", "solver_check", "accuracy_vs_depth",
                 "accuracy_vs_latency", "storage")
+RECORD = ".tleg-report.json"
+RECORD_FORMAT = "tleg-report"
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class ReportConfig:
     family: Path | None = None
     latency_ms: float | None = None
     max_depth: int = 24
+    force: bool = False  # replace report files tleg-deploy has no record of writing
 
     def __post_init__(self) -> None:
         check_depth(self.max_depth, maximum=MAX_DEPTH)
@@ -113,6 +120,7 @@ def _profiles(cfg: ReportConfig, spec: ViTSpec, quiet: bool) -> list[Any]:
 def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: bool = True) -> ReportResult:
     """Build the report into ``cfg.out_dir`` (see the module docstring). ``progress`` is told each step;
     ``quiet=False`` shows the progress bars of a host measurement, if one is needed."""
+    owned = _check_outputs(cfg)
     rep = Report(cfg, progress)
     manifest = _family_members(cfg.family) if cfg.family is not None else None  # a bad --family fails first
     rep.step("reading the learngene")
@@ -151,9 +159,43 @@ def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: 
     write_text_atomic(rep.result.html, markdown_to_html(text, base_dir=cfg.out_dir, title="tleg-deploy report"))
     for name in FIGURE_NAMES:  # a figure of an earlier build whose data is gone now would mislead
         stale = rep.fig_path(name)
-        if stale not in rep.result.figures and stale.is_file():
+        if stale not in rep.result.figures and _rel(cfg, stale) in owned and stale.is_file():
             stale.unlink()
+    written = [rep.result.markdown, rep.result.html, *rep.result.figures]
+    write_json_atomic(cfg.out_dir / RECORD, {"format": RECORD_FORMAT, "schema_version": "1",
+                                             "files": sorted(_rel(cfg, p) for p in written)})
     return rep.result
+
+
+def check_report_dir(out: str | os.PathLike[str], *, inputs: Iterable[Any] = (), force: bool = False) -> Path:
+    """Where a report may go (``files.outputs``): a new or empty directory, an earlier report's
+    (it has ``.tleg-report.json``), or with ``force`` any directory; never one holding an input."""
+    return output_dir(out, inputs=inputs, force=force, ours=lambda d: has_marker(d, RECORD, RECORD_FORMAT))
+
+
+def _check_outputs(cfg: ReportConfig) -> set[str]:
+    """Refuse, before any work, to replace a report file we have no record of writing (unless
+    ``cfg.force``); the recorded files, which may be replaced."""
+    check_report_dir(cfg.out_dir, force=cfg.force)
+    owned: set[str] = set()
+    if has_marker(cfg.out_dir, RECORD, RECORD_FORMAT):
+        files = json.loads((cfg.out_dir / RECORD).read_text(encoding="utf-8")).get("files")
+        owned = {str(f) for f in files} if isinstance(files, list) else set()
+    if os.path.lexists(cfg.out_dir / FIGURES) and not (cfg.out_dir / FIGURES).is_dir():
+        raise OutputError(f"{cfg.out_dir / FIGURES} is not a directory, where the report puts its figures",
+                          hint=f"move it out of {cfg.out_dir}")
+    for rel in ("report.md", "report.html", *(f"{FIGURES}/{n}.png" for n in FIGURE_NAMES)):
+        path = cfg.out_dir / rel
+        if os.path.lexists(path) and not path.is_file():
+            raise OutputError(f"{path} is not a regular file, where the report writes one",
+                              hint=f"move it out of {cfg.out_dir}")
+        if path.is_file() and rel not in owned and not cfg.force:
+            raise OutputError(f"{path} already exists and was not written by tleg-deploy report", hint=FORCE_HINT)
+    return owned
+
+
+def _rel(cfg: ReportConfig, path: Path) -> str:
+    return path.relative_to(cfg.out_dir).as_posix()
 
 
 def _family_members(family: Path) -> tuple[int, dict[int, int]]:
