@@ -16,6 +16,9 @@ FormatOpt = Annotated[str, typer.Option("--format", "-f", help="Comma-separated:
 DataOpt = Annotated[str, typer.Option("--data", help="Images for int8/fp16 checks: digits, folder:PATH, npz:PATH.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="Device profile for predicted latency (e.g. jetson).")]
 MeasureOpt = Annotated[bool, typer.Option("--measure", help="Measure ONNX Runtime CPU latency of each file here.")]
+ExporterOpt = Annotated[str, typer.Option(
+    "--exporter", help="ONNX exporter: torchscript, dynamo (torch's default) or auto (TorchScript while torch has it).",
+)]
 OutDirOpt = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (manifest.json at the top).")]
 
 
@@ -30,6 +33,7 @@ def export_cmd(
     data: DataOpt = "digits",
     device: DeviceOpt = None,
     measure: MeasureOpt = False,
+    exporter: ExporterOpt = "auto",
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -60,7 +64,7 @@ def export_cmd(
                             hint=f"use --depth {model.depth}")
         models, source = {depth: model.eval()}, f"weights:{sha256_file(weights)}"
     _export(lg, learngene, [depth], output, formats, data=data, device=device, measure=measure, json_=json_,
-            quiet=quiet, models=models, source=source)
+            quiet=quiet, models=models, source=source, exporter=exporter)
 
 
 @command("export-family")
@@ -72,6 +76,7 @@ def export_family_cmd(
     data: DataOpt = "digits",
     device: DeviceOpt = None,
     measure: MeasureOpt = False,
+    exporter: ExporterOpt = "auto",
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -85,12 +90,12 @@ def export_family_cmd(
     wanted = parse_depths(depths)
     formats = parse_formats(format_)
     _export(load_learngene(learngene), learngene, wanted, output, formats, data=data, device=device,
-            measure=measure, json_=json_, quiet=quiet)
+            measure=measure, json_=json_, quiet=quiet, exporter=exporter)
 
 
 def _export(lg: Any, learngene: str, depths: list[int], output: Path, formats: tuple[str, ...], *, data: str,
             device: str | None, measure: bool, json_: bool, quiet: bool, models: dict[int, Any] | None = None,
-            source: str = "expand") -> None:
+            source: str = "expand", exporter: str = "auto") -> None:
     """What both commands share: the device profile, ``export_family`` under a progress bar, the render."""
     from tleg_deploy.export.family import export_family
     from tleg_deploy.model.resources import learngene_path
@@ -103,7 +108,7 @@ def _export(lg: Any, learngene: str, depths: list[int], output: Path, formats: t
     with _progress(quiet or json_) as progress:
         manifest = export_family(lg, depths, output, formats, data=data, learngene_file=learngene_path(learngene),
                                  models=models, source=source, profile=profile, measure_latency=measure,
-                                 progress=progress)
+                                 exporter=exporter, progress=progress)
     _render(manifest, output, json_, depths=depths)
 
 

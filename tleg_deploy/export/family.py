@@ -92,6 +92,7 @@ class _Context:
     profile: Any
     measure_latency: bool
     template: Any
+    exporter: str = "auto"  # export_onnx's exporter, for the probe or for every member without a template
     proven_by: str | None = None  # the template-built member (depth >= 2) that passed the full validation
     _images: Any = None
     _calibration: Any = None
@@ -130,6 +131,7 @@ def export_family(
     profile: Any = None,
     measure_latency: bool = False,
     use_template: bool = True,
+    exporter: str = "auto",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export and validate ``depths`` of ``lg`` into ``out_dir``; returns the manifest.
@@ -138,11 +140,15 @@ def export_family(
     weights; ``source`` then names them, and a re-run redoes members whose source differs).
     ``data`` gives the real images int8/fp16 are validated on and the int8 calibration set.
     ``profile`` (a ``DeviceProfile``) adds predicted latencies; ``measure_latency`` measures the
-    ONNX Runtime latency of every ONNX file here (1 thread, batch 1).
+    ONNX Runtime latency of every ONNX file here (1 thread, batch 1). ``exporter`` is
+    ``export_onnx``'s (``auto``, ``torchscript`` or ``dynamo``); the depth template works with either.
     """
+    from tleg_deploy.export.onnx import EXPORTERS
     from tleg_deploy.export.tensorrt import BatchRange
 
     fmts = parse_formats(formats)
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}", hint=f"choose one of {', '.join(EXPORTERS)}")
     depths = sorted({check_depth(d) for d in depths})
     if not depths:
         raise DepthError("no depths to export")
@@ -167,7 +173,7 @@ def export_family(
     batch = batch or BatchRange()
     try:
         return _export_locked(lg, depths, out, fmts, batch, data, learngene_file, models, source, profile,
-                              measure_latency, use_template, progress)
+                              measure_latency, use_template, progress, exporter)
     except BaseException:
         if created:  # a directory this call made and that holds nothing: leave no trace
             with contextlib.suppress(OSError):
@@ -178,7 +184,7 @@ def export_family(
 def _export_locked(
     lg: Any, depths: list[int], out: Path, fmts: tuple[str, ...], batch: Any, data: str | None,
     learngene_file: str | os.PathLike[str] | None, models: Mapping[int, Any] | None, source: str, profile: Any,
-    measure_latency: bool, use_template: bool, progress: Progress | None,
+    measure_latency: bool, use_template: bool, progress: Progress | None, exporter: str = "auto",
 ) -> dict[str, Any]:
     lg_sha = lg.sha256()
     with directory_lock(out):
@@ -201,8 +207,8 @@ def _export_locked(
             from tleg_deploy.export.template import DepthTemplate
 
             with contextlib.suppress(ExportError):  # unexpected graph: fall back to one export per member
-                template = DepthTemplate(lg.spec)
-        ctx = _Context(out, fmts, lg_sha, data, batch, profile, measure_latency, template)
+                template = DepthTemplate(lg.spec, exporter=exporter)
+        ctx = _Context(out, fmts, lg_sha, data, batch, profile, measure_latency, template, exporter)
         done = len(depths) - len(todo)
         if progress:
             progress(f"{done} of {len(depths)} members already exported", done, len(depths))
@@ -278,7 +284,7 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
     if ctx.template is not None:
         proto = ctx.template.proto(model, meta)
     else:
-        proto = export_proto(model)
+        proto = export_proto(model, exporter=ctx.exporter)
         set_metadata(proto, model_metadata(model) | meta)
     fp32 = save_proto(proto, stage / "model.onnx")
     if ctx.template is not None and ctx.proven_by is not None:
