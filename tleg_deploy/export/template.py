@@ -130,9 +130,10 @@ class DepthTemplate:
             raise ExportError("depth template: the two blocks hand on the stream from different nodes")
         for name, nodes in groups.items():
             for node in nodes:
-                blocks = {self._param_block[i] for i in node.input if i in self._param_block} - {None}
+                blocks = {b for i in node.input if (b := self._param_block.get(i)) is not None}
                 if blocks - ({name} if isinstance(name, int) else set()):
-                    raise ExportError(f"depth template: a {name} node reads parameters of block {min(blocks)}")
+                    where_ = f"block {name}" if isinstance(name, int) else name
+                    raise ExportError(f"depth template: a {where_} node reads parameters of block {min(blocks)}")
         if any(where.get(o.name) in (0, 1) for o in graph.output):
             raise ExportError("depth template: a graph output comes from a block")
 
