@@ -26,6 +26,9 @@ FormatOpt = Annotated[str, typer.Option("--format", "-f", help="Comma-separated:
 DataOpt = Annotated[str, typer.Option("--data", help="Images for int8/fp16 checks: digits, folder:PATH, npz:PATH.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="Device profile for predicted latency (e.g. jetson).")]
 MeasureOpt = Annotated[bool, typer.Option("--measure", help="Measure ONNX Runtime CPU latency of each file here.")]
+ExporterOpt = Annotated[str, typer.Option(
+    "--exporter", help="ONNX exporter: torchscript, dynamo (torch's default) or auto (TorchScript while torch has it).",
+)]
 OutDirOpt = Annotated[str, typer.Option("--output", "-o", help="Directory to write (manifest.json at the top); "
                                                                "only its own files are ever replaced.")]
 
@@ -42,6 +45,7 @@ def export_cmd(
     device: DeviceOpt = None,
     measure: MeasureOpt = False,
     force: ForceOpt = False,
+    exporter: ExporterOpt = "auto",
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -73,7 +77,7 @@ def export_cmd(
                             hint=f"use --depth {model.depth}")
         models, source = {depth: model.eval()}, f"weights:{sha256_file(weights)}"
     _export(lg, learngene, [depth], dest, formats, data=data, device=device, measure=measure, json_=json_,
-            quiet=quiet, models=models, source=source, force=force)
+            quiet=quiet, models=models, source=source, force=force, exporter=exporter)
 
 
 @command("export-family")
@@ -86,6 +90,7 @@ def export_family_cmd(
     device: DeviceOpt = None,
     measure: MeasureOpt = False,
     force: ForceOpt = False,
+    exporter: ExporterOpt = "auto",
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -100,7 +105,7 @@ def export_family_cmd(
     formats = parse_formats(format_)
     dest = _destination(output, learngene, device, data, force)
     _export(load_learngene(learngene), learngene, wanted, dest, formats, data=data, device=device,
-            measure=measure, json_=json_, quiet=quiet, force=force)
+            measure=measure, json_=json_, quiet=quiet, force=force, exporter=exporter)
 
 
 def _destination(output: str, learngene: str, device: str | None, data: str, force: bool,
@@ -120,7 +125,7 @@ def _destination(output: str, learngene: str, device: str | None, data: str, for
 
 def _export(lg: Any, learngene: str, depths: list[int], output: Path, formats: tuple[str, ...], *, data: str,
             device: str | None, measure: bool, json_: bool, quiet: bool, models: dict[int, Any] | None = None,
-            source: str = "expand", force: bool = False) -> None:
+            source: str = "expand", force: bool = False, exporter: str = "auto") -> None:
     """What both commands share: the device profile, ``export_family`` under a progress bar, the render."""
     from tleg_deploy.export.family import export_family
     from tleg_deploy.model.resources import learngene_path
@@ -133,7 +138,7 @@ def _export(lg: Any, learngene: str, depths: list[int], output: Path, formats: t
     with _progress(quiet or json_) as progress:
         manifest = export_family(lg, depths, output, formats, data=data, learngene_file=learngene_path(learngene),
                                  models=models, source=source, profile=profile, measure_latency=measure,
-                                 progress=progress, force=force)
+                                 progress=progress, force=force, exporter=exporter)
     _render(manifest, output, json_, depths=depths)
 
 

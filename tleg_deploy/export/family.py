@@ -102,6 +102,7 @@ class _Context:
     profile: Any
     measure_latency: bool
     template: Any
+    exporter: str = "auto"  # export_onnx's exporter, for the probe or for every member without a template
     proven_by: str | None = None  # the template-built member (depth >= 2) that passed the full validation
     _images: Any = None
     _calibration: Any = None
@@ -140,6 +141,7 @@ def export_family(
     profile: Any = None,
     measure_latency: bool = False,
     use_template: bool = True,
+    exporter: str = "auto",
     progress: Progress | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
@@ -153,10 +155,15 @@ def export_family(
     ``out_dir`` must be new, empty or an export directory (it has a ``manifest.json``); ``force``
     allows another directory. Only our files are replaced: a user's file in it, or in a
     ``depth_NN/`` of it, is kept (``files.outputs``).
+    ``exporter`` is ``export_onnx``'s (``auto``, ``torchscript`` or ``dynamo``); the depth template
+    works with either.
     """
+    from tleg_deploy.export.onnx import EXPORTERS
     from tleg_deploy.export.tensorrt import BatchRange
 
     fmts = parse_formats(formats)
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}", hint=f"choose one of {', '.join(EXPORTERS)}")
     depths = sorted({check_depth(d) for d in depths})
     if not depths:
         raise DepthError("no depths to export")
@@ -182,7 +189,7 @@ def export_family(
     batch = batch or BatchRange()
     try:
         return _export_locked(lg, depths, out, fmts, batch, data, learngene_file, models, source, profile,
-                              measure_latency, use_template, progress)
+                              measure_latency, use_template, progress, exporter)
     except BaseException:
         if created:  # a directory this call made and that holds nothing but the (released) lock: leave no trace
             with contextlib.suppress(OSError):
@@ -206,7 +213,7 @@ def check_export_dir(out: str | os.PathLike[str], *, inputs: Iterable[Any] = (),
 def _export_locked(
     lg: Any, depths: list[int], out: Path, fmts: tuple[str, ...], batch: Any, data: str | None,
     learngene_file: str | os.PathLike[str] | None, models: Mapping[int, Any] | None, source: str, profile: Any,
-    measure_latency: bool, use_template: bool, progress: Progress | None,
+    measure_latency: bool, use_template: bool, progress: Progress | None, exporter: str = "auto",
 ) -> dict[str, Any]:
     lg_sha = lg.sha256()
     with directory_lock(out):
@@ -229,8 +236,8 @@ def _export_locked(
             from tleg_deploy.export.template import DepthTemplate
 
             with contextlib.suppress(ExportError):  # unexpected graph: fall back to one export per member
-                template = DepthTemplate(lg.spec)
-        ctx = _Context(out, fmts, lg_sha, data, batch, profile, measure_latency, template)
+                template = DepthTemplate(lg.spec, exporter=exporter)
+        ctx = _Context(out, fmts, lg_sha, data, batch, profile, measure_latency, template, exporter)
         done = len(depths) - len(todo)
         if progress:
             progress(f"{done} of {len(depths)} members already exported", done, len(depths))
@@ -312,7 +319,7 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
     if ctx.template is not None:
         proto = ctx.template.proto(model, meta)
     else:
-        proto = export_proto(model)
+        proto = export_proto(model, exporter=ctx.exporter)
         set_metadata(proto, model_metadata(model) | meta)
     fp32 = save_proto(proto, stage / "model.onnx")
     if ctx.template is not None and ctx.proven_by is not None:

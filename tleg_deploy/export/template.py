@@ -2,15 +2,27 @@
 
 Every member of a depth family has the same stem, the same head and ``L`` blocks of one structure;
 only the weights and the count differ. Tracing the exporter once per member repeats work that is
-the same every time, so this exports a *depth-2 probe* once (the exporter of ``export_onnx``) and
-builds the graph of depth ``L`` by copying the probe's second block ``L - 1`` times (renaming its
-tensors ``/blocks/blocks.1/...`` to ``/blocks/blocks.i/...`` and chaining each copy's input to the
-previous block's output) and filling the initializers from the member's own state dict.
+the same every time, so this exports a *depth-2 probe* once (with ``export_proto``'s exporter:
+TorchScript or dynamo) and builds the graph of depth ``L`` by copying the probe's second block
+``L - 1`` times, chaining each copy's input to the previous block's output, and filling the
+initializers from the member's own state dict.
 
-Which initializer holds which parameter is found by value: the probe's parameters are distinct
-random numbers, and the exporter stores each either as is or transposed (``Linear`` as ``MatMul``).
-Anything unexpected in the probe raises ``ExportError`` (callers then fall back to a plain export);
-the graphs built here are validated against PyTorch like any other export.
+Nothing here reads the exporter's node or tensor names: the graph is cut by STRUCTURE, from what
+the PyTorch probe says about its own parameters.
+
+1. Which initializer holds which parameter is found by value: the probe's parameters are distinct
+   random numbers, and an exporter stores each either as is or transposed (``Linear`` as ``MatMul``).
+2. Each node belongs to the deepest block whose parameters it (transitively) reads; a node that
+   reads a non-block parameter downstream of a block (final norm, head) and everything after it
+   is the tail; nodes that depend on the input or stem parameters only are the stem. Constant
+   nodes (no input, no parameter upstream) go with the one region that reads them, else the stem.
+3. Block 1 must read exactly one tensor of block 0 (the residual stream), the tail exactly one of
+   block 1, at the same position in two blocks of identical op sequence.
+
+Block nodes and tensors get exporter-independent names, ``/blocks/blocks.{i}/{op}_{k}`` (``k``
+the node's index in its block); the stem and the tail keep the probe's. Anything unexpected in the
+probe raises ``ExportError`` (callers then fall back to a plain export); the graphs built here are
+validated against PyTorch like any other export.
 """
 
 from __future__ import annotations
@@ -25,77 +37,105 @@ from tleg_deploy.export.onnx import export_proto, model_metadata, set_metadata
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.model.vit import ViT
 
-_B0, _B1 = "/blocks/blocks.0/", "/blocks/blocks.1/"
+_PRE, _TAIL = "stem", "tail"  # the regions of a probe graph besides its blocks 0 and 1
 
 
 class DepthTemplate:
     """Export once with ``DepthTemplate(spec)``, then ``template.proto(model)`` for any depth."""
 
-    def __init__(self, spec: ViTSpec, *, opset: int = 18, seed: int = 0) -> None:
-        from onnx import TensorProto, numpy_helper
-
+    def __init__(self, spec: ViTSpec, *, opset: int = 18, seed: int = 0, exporter: str = "auto") -> None:
         self.spec = spec
+        self.exporter = exporter
         probe = ViT(spec, 2)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in probe.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
-        proto = export_proto(probe, opset=opset, exporter="torchscript")
-        self._probe = proto
-        lookup: dict[tuple[tuple[int, ...], bytes], tuple[str, bool]] = {}
-        for name, t in probe.state_dict().items():
-            a = t.detach().numpy()
-            lookup[(a.shape, a.tobytes())] = (name, False)
-            if a.ndim == 2:
-                at = np.ascontiguousarray(a.T)
-                lookup[(at.shape, at.tobytes())] = (name, True)
-        # initializer name -> (parameter name, stored transposed?)
-        self._params: dict[str, tuple[str, bool]] = {}
-        self._consts: dict[str, Any] = {}
-        for init in proto.graph.initializer:
-            arr = numpy_helper.to_array(init)
-            key = (arr.shape, np.ascontiguousarray(arr).tobytes())
-            if init.data_type == TensorProto.FLOAT and key in lookup:
-                self._params[init.name] = lookup[key]
-            else:
-                self._consts[init.name] = init
-        mapped = {p for p, _ in self._params.values()}
-        missing = sorted(set(probe.state_dict()) - mapped)
-        if missing:
-            raise ExportError(f"depth template: parameter {missing[0]!r} not found in the exported probe")
+        self._probe = export_proto(probe, opset=opset, exporter=exporter)
+        # initializer name -> (parameter name, stored transposed?); other initializers are constants
+        self._params, self._consts = _map_initializers(self._probe, probe.state_dict())
+        # initializer name -> the block whose parameter it holds (None: stem or head)
+        self._param_block = {init: _block_index(param) for init, (param, _) in self._params.items()}
         self._layouts: dict[int, tuple[list[Any], dict[str, Any]]] = {}
-        self._split(proto)
+        self._split(self._probe)
 
     def _split(self, proto: Any) -> None:
-        self._pre: list[Any] = []
-        self._block0: list[Any] = []
-        self._block1: list[Any] = []
-        self._tail: list[Any] = []
-        block_out: set[str] = set()
-        for node in proto.graph.node:
-            if node.name.startswith(_B0):
-                self._block0.append(node)
-                block_out.update(node.output)
-            elif node.name.startswith(_B1):
-                self._block1.append(node)
-                block_out.update(node.output)
-            elif node.name.startswith("/blocks/"):
-                raise ExportError(f"depth template: unexpected node {node.name!r}")
-            elif any(i in block_out for i in node.input):
-                self._tail.append(node)
-                block_out.update(node.output)
-            else:
-                self._pre.append(node)
-        b0_out = {o for n in self._block0 for o in n.output}
-        crossing = {i for n in self._block1 for i in n.input if i in b0_out}
-        if len(crossing) != 1 or not next(iter(crossing)).startswith(_B0):
-            raise ExportError(f"depth template: block 1 reads {sorted(crossing)} from block 0, expected one tensor")
-        self._stream_out = next(iter(crossing)).removeprefix(_B0)  # e.g. "Add_1_output_0"
-        tail_in = {i for n in self._tail for i in n.input if i.startswith(_B1)}
-        if tail_in != {_B1 + self._stream_out}:
-            raise ExportError(f"depth template: the head reads {sorted(tail_in)}, expected the last block's output")
+        """Cut the probe's nodes into stem, block 0, block 1 and tail (module docstring, 2-3)."""
+        from onnx import AttributeProto
+
+        graph = proto.graph
+        nodes = list(graph.node)
+        if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
+            raise ExportError("depth template: the probe has control flow (subgraphs)")
+        depth_of: dict[str, int] = {}  # tensor -> deepest block whose parameters are upstream (-1: none)
+        dynamic = {i.name for i in graph.input} | set(self._params)  # tensors not constant
+        in_tail: set[str] = set()
+        region: list[Any] = []
+        for node in nodes:
+            ins = [i for i in node.input if i]
+            deepest = max((self._depth(i, depth_of) for i in ins), default=-1)
+            shared = any(i in self._param_block and self._param_block[i] is None for i in ins)
+            tail = any(i in in_tail for i in ins) or (deepest >= 0 and shared)
+            r = _TAIL if tail else deepest if deepest >= 0 else _PRE if any(i in dynamic for i in ins) else None
+            region.append(r)
+            for o in node.output:
+                depth_of[o] = deepest
+                if tail:
+                    in_tail.add(o)
+                if r is not None:
+                    dynamic.add(o)
+        # Constants go with the one region that reads them (so each block copy has its own), else the stem.
+        producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+        readers: list[set[Any]] = [set() for _ in nodes]
+        for o in graph.output:
+            if o.name in producer:
+                readers[producer[o.name]].add(_TAIL)
+        for k in reversed(range(len(nodes))):
+            if region[k] is None:
+                region[k] = next(iter(readers[k])) if len(readers[k]) == 1 else _PRE
+            for i in nodes[k].input:
+                if i in producer:
+                    readers[producer[i]].add(region[k])
+        groups: dict[Any, list[Any]] = {_PRE: [], 0: [], 1: [], _TAIL: []}
+        for node, r in zip(nodes, region, strict=True):
+            groups[r].append(node)
+        self._pre, self._block0, self._block1, self._tail = groups[_PRE], groups[0], groups[1], groups[_TAIL]
+        self._check(graph, {o: r for n, r in zip(nodes, region, strict=True) for o in n.output if o})
+
+    def _depth(self, tensor: str, depth_of: dict[str, int]) -> int:
+        if tensor in self._param_block:
+            block = self._param_block[tensor]
+            return -1 if block is None else block
+        return depth_of.get(tensor, -1)
+
+    def _check(self, graph: Any, where: dict[str, Any]) -> None:
+        """The cut must be one repeatable block: find the stream tensors ``_x1`` and ``_x2``."""
         if not self._block0 or not self._block1:
-            raise ExportError("depth template: the probe has no block nodes")
+            raise ExportError("depth template: found no block in the probe graph")
+        groups = {_PRE: self._pre, 0: self._block0, 1: self._block1, _TAIL: self._tail}
+        reads = {(r, s): sorted({i for n in nodes for i in n.input if where.get(i, _PRE) == s and i})
+                 for r, nodes in groups.items() for s in groups if s != r}
+        x1, x2 = reads.pop((1, 0)), reads.pop((_TAIL, 1))
+        for r in (0, 1, _TAIL):
+            reads.pop((r, _PRE))
+        crossing = [f"{r} reads {s}'s {names[0]!r}" for (r, s), names in reads.items() if names]
+        if crossing or len(x1) != 1 or len(x2) != 1:
+            raise ExportError(f"depth template: the probe is not stem, two chained blocks and a head "
+                              f"({', '.join(crossing) or f'block 1 reads {x1} of block 0, the head {x2} of block 1'})")
+        self._x1, self._x2 = x1[0], x2[0]
+        ops0 = [(n.op_type, n.domain) for n in self._block0]
+        if ops0 != [(n.op_type, n.domain) for n in self._block1]:
+            raise ExportError("depth template: the probe's two blocks differ in their operators")
+        if _slot(self._block0, self._x1) != _slot(self._block1, self._x2):
+            raise ExportError("depth template: the two blocks hand on the stream from different nodes")
+        for name, nodes in groups.items():
+            for node in nodes:
+                blocks = {b for i in node.input if (b := self._param_block.get(i)) is not None}
+                if blocks - ({name} if isinstance(name, int) else set()):
+                    where_ = f"block {name}" if isinstance(name, int) else name
+                    raise ExportError(f"depth template: a {where_} node reads parameters of block {min(blocks)}")
+        if any(where.get(o.name) in (0, 1) for o in graph.output):
+            raise ExportError("depth template: a graph output comes from a block")
 
     def layout(self, depth: int) -> tuple[list[Any], dict[str, Any]]:
         """The nodes of the depth-``depth`` graph and where each initializer comes from.
@@ -110,36 +150,42 @@ class DepthTemplate:
             return self._layouts[depth]
         refs: dict[str, Any] = {}
 
-        def param_ref(name: str, block: int | None) -> str:
+        def ref(name: str, block: int) -> str:
+            if name in self._consts:
+                refs.setdefault(name, self._consts[name])
             if name not in self._params:
-                if name in self._consts:
-                    refs.setdefault(name, self._consts[name])
                 return name
             param, transposed = self._params[name]
-            if block is not None:
+            if self._param_block[name] is not None:
                 param = f"blocks.{block}." + param.split(".", 2)[2]
-            ref = param + (".T" if transposed else "")
-            refs.setdefault(ref, (param, transposed))
-            return ref
+            key = param + (".T" if transposed else "")
+            refs.setdefault(key, (param, transposed))
+            return key
 
-        def copy(node: Any, block: int | None, rename: dict[str, str]) -> Any:
+        def copy(node: Any, rename: dict[str, str], block: int = -1, name: str | None = None) -> Any:
             new = type(node)()
             new.CopyFrom(node)
-            for prefix, repl in rename.items():
-                if new.name.startswith(prefix):
-                    new.name = repl + new.name[len(prefix):]
-            new.input[:] = [param_ref(_rename(i, rename), block) for i in node.input]
-            new.output[:] = [_rename(o, rename) for o in node.output]
+            if name is not None:
+                new.name = name
+            new.input[:] = [ref(rename.get(i, i), block) for i in node.input]
+            new.output[:] = [rename.get(o, o) for o in node.output]
             return new
 
-        last = f"/blocks/blocks.{depth - 1}/"
-        nodes = [copy(n, None, {}) for n in self._pre]
-        nodes += [copy(n, 0, {}) for n in self._block0]
-        for i in range(1, depth):
-            rename = {_B1: f"/blocks/blocks.{i}/", _B0: f"/blocks/blocks.{i - 1}/"}
-            nodes += [copy(n, i, rename) for n in self._block1]
-        nodes += [copy(n, None, {_B1: last}) for n in self._tail]
+        nodes = [copy(n, {}) for n in self._pre]
+        stream = ""
+        for i in range(depth):
+            rename = {self._x1: stream} if i else {}
+            for k, node in enumerate(self._block1 if i else self._block0):
+                base = f"/blocks/blocks.{i}/{node.op_type}_{k}"
+                rename.update({o: f"{base}_output_{j}" for j, o in enumerate(node.output) if o})
+                nodes.append(copy(node, rename, i, base))
+            stream = rename[self._x2 if i else self._x1]
+        nodes += [copy(n, {self._x2: stream}) for n in self._tail]
         nodes = _prune(nodes, [o.name for o in self._probe.graph.output])
+        for what in ("name", "output"):
+            names = [x for n in nodes for x in _as_list(getattr(n, what)) if x]
+            if len(set(names)) != len(names):
+                raise ExportError(f"depth template: the depth-{depth} graph repeats a node {what}")
         used = {i for n in nodes for i in n.input}
         self._layouts[depth] = (nodes, {k: v for k, v in refs.items() if k in used})
         return self._layouts[depth]
@@ -161,6 +207,7 @@ class DepthTemplate:
         graph.node.extend(nodes)
         graph.input.extend(self._probe.graph.input)
         graph.output.extend(self._probe.graph.output)
+        proto.functions.extend(self._probe.functions)
         for ref, src in refs.items():
             init = graph.initializer.add()
             if not isinstance(src, tuple):
@@ -196,6 +243,8 @@ class DepthTemplate:
         if sorted((o.domain, o.version) for o in proto.opset_import) != \
                 sorted((o.domain, o.version) for o in probe.opset_import):
             raise ExportError("structure differs from the template: opset imports")
+        if [f.SerializeToString() for f in proto.functions] != [f.SerializeToString() for f in probe.functions]:
+            raise ExportError("structure differs from the template: local functions")
         if len(g.node) != len(nodes):
             raise ExportError(f"structure differs from the template: {len(g.node)} nodes, expected {len(nodes)}")
         for k, (got, want) in enumerate(zip(g.node, nodes, strict=True)):
@@ -242,11 +291,41 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(kind)
 
 
-def _rename(name: str, rename: dict[str, str]) -> str:
-    for prefix, repl in rename.items():
-        if name.startswith(prefix):
-            return repl + name[len(prefix):]
-    return name
+def _map_initializers(proto: Any, state: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[str, bool]], dict[str, Any]]:
+    """Which initializer holds which parameter (as is or transposed), by value; the rest are constants."""
+    from onnx import TensorProto, numpy_helper
+
+    lookup: dict[tuple[tuple[int, ...], bytes], tuple[str, bool]] = {}
+    for name, t in state.items():
+        a = t.detach().numpy()
+        lookup[(a.shape, a.tobytes())] = (name, False)
+        if a.ndim == 2:
+            at = np.ascontiguousarray(a.T)
+            lookup[(at.shape, at.tobytes())] = (name, True)
+    params: dict[str, tuple[str, bool]] = {}
+    consts: dict[str, Any] = {}
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        key = (arr.shape, np.ascontiguousarray(arr).tobytes())
+        if init.data_type == TensorProto.FLOAT and key in lookup:
+            params[init.name] = lookup[key]
+        else:
+            consts[init.name] = init
+    missing = sorted(set(state) - {p for p, _ in params.values()})
+    if missing:
+        raise ExportError(f"depth template: parameter {missing[0]!r} not found in the exported probe")
+    return params, consts
+
+
+def _block_index(param: str) -> int | None:
+    """``blocks.3.attn.qkv.weight`` -> 3; ``None`` for the stem and head (``ViT``'s state-dict names)."""
+    parts = param.split(".")
+    return int(parts[1]) if parts[0] == "blocks" else None
+
+
+def _slot(nodes: list[Any], tensor: str) -> tuple[int, int]:
+    """Where in ``nodes`` ``tensor`` is made: (node index, output index)."""
+    return next((k, j) for k, n in enumerate(nodes) for j, o in enumerate(n.output) if o == tensor)
 
 
 def _prune(nodes: list[Any], outputs: list[str]) -> list[Any]:
