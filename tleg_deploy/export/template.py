@@ -99,6 +99,15 @@ class DepthTemplate:
         groups: dict[Any, list[Any]] = {_PRE: [], 0: [], 1: [], _TAIL: []}
         for node, r in zip(nodes, region, strict=True):
             groups[r].append(node)
+        # Parameter-free head nodes right after the last block (fc_norm's mean pool reads the stream
+        # before the first head parameter) land in block 1: block 0 says where a block ends.
+        surplus = groups[1][len(groups[0]):]
+        made = {o for n in surplus for o in n.output}
+        if surplus and not any(i in made for n in groups[1][:len(groups[0])] for i in n.input):
+            moved = {id(n) for n in surplus}
+            region = [_TAIL if id(n) in moved else r for n, r in zip(nodes, region, strict=True)]
+            groups[1] = groups[1][:len(groups[0])]
+            groups[_TAIL] = [n for n, r in zip(nodes, region, strict=True) if r == _TAIL]
         self._pre, self._block0, self._block1, self._tail = groups[_PRE], groups[0], groups[1], groups[_TAIL]
         self._check(graph, {o: r for n, r in zip(nodes, region, strict=True) for o in n.output if o})
 
