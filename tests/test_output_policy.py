@@ -173,3 +173,16 @@ def test_atomic_write_gives_the_umask_mode(tmp_path: Path) -> None:
         os.umask(old)
     assert (tmp_path / "a" / "b.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "a").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_json_with_a_non_finite_number_is_never_written(tmp_path: Path, bad: float) -> None:
+    from tleg_deploy.errors import NonFiniteError
+    from tleg_deploy.files.fileio import write_json_atomic
+
+    target = tmp_path / "plan.json"
+    target.write_text('{"old": 1}\n')
+    with pytest.raises(NonFiniteError, match="plan.json"):
+        write_json_atomic(target, {"latency_ms": {"p50": bad}})
+    assert target.read_text() == '{"old": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]

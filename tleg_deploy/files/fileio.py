@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tleg_deploy.errors import NonFiniteError
+
 _MAX_HEADER = 100_000_000
 
 
@@ -82,7 +84,14 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """``data`` as JSON, atomically. NaN or infinity anywhere in it is refused (``NonFiniteError``,
+    nothing written): bare ``NaN`` is not JSON, and a non-finite figure must never read as a result."""
+    try:
+        text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError as e:
+        raise NonFiniteError(f"refusing to write {os.fspath(path)}: a number in it is NaN or infinite ({e})",
+                             hint="a measurement or weight went non-finite upstream; nothing was written") from None
+    write_text_atomic(path, text + "\n")
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
