@@ -119,7 +119,8 @@ def info(
 @command()
 def demo(
     output: Annotated[str, typer.Option("--output", "-o", help="Directory for the two fit outputs.")] = "tleg-demo",
-    jetson_latency: Annotated[str, typer.Option(help="The Jetson latency budget.")] = "0.5ms",
+    jetson_latency: Annotated[str, typer.Option(help="The Jetson latency budget (the headline `fit --latency 5ms "
+                                                     "--device jetson`).")] = "5ms",
     quiet: QuietOpt = False,
 ) -> None:
     """The main job on bundled defaults (run by `make demo`): `fit` the demo learngene to this host

@@ -191,11 +191,13 @@ def _export(model: ViT, *, source: str, lg: Learngene, learngene: str, precision
     """Export and validate ``model`` as a one-member family in ``out`` (its ``manifest.json`` is the
     one format every export directory carries); returns the chosen precision's file, relative to ``out``."""
     from tleg_deploy.export.family import export_family
+    from tleg_deploy.export.manifest import LOCK_NAME
     from tleg_deploy.model.resources import learngene_path
 
     manifest = export_family(lg, [model.depth], out, export_formats(precision, profile.backend), data=data,
                              learngene_file=learngene_path(learngene), models={model.depth: model}, source=source,
                              profile=profile)
+    (out / LOCK_NAME).unlink(missing_ok=True)  # released; ``out`` is fit's private staging directory
     wanted = deployed_kind(precision, profile.backend)
     files = [a["file"] for a in manifest["artifacts"] if a["format"] == "onnx"]
     say(f"exported and validated depth {model.depth}: {', '.join(files)}")
