@@ -252,10 +252,20 @@ def test_custom_spec_without_profiles_says_how_to_measure(tiny_lg: Any, tmp_path
     path = tmp_path / "lg.safetensors"
     tiny_lg.save(path)
     write_paper_claims(tmp_path / "results", depths=range(1, 4))
-    res = build_report(ReportConfig(out_dir=tmp_path / "out", devices=("jetson",), learngene=str(path),
+    # A measured profile covers only what was measured (an estimated one answers for any spec, below).
+    import dataclasses
+
+    from tleg_deploy.profile.registry import resolve_profile
+
+    lab = tmp_path / "lab.json"
+    dataclasses.replace(resolve_profile("jetson"), name="lab", aliases=(), source="measured").save(lab)
+    res = build_report(ReportConfig(out_dir=tmp_path / "out", devices=(str(lab),), learngene=str(path),
                                     results_dir=tmp_path / "results", max_depth=4))
     md = res.markdown.read_text()
     assert "No device profile covers custom spec" in md and "`--device host`" in md
     assert "The accuracy table was measured on digits" in md
     assert res.warnings and "has no entry for custom spec" in res.warnings[0]
     assert sorted(p.stem for p in res.figures) == ["accuracy_vs_depth", "storage"]
+    est = build_report(ReportConfig(out_dir=tmp_path / "out2", devices=("jetson",), learngene=str(path),
+                                    results_dir=tmp_path / "results", max_depth=4))
+    assert not est.warnings and "No device profile covers" not in est.markdown.read_text()

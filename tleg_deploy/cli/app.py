@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tleg_deploy.errors import TlegError
-from tleg_deploy.model.spec import MAX_DEPTH
+from tleg_deploy.model.spec import MAX_DEPTH, PRESETS
 
 app = typer.Typer(
     name="tleg-deploy",
@@ -119,6 +119,12 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing output
                                                         "non-regular file).")]
 DepthOpt = Annotated[int, typer.Option("--depth", "-d", min=1, max=MAX_DEPTH, help="Number of blocks.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+SPEC_HELP = (f"Architecture: a preset ({', '.join(PRESETS)}), a spec .json file, or key=value items "
+             "separated by commas, after a preset for the keys left out: digits,img_size=32,in_chans=3 "
+             "(keys: img_size, patch_size, in_chans, embed_dim, num_heads, mlp_ratio, num_classes, ...).")
+SpecOpt = Annotated[str | None, typer.Option("--spec", help=SPEC_HELP, show_default=False)]
+"""The one --spec option, parsed by ``tleg_deploy.model.spec_text.parse_spec``; each command says what
+no --spec means (a preset, the teacher's, or inferred from --data)."""
 
 
 def data_path(data: str | None) -> str | None:

@@ -8,9 +8,18 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from tleg_deploy.cli.app import DepthOpt, ForceOpt, JsonOpt, LearngeneOpt, QuietOpt, command, emit_json, out
+from tleg_deploy.cli.app import (
+    DepthOpt,
+    ForceOpt,
+    JsonOpt,
+    LearngeneOpt,
+    QuietOpt,
+    SpecOpt,
+    command,
+    emit_json,
+    out,
+)
 from tleg_deploy.files.outputs import input_file, output_file
-from tleg_deploy.model.spec import ViTSpec
 
 
 @command()
@@ -44,7 +53,7 @@ def expand(
 def extract(
     model: Annotated[Path, typer.Argument(help="Trained plain ViT (.safetensors, timm key names).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Learngene .safetensors to write.")],
-    spec: Annotated[str, typer.Option(help="Spec preset of the model (deit-tiny, ..., digits).")],
+    spec: SpecOpt,
     aux_depth: Annotated[int | None, typer.Option(min=1, help="Aux depth to record (default: the model's).")] = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
@@ -56,7 +65,9 @@ def extract(
     from tleg_deploy.model.extract import extract_learngene
 
     dest = output_file(output, inputs=[input_file(model, "model")], force=force)
-    lg, report = extract_learngene(model, ViTSpec.preset(spec), aux_depth)
+    from tleg_deploy.model.spec_text import parse_spec
+
+    lg, report = extract_learngene(model, parse_spec(str(spec)), aux_depth)
     lg.save(dest)
     if json_:
         emit_json({"output": str(output), **report.to_dict()})

@@ -28,7 +28,9 @@ def fit(
     learngene: LearngeneOpt = "demo",
     finetune_data: Annotated[str | None, typer.Option(help="Fine-tune on digits, folder:PATH or npz:PATH.")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Fine-tuning epochs (with --finetune-data).")] = 5,
-    max_depth: Annotated[int, typer.Option(min=1, max=4096, help="Deepest depth searched.")] = 48,
+    max_depth: Annotated[int | None, typer.Option(min=1, max=4096, help="Deepest depth searched (default: twice "
+                                                  "the learngene's Aux-Net depth, or the deepest depth of the "
+                                                  "accuracy table).", show_default=False)] = None,
     precision: Annotated[str | None, typer.Option(help="Only these precisions, e.g. fp16,int8 (default: all "
                                                        "the profile has).")] = None,
     objective: Annotated[str, typer.Option(help="deepest, or accuracy (needs an accuracy-by-depth table).")]

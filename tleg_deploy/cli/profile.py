@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tleg_deploy.cli.app import ForceOpt, JsonOpt, QuietOpt, command, emit_json, err, out
+from tleg_deploy.cli.app import ForceOpt, JsonOpt, QuietOpt, SpecOpt, command, emit_json, err, out
 
 if TYPE_CHECKING:
     from tleg_deploy.profile.table import DeviceProfile
@@ -28,9 +28,7 @@ def profile(
     depths: Annotated[str, typer.Option(help="Depths to measure: 1,6,12 or 1-12 (at least two).")] = "1,6,12",
     batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
     threads: Annotated[int, typer.Option(help="Intra-op threads (recorded in the profile).")] = 1,
-    spec: Annotated[str, typer.Option(help="Architecture preset(s), comma list: deit-tiny, deit-small, deit-base, "
-                                           "digits.")]
-    = "digits",
+    spec: SpecOpt = None,
     gpu: Annotated[bool, typer.Option("--gpu", help="Measure on CUDA (torch/onnxruntime); tensorrt always is.")]
     = False,
     rounds: Annotated[int, typer.Option(help="Interleaved timing rounds.")] = 5,
@@ -44,7 +42,8 @@ def profile(
     quiet: QuietOpt = False,
 ) -> None:
     """Measure this machine at a few depths, fit latency and memory as intercept + slope x depth, and write
-    the profile (host: also cached for --device host elsewhere).
+    the profile (host: also cached for --device host elsewhere). --spec defaults to digits; several presets
+    or files measure several specs (--spec deit-tiny,deit-small).
 
     Example: tleg-deploy profile --device host --backend onnxruntime --depths 1,6,12 -o profiles/laptop.json
     """
@@ -53,13 +52,14 @@ def profile(
     from tleg_deploy.files.outputs import check_plain_name
     from tleg_deploy.model.resources import load_learngene
     from tleg_deploy.model.spec import ViTSpec
+    from tleg_deploy.model.spec_text import parse_specs
     from tleg_deploy.profile import registry
     from tleg_deploy.profile.measure import MeasureConfig
     from tleg_deploy.profile.measure import profile as measure
     from tleg_deploy.profile.table import DeviceProfile
 
     check_plain_name(device)  # it names profiles/DEVICE.json: no '/', no '..'
-    archs = [ViTSpec.preset(name) for name in _csv(spec)] or [ViTSpec.preset("digits")]
+    archs = parse_specs(spec) if spec is not None else [ViTSpec.preset("digits")]
     precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
     cfg = MeasureConfig(backend=backend, precisions=precisions, depths=tuple(parse_depths(depths)), batch=batch,
                         threads=threads, device="cuda" if (gpu or backend == "tensorrt") else "cpu", rounds=rounds,

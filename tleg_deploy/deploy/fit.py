@@ -39,7 +39,7 @@ from tleg_deploy.errors import InfeasibleError
 from tleg_deploy.files.fileio import sha256_file, write_json_atomic, write_text_atomic
 from tleg_deploy.files.outputs import has_marker, output_dir, staging_dir
 from tleg_deploy.plan.precisions import deployed_kind, export_formats
-from tleg_deploy.plan.solve import Plan, evaluate, solve
+from tleg_deploy.plan.solve import Plan, default_max_depth, depth_notes, evaluate, solve
 from tleg_deploy.profile.artifact import Measurement
 
 if TYPE_CHECKING:
@@ -66,21 +66,31 @@ class _Built:
 def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> FitResult:
     """Run the whole job (module docstring); returns what was built and why."""
     say = log or (lambda _msg: None)
-    from tleg_deploy.model.resources import learngene_path, learngene_spec
+    from tleg_deploy.model.resources import learngene_aux_depth, learngene_path, learngene_spec
 
     check_destination(request.out_dir, inputs=[learngene_path(request.learngene)])
 
     spec = learngene_spec(request.learngene)
+    aux_depth = learngene_aux_depth(request.learngene)
     profile = _resolve_profile(request, spec, quiet)
-    plan = _solve(request, profile, spec, say)
+    plan = _solve(request, profile, spec, aux_depth, say)
 
     # -- torch from here on ---------------------------------------------------------------------
     from tleg_deploy.model.resources import load_learngene
 
     lg = load_learngene(request.learngene)
+    extra: list[str] = []
+    if request.finetune_data is not None:  # refuses data the learngene's spec cannot take; says a resize
+        from tleg_deploy.train.data import check_data
+
+        extra += check_data(request.finetune_data, spec)
+        for note in extra:
+            say(note)
     with _staged(request.out_dir) as staging:
         built = _build(request, plan, profile, lg, staging, quiet, say)
+        extra += depth_notes(built.model.depth, aux_depth, request.search.accuracy)
         result = _result(request, plan, profile, built)
+        result = dataclasses.replace(result, notes=(*result.notes, *extra))
         _write_outputs(staging, result, profile, built, lg, request)
         files = tuple(sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()))
     return dataclasses.replace(result, files=files)
@@ -98,9 +108,10 @@ def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool) -> DeviceP
     return resolve_profile(request.device, spec=spec, refresh=request.refresh_profile, quiet=quiet)
 
 
-def _solve(request: FitRequest, profile: DeviceProfile, spec: ViTSpec, say: Log) -> Plan:
+def _solve(request: FitRequest, profile: DeviceProfile, spec: ViTSpec, aux_depth: int, say: Log) -> Plan:
     s = request.search
-    plan = solve(profile, request.budget, spec=spec, max_depth=s.max_depth, precisions=s.precisions,
+    max_depth = s.max_depth if s.max_depth is not None else default_max_depth(aux_depth, s.accuracy)
+    plan = solve(profile, request.budget, spec=spec, max_depth=max_depth, precisions=s.precisions,
                  objective=s.objective, margin=s.margin, accuracy=s.accuracy)
     say(f"solved on {profile.name} ({profile.source} profile): depth {plan.depth} {plan.precision} "
         f"({plan.binding} binds)")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tleg_deploy.errors import TlegError
-from tleg_deploy.plan.solve import DEFAULT_MAX_DEPTH, Budget, Candidate, Plan, check_options
+from tleg_deploy.plan.solve import Budget, Candidate, Plan, check_options
 from tleg_deploy.profile.artifact import Measurement
 
 if TYPE_CHECKING:
@@ -25,12 +25,13 @@ MAX_STEPS = 3
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """What the solver may pick (``plan.solve.solve``'s options): depths up to ``max_depth``, these
+    """What the solver may pick (``plan.solve.solve``'s options): depths up to ``max_depth`` (None: twice
+    the learngene's Aux-Net depth, or the accuracy table's deepest depth; ``solve.default_max_depth``), these
     ``precisions`` (None: all the profile has), the ``deepest`` or the most ``accurate`` (with an
     ``accuracy`` table ``{depth: top1}``), with ``margin`` extra headroom on predicted figures."""
 
     margin: float = 0.0
-    max_depth: int = DEFAULT_MAX_DEPTH
+    max_depth: int | None = None
     precisions: tuple[str, ...] | None = None
     objective: str = "deepest"
     accuracy: Mapping[int, float] | None = None

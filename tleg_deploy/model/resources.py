@@ -44,3 +44,13 @@ def learngene_spec(name_or_path: str | os.PathLike[str]) -> ViTSpec:
         return ViTSpec.from_json(meta.get("spec", ""))
     except SpecError as e:
         raise FormatError(f"{path} has an invalid spec: {e}") from None
+
+
+def learngene_aux_depth(name_or_path: str | os.PathLike[str]) -> int:
+    """The Aux-Net depth a learngene file was trained at, from its header (torch-free, like ``learngene_spec``)."""
+    path = learngene_path(name_or_path)
+    learngene_spec(path)  # the same errors for a missing or foreign file
+    try:
+        return int(safetensors_metadata(path)["aux_depth"])
+    except (KeyError, ValueError):
+        raise FormatError(f"{path} has no valid aux_depth in its header") from None

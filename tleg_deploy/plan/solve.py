@@ -155,12 +155,35 @@ class Plan:
         }
 
 
-def check_options(*, max_depth: int = DEFAULT_MAX_DEPTH, precisions: Sequence[str] | None = None,
+def default_max_depth(aux_depth: int | None = None, accuracy: Mapping[int, float] | None = None) -> int:
+    """The deepest depth searched when none is asked for: the accuracy table's deepest depth when there
+    is a table (beyond it accuracy is unknown); else twice the learngene's Aux-Net depth (TLEG trains the
+    Aux-Net at ``aux_depth``; far deeper expansions are extrapolations), within ``MAX_DEPTH``; else
+    ``DEFAULT_MAX_DEPTH``."""
+    if accuracy:
+        return min(max(_check_accuracy(accuracy)), MAX_DEPTH)
+    if aux_depth is not None:
+        return min(2 * check_depth(aux_depth), MAX_DEPTH)
+    return DEFAULT_MAX_DEPTH
+
+
+def depth_notes(depth: int, aux_depth: int | None, accuracy: Mapping[int, float] | None = None) -> list[str]:
+    """What a pick at ``depth`` must say about its accuracy: nothing while the accuracy table covers it
+    or it is within the Aux-Net depth; otherwise that its accuracy is not measured."""
+    if aux_depth is None or depth <= aux_depth or (accuracy and depth in accuracy):
+        return []
+    return [f"depth {depth} is deeper than the learngene's Aux-Net depth {aux_depth}: its accuracy is not "
+            f"measured (the learngene was trained as a depth-{aux_depth} Aux-Net; evaluate the model on your "
+            f"data, or bound the search with --max-depth {aux_depth})"]
+
+
+def check_options(*, max_depth: int | None = None, precisions: Sequence[str] | None = None,
                   objective: str = "deepest", margin: float = 0.0,
                   accuracy: Mapping[int, float] | None = None) -> dict[int, float]:
     """Validate ``solve``'s search options without a profile (so ``fit`` can reject them before it
     measures a device); returns the checked accuracy table."""
-    check_depth(max_depth, maximum=MAX_DEPTH)
+    if max_depth is not None:
+        check_depth(max_depth, maximum=MAX_DEPTH)
     if not 0.0 <= margin < 1.0 or not math.isfinite(margin):
         raise UnitError(f"margin {margin!r} must be in [0, 1)", hint="e.g. 0.1 keeps 10% headroom")
     if objective not in OBJECTIVES:
@@ -180,7 +203,7 @@ def solve(
     budget: Budget,
     *,
     spec: ViTSpec,
-    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_depth: int | None = None,
     precisions: Sequence[str] | None = None,
     objective: str = "deepest",
     margin: float = 0.0,
@@ -192,11 +215,13 @@ def solve(
     ``profiles``: one profile, or several alternatives for the same target (e.g. two backends); the
     pick may come from any of them. ``objective="deepest"`` picks the deepest fitting depth (ties:
     higher precision, then the earlier profile); ``"accuracy"`` the fitting depth with the highest
-    ``accuracy[depth]`` (ties: the shallower), over the depths the table covers.
+    ``accuracy[depth]`` (ties: the shallower), over the depths the table covers. ``max_depth`` None:
+    ``default_max_depth(accuracy=accuracy)`` (the table's deepest depth, else ``DEFAULT_MAX_DEPTH``).
     Raises ``InfeasibleError`` naming the cheapest option's cost next to the budget.
     """
     acc = check_options(max_depth=max_depth, precisions=precisions, objective=objective, margin=margin,
                         accuracy=accuracy)
+    max_depth = default_max_depth(accuracy=acc) if max_depth is None else max_depth
     if isinstance(profiles, str):
         raise DeviceError(f"solve() takes DeviceProfile objects, not the name {profiles!r}",
                           hint="resolve it first: tleg_deploy.profile.registry.resolve_profile(name, spec=spec)")

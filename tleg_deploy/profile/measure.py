@@ -88,8 +88,10 @@ def measure_points(
 
 
 def measure_command(name: str, cfg: MeasureConfig, spec: ViTSpec) -> str:
+    from tleg_deploy.model.spec_text import spec_arg
+
     parts = [f"tleg-deploy profile --device {name} --backend {cfg.backend}",
-             f"--precision {','.join(cfg.precisions)}", f"--spec {spec.preset_name() or 'SPEC'}",
+             f"--precision {','.join(cfg.precisions)}", f"--spec {spec_arg(spec)}",
              f"--depths {','.join(map(str, cfg.depths))}", f"--batch {cfg.batch}", f"--threads {cfg.threads}"]
     if cfg.device == "cuda" and cfg.backend != "tensorrt":
         parts.append("--gpu")

@@ -10,11 +10,19 @@ shipped estimate of the same name):
    separated), then the profiles shipped in the package (``tleg_deploy/profiles``) — by file
    name first, then by a profile's name or aliases.
 
+An estimated profile of a datasheet device (``jetson``) answers for any spec: asked for a spec it has
+no entries for, it gets them computed on the fly by ``profile.estimate`` (still ``source="estimated"``)
+and cached next to the host profile (``estimated_for_spec``).
+
 Torch-free: torch / onnxruntime are imported only when ``host`` must be measured.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,15 +106,15 @@ def resolve_profile(name_or_path: str, *, spec: ViTSpec | None = None, refresh: 
         path = Path(name).expanduser()
         if not path.is_file():
             raise DeviceError(f"profile file {name!r} does not exist")
-        return DeviceProfile.load(path)
+        return _for_spec(DeviceProfile.load(path), spec)
     for d in search_dirs():  # by file name first: a broken file of that name is an error, not skipped
         path = d / f"{name}.json"
         if path.is_file():
-            return DeviceProfile.load(path)
+            return _for_spec(DeviceProfile.load(path), spec)
     scan = scan_profiles()
     for prof in scan.profiles:
         if name in prof.names:
-            return prof
+            return _for_spec(prof, spec)
     known = sorted({HOST, *(n for p in scan.profiles for n in p.names)})
     hint = f"known devices: {', '.join(known)}; or give a path to a profile .json"
     if scan.problems:
@@ -171,3 +179,73 @@ def estimate_notice(profile: DeviceProfile) -> str | None:
         return None
     return (f"{profile.name} is an ESTIMATED profile (datasheet roofline, not a measurement); "
             f"measure the real device with: {profile.measure_command}")
+
+
+# ---------------------------------------------------------------------------------------------
+# estimated profiles, for any spec
+
+
+def _for_spec(profile: DeviceProfile, spec: ViTSpec | None) -> DeviceProfile:
+    if spec is None or profile.source != "estimated" or profile.precisions(spec, _batch(profile)):
+        return profile
+    return estimated_for_spec(profile, spec)
+
+
+def _batch(profile: DeviceProfile) -> int:
+    batch = profile.runtime.get("batch", 1)
+    return batch if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0 else 1
+
+
+def estimated_for_spec(profile: DeviceProfile, spec: ViTSpec) -> DeviceProfile:
+    """``profile`` (estimated, of a device in the datasheets) plus entries for ``spec`` at its precisions
+    and batch, computed by ``estimate.estimate_entry`` with the analytic MAC count of ``plan.costs`` (what
+    fvcore counts; no torch) and the profile's own calibration, so they agree with its shipped entries.
+    Cached in ``cache_dir()``, keyed by the spec, the datasheets, the estimator and the profile. A profile
+    of a device not in the datasheets comes back unchanged (the solver then says it has no data)."""
+    from tleg_deploy.plan import costs
+    from tleg_deploy.plan.precisions import PRECISIONS
+    from tleg_deploy.profile import estimate
+
+    sheets_bytes = estimate.DATASHEETS.read_bytes()
+    sheets = json.loads(sheets_bytes)
+    device = next((n for n in profile.names if n in sheets.get("devices", {})), None)
+    if device is None:
+        return profile
+    batch = _batch(profile)
+    precisions = tuple(p for p in PRECISIONS if any(e.precision == p for e in profile.entries)) or tuple(
+        estimate.SHIPPED_PRECISIONS)
+    key = hashlib.sha256(json.dumps({
+        "spec": spec.to_dict(), "device": device, "precisions": precisions, "batch": batch,
+        "datasheets": hashlib.sha256(sheets_bytes).hexdigest(),
+        "estimator": hashlib.sha256(Path(estimate.__file__).read_bytes()).hexdigest(),
+        "profile": profile.to_dict()}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_dir() / f"estimated-{device}-{key}.json"
+    if path.is_file():
+        try:
+            cached = DeviceProfile.load(path)
+            if cached.precisions(spec, batch):
+                return cached
+        except TlegError:
+            pass  # a damaged cache is simply recomputed
+    calibration = next((dict(e.basis["compute_efficiency"]) for e in profile.entries
+                        if e.basis and isinstance(e.basis.get("compute_efficiency"), dict)), None)
+    macs = (batch * costs.block_macs(spec), batch * costs.fixed_macs(spec))
+    entries = tuple(estimate.estimate_entry(device, spec, p, batch, sheets=sheets, macs=macs,
+                                            calibration=calibration or estimate.calibrate_efficiency(sheets))
+                    for p in precisions)
+    result = dataclasses.replace(
+        profile, entries=profile.entries + entries, measure_command=estimate_measure_command(device, spec,
+                                                                                             precisions, batch),
+        notes=(profile.notes + " " if profile.notes else "") + "Entries for specs it did not ship with are "
+        "computed on the fly from the same datasheets and calibration.")
+    with contextlib.suppress(OSError):  # an unwritable cache costs a recomputation next time, nothing else
+        result.save(path)
+    return result
+
+
+def estimate_measure_command(device: str, spec: ViTSpec, precisions: tuple[str, ...], batch: int) -> str:
+    """The ``profile`` command that measures ``spec`` on ``device`` (spec as ``--spec`` accepts it)."""
+    from tleg_deploy.model.spec_text import spec_arg
+
+    return (f"tleg-deploy profile --device {device} --backend tensorrt --precision {','.join(precisions)} "
+            f"--spec {spec_arg(spec)} --batch {batch} -o profiles/{device}.json")

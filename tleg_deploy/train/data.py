@@ -14,6 +14,7 @@ int64. Anything unusable raises ``DataError`` naming the file, class or value.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +249,107 @@ def _read_image(path: Path, spec: ViTSpec) -> np.ndarray:
     if a.shape[0] != spec.in_chans:
         raise DataError(f"{path} has {a.shape[0]} channels, the spec expects {spec.in_chans}")
     return a
+
+
+# -- what the data is (spec inference and checks) ------------------------------------------------------
+_GREY_MODES = {"1", "L", "LA", "I", "F"}
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a data source holds: the most common image size, the channels a model needs (1 if every
+    image is greyscale, else 3), the class count, and whether every image has that size."""
+
+    height: int
+    width: int
+    in_chans: int
+    num_classes: int
+    uniform: bool = True
+
+    @property
+    def img_size(self) -> int:
+        """The square size a spec inferred from this data uses: the shorter side."""
+        return min(self.height, self.width)
+
+    @property
+    def size_text(self) -> str:
+        return f"{self.height}x{self.width}" + ("" if self.uniform else " (the most common size; sizes vary)")
+
+    def describe(self) -> str:
+        return f"{self.size_text} {'greyscale' if self.in_chans == 1 else 'RGB'}, {self.num_classes} classes"
+
+
+def describe_data(source: str) -> DataShape:
+    """The shape of ``source`` (``digits``, ``folder:PATH``, ``npz:PATH``), from image headers and array
+    shapes only; ``DataError`` as ``load_data`` would raise it."""
+    kind, _, arg = source.partition(":")
+    if kind == "digits" and not arg:
+        return DataShape(8, 8, 1, 10)
+    if kind == "npz" and arg:
+        return _npz_shape(Path(arg))
+    if kind == "folder" and arg:
+        return _folder_shape(Path(arg))
+    raise DataError(f"unknown data source {source!r}", hint="use digits, folder:PATH or npz:PATH")
+
+
+def check_data(source: str, spec: ViTSpec) -> list[str]:
+    """Refuse ``source`` for ``spec`` if their channels or class counts differ (``DataError`` naming
+    both); otherwise the notes a user must see, e.g. that images are resized to the spec's size."""
+    shape = describe_data(source)
+    kind = source.partition(":")[0]
+    notes = []
+    if kind != "digits":
+        for what, have, want in (("channel(s)", shape.in_chans, spec.in_chans),
+                                 ("classes", shape.num_classes, spec.num_classes)):
+            if have != want:
+                field = "in_chans" if what.startswith("channel") else "num_classes"
+                raise DataError(f"{source} has {have} {what}, the spec has {field}={want}",
+                                hint=f"leave out --spec to infer it from the data, or add {field}={have} to it")
+    elif spec.in_chans != 1:
+        notes.append(f"digits images are greyscale: copied to {spec.in_chans} channels")
+    if not shape.uniform or (shape.height, shape.width) != (spec.img_size, spec.img_size):
+        notes.append(f"{source} images are {shape.size_text}: resized to "
+                     f"{spec.img_size}x{spec.img_size} (bilinear) for the spec's img_size={spec.img_size}")
+    return notes
+
+
+def _npz_shape(path: Path) -> DataShape:
+    if not path.is_file():
+        raise DataError(f"no such npz file: {path}")
+    _check_npz_magic(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f or "y" not in f:
+                raise DataError(f"{path} must hold arrays 'x' and 'y', found {sorted(f.files)}")
+            x_shape, y = f["x"].shape, np.asarray(f["y"])
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path} is not a readable .npz file: {_first_line(e)}") from None
+    if len(x_shape) not in (3, 4) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or not y.size:
+        raise DataError(f"{path}: x must be (N, H, W[, C]) and y (N,) integer labels, got {x_shape} and {y.shape}")
+    return DataShape(int(x_shape[1]), int(x_shape[2]), int(x_shape[3]) if len(x_shape) == 4 else 1,
+                     int(y.max()) + 1)
+
+
+def _folder_shape(root: Path) -> DataShape:
+    from collections import Counter
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not root.is_dir():
+        raise DataError(f"no such data folder: {root}")
+    top = root / "train" if all((root / s).is_dir() for s in SPLITS) else root
+    classes = _classes(top)
+    files, _ = _scan(top, classes)
+    sizes: Counter[tuple[int, int]] = Counter()
+    colour = False
+    for path in files:
+        try:
+            with Image.open(path) as im:  # reads the header only
+                sizes[(im.height, im.width)] += 1
+                colour = colour or im.mode not in _GREY_MODES and not im.mode.startswith("I;")
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+    (h, w), _ = sizes.most_common(1)[0]
+    return DataShape(h, w, 3 if colour else 1, len(classes), uniform=len(sizes) == 1)
