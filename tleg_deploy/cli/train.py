@@ -85,6 +85,7 @@ def train_teacher_cmd(
     """
     from tleg_deploy.model.expansion import save_descendant
     from tleg_deploy.model.spec import ViTSpec
+    from tleg_deploy.train.data import data_card
     from tleg_deploy.train.distributed import is_main_process
     from tleg_deploy.train.finetune import train_teacher
 
@@ -94,7 +95,8 @@ def train_teacher_cmd(
     res = train_teacher(data, s, depth, *_common(epochs, lr, batch_size, seed, quiet, dest, resume, clip_grad,
                                                   warmup, augment))
     if is_main_process():
-        save_descendant(res.model, dest, "", {"made_by": "train-teacher", "data": data, **res.metrics})
+        save_descendant(res.model, dest, "", {"made_by": "train-teacher", "data": data, **res.metrics},
+                        data=data_card(data, s))
     _report({"output": str(output), **res.metrics}, json_,
             f"wrote {output}: teacher depth {depth}, test accuracy {res.metrics['test_acc']:.3f}")
 
@@ -146,6 +148,7 @@ def finetune_cmd(
     """
     from tleg_deploy.model.expansion import load_descendant, save_descendant
     from tleg_deploy.model.resources import learngene_path, load_learngene
+    from tleg_deploy.train.data import data_card
     from tleg_deploy.train.distributed import is_main_process
     from tleg_deploy.train.finetune import finetune
     from tleg_deploy.train.inits import init_model
@@ -159,6 +162,7 @@ def finetune_cmd(
     if is_main_process():
         derived = init in ("tleg", "base-only")  # the other inits do not come from the learngene
         save_descendant(res.model, dest, lg.sha256() if derived else "",
-                        {"made_by": "finetune", "init": init, "data": data, "learngene": str(learngene), **res.metrics})
+                        {"made_by": "finetune", "init": init, "data": data, "learngene": str(learngene), **res.metrics},
+                        data=data_card(data, model.spec))
     _report({"output": str(output), "depth": depth, "init": init, **res.metrics}, json_,
             f"wrote {output}: depth {depth} ({init}), test accuracy {res.metrics['test_acc']:.3f}")

@@ -268,8 +268,8 @@ def check_destination(out: str | os.PathLike[str], inputs: Iterable[str | os.Pat
                       whole=True)
 
 
-_FIT_FILE = re.compile(r"plan\.json|manifest\.json|REPORT\.md|build_engine\.sh|timing\.cache|\.tleg-export\.lock"
-                       r"|model_d\d+\.safetensors")
+_FIT_FILE = re.compile(r"plan\.json|manifest\.json|labels\.json|REPORT\.md|build_engine\.sh|timing\.cache"
+                       r"|\.tleg-export\.lock|model_d\d+\.safetensors")
 
 
 def _fit_owns(rel: str, is_dir: bool) -> bool:
