@@ -72,7 +72,8 @@ def test_resume_after_interrupted_family_export(tiny_lg, tmp_path):
     handle.remove()
     m = _claims_are_intact(out)
     assert sorted(m["members"]) == ["1", "2"]
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "depth_01", "depth_02", "labels.json", "manifest.json"]  # no temp
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [LOCK_NAME, "depth_01", "depth_02", "labels.json", "manifest.json"]  # no temp
     # A crash can also leave a staging dir, and a file can rot: the re-run cleans up and redoes what is needed.
     (out / ".depth_03.partial").mkdir()
     (out / ".depth_03.partial" / "model.onnx").write_bytes(b"half")

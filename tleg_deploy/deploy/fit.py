@@ -169,7 +169,8 @@ def _build_with_fallback(request: FitRequest, plan: Plan, profile: DeviceProfile
     trained: dict[int, tuple[ViT, dict[str, Any]]] = {}
     for _ in range(len(PRECISIONS)):
         try:
-            return plan, _build(request, plan, profile, lg, card, staging, quiet, say, trained), rejected
+            built = _build(request, plan, profile, lg, card, staging, quiet, say, trained, frozenset(rejected))
+            return plan, built, rejected
         except ExportError as e:
             failed = _failed_precision(e)
             if failed is None or failed == "fp32" or failed in rejected:
@@ -188,7 +189,8 @@ def _failed_precision(e: ExportError) -> str | None:
 
 
 def _build(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngene, card: DataCard | None,
-           staging: Path, quiet: bool, say: Log, trained: dict[int, tuple[ViT, dict[str, Any]]]) -> _Built:
+           staging: Path, quiet: bool, say: Log, trained: dict[int, tuple[ViT, dict[str, Any]]],
+           skip: frozenset[str] = frozenset()) -> _Built:
     """Check the planned depth where it can be measured here (stepping shallower), fine-tune if asked
     (once per depth: ``trained`` keeps it across re-picks), then export and validate the model that will
     be shipped; the staging directory ends up holding that export."""
@@ -208,7 +210,8 @@ def _build(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngen
         model, source = expand(lg, depth).eval(), "expand"
     _clear(staging)
     chosen = _export(model, source=source, lg=lg, learngene=request.learngene, precision=plan.precision,
-                     profile=profile, out=staging, data=_validation_data(request, card), card=card, say=say)
+                     profile=profile, out=staging, data=_validation_data(request, card), card=card, skip=skip,
+                     say=say)
     return _Built(model, chosen, measured, tuple(steps), metrics, over)
 
 
@@ -269,7 +272,7 @@ def _threads(profile: DeviceProfile) -> int:
 
 
 def _export(model: ViT, *, source: str, lg: Learngene, learngene: str, precision: str, profile: DeviceProfile,
-            out: Path, data: str, card: DataCard | None, say: Log) -> str:
+            out: Path, data: str, card: DataCard | None, skip: frozenset[str], say: Log) -> str:
     """Export and validate ``model`` as a one-member family in ``out`` (its ``manifest.json`` is the
     one format every export directory carries); returns the chosen precision's file, relative to ``out``."""
     from tleg_deploy.export.family import export_family
@@ -279,7 +282,7 @@ def _export(model: ViT, *, source: str, lg: Learngene, learngene: str, precision
     say(f"exporting depth {model.depth} ({', '.join(formats)}) and validating on {data} ...")
     manifest = export_family(lg, [model.depth], out, formats, data=data,
                              learngene_file=learngene_path(learngene), models={model.depth: model}, source=source,
-                             profile=profile, card=card)
+                             profile=profile, card=card, skip_precisions=skip)
     wanted = deployed_kind(precision, profile.backend)
     files = [a["file"] for a in manifest["artifacts"] if a["format"] == "onnx"]
     say(f"exported and validated depth {model.depth}: {', '.join(files)}")

@@ -105,6 +105,7 @@ class _Context:
     template: Any
     exporter: str = "auto"  # export_onnx's exporter, for the probe or for every member without a template
     card: Any = None  # files.datacard.DataCard: class names and preprocessing, in every ONNX file's metadata
+    skip: frozenset[str] = frozenset()  # precisions whose variants are not written (fit: failed validation)
     proven_by: str | None = None  # the template-built member (depth >= 2) that passed the full validation
     _images: Any = None
     _calibration: Any = None
@@ -147,6 +148,7 @@ def export_family(
     progress: Progress | None = None,
     force: bool = False,
     card: Any = None,
+    skip_precisions: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Export and validate ``depths`` of ``lg`` into ``out_dir``; returns the manifest.
 
@@ -160,7 +162,8 @@ def export_family(
     ``depth_NN/`` of it, is kept (``files.outputs``).
     ``exporter`` is ``export_onnx``'s (``auto``, ``torchscript`` or ``dynamo``); the depth template
     works with either. ``card`` (a ``files.datacard.DataCard``; default: the learngene's) goes into
-    every ONNX file's metadata and ``labels.json``, which every export directory holds.
+    every ONNX file's metadata and ``labels.json``, which every export directory holds. Variants that
+    compute in one of ``skip_precisions`` (e.g. ``int8`` after it failed validation) are not written.
     """
     from tleg_deploy.export.onnx import EXPORTERS
     from tleg_deploy.export.tensorrt import BatchRange
@@ -194,7 +197,7 @@ def export_family(
     try:
         return _export_locked(lg, depths, out, fmts, batch, data, learngene_file, models, source, profile,
                               measure_latency, use_template, progress, exporter,
-                              card if card is not None else getattr(lg, "data", None))
+                              card if card is not None else getattr(lg, "data", None), frozenset(skip_precisions))
     except BaseException:
         if created:  # a directory this call made and that holds nothing but the (released) lock: leave no trace
             with contextlib.suppress(OSError):
@@ -219,7 +222,7 @@ def _export_locked(
     lg: Any, depths: list[int], out: Path, fmts: tuple[str, ...], batch: Any, data: str | None,
     learngene_file: str | os.PathLike[str] | None, models: Mapping[int, Any] | None, source: str, profile: Any,
     measure_latency: bool, use_template: bool, progress: Progress | None, exporter: str = "auto",
-    card: Any = None,
+    card: Any = None, skip: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     lg_sha = lg.sha256()
     with directory_lock(out):
@@ -243,7 +246,8 @@ def _export_locked(
 
             with contextlib.suppress(ExportError):  # unexpected graph: fall back to one export per member
                 template = DepthTemplate(lg.spec, exporter=exporter)
-        ctx = _Context(out, fmts, lg_sha, data, batch, profile, measure_latency, template, exporter, card=card)
+        ctx = _Context(out, fmts, lg_sha, data, batch, profile, measure_latency, template, exporter, card=card,
+                       skip=skip)
         done = len(depths) - len(todo)
         if progress:
             progress(f"{done} of {len(depths)} members already exported", done, len(depths))
@@ -357,18 +361,19 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
         if ctx.template is not None and depth >= 2:  # covers block 0, a copied block and the chaining
             ctx.proven_by = f"{_member_dir(depth)}/model.onnx"
     files = {"fp32": fp32}
-    if "int8" in ctx.formats:
+    if "int8" in ctx.formats and "int8" not in ctx.skip:
         files["int8"] = quantize_int8(fp32, stage / "model_int8.onnx")
         reports["int8"] = validate_onnx(files["int8"], model, precision="int8", images=ctx.images(spec), data=ctx.data)
-    if "fp16" in ctx.formats or "tensorrt" in ctx.formats:
+    if ("fp16" in ctx.formats or "tensorrt" in ctx.formats) and "fp16" not in ctx.skip:
         files["fp16"] = convert_fp16(fp32, stage / "model_fp16.onnx")
         images = ctx.images(spec) if ctx.data else None
         reports["fp16"] = validate_onnx(files["fp16"], model, precision="fp16", images=images, data=ctx.data)
     if "tensorrt" in ctx.formats:
-        files["int8-qdq"] = quantize_int8(fp32, stage / "model_int8_qdq.onnx", mode="qdq",
-                                          calibration=ctx.calibration(spec))
-        reports["int8-qdq"] = validate_onnx(files["int8-qdq"], model, precision="int8-qdq",
-                                            images=ctx.images(spec), data=ctx.data)
+        if "int8" not in ctx.skip:
+            files["int8-qdq"] = quantize_int8(fp32, stage / "model_int8_qdq.onnx", mode="qdq",
+                                              calibration=ctx.calibration(spec))
+            reports["int8-qdq"] = validate_onnx(files["int8-qdq"], model, precision="int8-qdq",
+                                                images=ctx.images(spec), data=ctx.data)
         _tensorrt(ctx, spec, stage, files)
     def entry(precision: str, fmt: str, path: Path, parity: dict[str, Any] | None) -> dict[str, Any]:
         return {"depth": depth, "precision": precision, "format": fmt, "file": path.name,
@@ -403,7 +408,7 @@ def _tensorrt(ctx: _Context, spec: ViTSpec, stage: Path, files: dict[str, Path])
         major = tensorrt_major()
     except TlegError:
         return  # no TensorRT here: build_engine.sh builds the engines on the target
-    sources = {p.name: files[p.tensorrt_kind(major)] for p in PRECISION.values()}
+    sources = {p.name: files[p.tensorrt_kind(major)] for p in PRECISION.values() if p.tensorrt_kind(major) in files}
     for precision, onnx_file in sources.items():
         build_tensorrt_engine(onnx_file, stage / f"model_{precision}.engine", spec=spec, precision=precision,
                               batch=ctx.batch, timing_cache=ctx.out_dir / "timing.cache")
