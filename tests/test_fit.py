@@ -240,9 +240,10 @@ def test_report_candidates_follow_the_measured_step_down() -> None:
     """A depth measured over budget is "no" in REPORT.md, with its measurement, not "yes"."""
     import dataclasses
 
-    from tleg_deploy.deploy.fit_report import format_metrics, render_report
+    from tleg_deploy.deploy.fit_report import render_report
     from tleg_deploy.deploy.fit_types import FitResult
     from tleg_deploy.plan.solve import Budget, evaluate, solve
+    from tleg_deploy.plan.units import format_metrics
     from tleg_deploy.profile.registry import resolve_profile
 
     spec = ViTSpec.preset("digits")

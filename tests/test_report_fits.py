@@ -42,6 +42,13 @@ def _custom_learngene(path: Path) -> str:
     return lg.sha256()
 
 
+def test_report_reads_the_format_fit_writes() -> None:
+    from tleg_deploy.deploy.fit_types import FIT_FORMAT
+    from tleg_deploy.report.fits import FIT_FORMAT as READ
+
+    assert READ == FIT_FORMAT
+
+
 def test_report_shows_a_fit(here: Path) -> None:
     res = _invoke("fit", "--device", "jetson", "--latency", "1ms", "--max-depth", "2", "-o", "fit-j", "--quiet")
     assert res.exit_code == 0, res.output

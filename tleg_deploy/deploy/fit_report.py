@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from tleg_deploy.files.datacard import run_snippet
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.plan import costs
+from tleg_deploy.plan.units import format_metrics
 
 if TYPE_CHECKING:
     from tleg_deploy.deploy.fit_types import FitResult
@@ -39,19 +40,6 @@ def build_engine_script(profile: DeviceProfile, chosen: str, precision: str, spe
         "t = []\nfor _ in range(100):\n    t0 = time.perf_counter(); s.run(None, {'pixel_values': x})"
         "; t.append((time.perf_counter() - t0) * 1e3)\n"
         "print(f'p50 {np.percentile(t, 50):.3f} ms, p90 {np.percentile(t, 90):.3f} ms')\nEOF\n")
-
-
-def format_metric(key: str, value: Any) -> str:
-    """``val_acc 0.229...`` → ``val_acc 22.9%``; seconds to 0.1 s; other floats to 4 significant digits."""
-    if isinstance(value, float) and not isinstance(value, bool):
-        if key.endswith("acc") or key.endswith("accuracy"):
-            return f"{value:.1%}"
-        return f"{value:.1f}" if key.endswith("seconds") else f"{value:.4g}"
-    return str(value)
-
-
-def format_metrics(metrics: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k} {format_metric(k, v)}" for k, v in metrics.items())
 
 
 def render_report(result: FitResult, profile: DeviceProfile, chosen_file: str,

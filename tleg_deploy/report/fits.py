@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tleg_deploy.errors import TlegError
+from tleg_deploy.plan.units import format_metrics
+
+FIT_FORMAT = "tleg-fit"  # plan.json's format (deploy.fit_types.FIT_FORMAT; report sits beside deploy, not above)
 
 if TYPE_CHECKING:
     from tleg_deploy.report.build import Report
@@ -39,8 +42,6 @@ class FitFacts:
 
 def load_fit(directory: str | Path) -> FitFacts:
     """A ``fit`` output directory's plan, manifest and labels; ``TlegError`` if it is not one."""
-    from tleg_deploy.deploy.fit_types import FIT_FORMAT
-
     d = Path(directory)
     plan, manifest = _json(d / "plan.json"), _json(d / "manifest.json")
     if not isinstance(plan, dict) or plan.get("format") != FIT_FORMAT or not isinstance(manifest, dict):
@@ -62,8 +63,6 @@ def fits_section(rep: Report, fits: Sequence[FitFacts], learngene_sha256: str) -
     """One subsection per fit: what was picked, predicted vs measured, accuracy, artifacts."""
     if not fits:
         return
-    from tleg_deploy.deploy.fit_report import format_metrics
-
     rep.add("## Your fits", "")
     for f in fits:
         p = f.plan
