@@ -55,7 +55,7 @@ def test_folder_card_records_the_alphabetical_label_order_and_the_preprocessing(
 def test_digits_and_npz_cards(tmp_path: Path) -> None:
     digits = data_card("digits", ViTSpec.preset("digits"))
     assert digits.classes == tuple(str(i) for i in range(10))
-    assert digits.preprocessing.resize == "none" and digits.preprocessing.scale == 1 / 16
+    assert digits.preprocessing.resize == "bilinear" and digits.preprocessing.scale == 1 / 255
     path = tmp_path / "d.npz"
     np.savez(path, x=np.zeros((40, 8, 8, 3), np.uint8), y=np.arange(40) % 2)
     card = data_card(f"npz:{path}", RGB)

@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEMO_LEARNGENE = DATA_DIR / "demo_learngene.safetensors"
-# The demo learngene was trained on the bundled digits (its provenance says so): 8x8 greyscale, load_digits'
-# values 0..16 scaled to [0, 1], then (x - 0.5) / 0.5, classes "0".."9" (train.data.data_card("digits", ...)).
-DEMO_CARD = DataCard(tuple(str(i) for i in range(10)), Preprocessing(8, "L", "none", 1 / 16), "digits")
+# The demo learngene was trained on the bundled digits (its provenance says so): 8x8 greyscale in [0, 1]
+# (an 8-bit image / 255), then (x - 0.5) / 0.5, classes "0".."9" (train.data.data_card("digits", ...)).
+DEMO_CARD = DataCard(tuple(str(i) for i in range(10)), Preprocessing(8, "L", "bilinear", 1 / 255), "digits")
 
 
 def learngene_path(name_or_path: str | os.PathLike[str]) -> Path:

@@ -55,8 +55,9 @@ def data_card(source: str, spec: ViTSpec) -> DataCard:
     kind, _, arg = source.partition(":")
     resize, scale = "bilinear", 1 / 255
     if kind == "digits" and not arg:
+        # For an image file of a digit (8-bit, white ink on black): the bundled arrays hold 0..16 and are
+        # divided by 16 to the same [0, 1] range.
         names = [str(i) for i in range(10)]
-        resize, scale = ("none" if spec.img_size == 8 else "bilinear"), 1 / 16  # load_digits' values are 0..16
     elif kind == "folder" and arg:
         root = Path(arg)
         if not root.is_dir():
