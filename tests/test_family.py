@@ -42,7 +42,7 @@ def test_family_manifest(tiny_lg, tmp_path):
     out = tmp_path / "fam"
     manifest = export_family(tiny_lg, [1, 3], out, "onnx", data=None)
     # no temp; the lock file stays (filelock keeps the inode so waiters share it), unlocked
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "depth_01", "depth_03", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "depth_01", "depth_03", "labels.json", "manifest.json"]
     m = _claims_are_intact(out)
     assert m == json.loads((out / "manifest.json").read_text()) == manifest
     assert m["learngene"]["sha256"] == tiny_lg.sha256() and m["spec"] == tiny_lg.spec.to_dict()
@@ -72,7 +72,8 @@ def test_resume_after_interrupted_family_export(tiny_lg, tmp_path):
     handle.remove()
     m = _claims_are_intact(out)
     assert sorted(m["members"]) == ["1", "2"]
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "depth_01", "depth_02", "manifest.json"]  # no temp
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [LOCK_NAME, "depth_01", "depth_02", "labels.json", "manifest.json"]  # no temp
     # A crash can also leave a staging dir, and a file can rot: the re-run cleans up and redoes what is needed.
     (out / ".depth_03.partial").mkdir()
     (out / ".depth_03.partial" / "model.onnx").write_bytes(b"half")

@@ -174,3 +174,88 @@ def test_a_fit_request_is_checked_when_made(bad: dict, tmp_path: Path) -> None:
     ok = FitRequest(Budget(latency_ms=1.0), device="host", out_dir=str(tmp_path / "out"),  # type: ignore[arg-type]
                     search=SearchOptions(precisions=["int8"]))  # type: ignore[arg-type]
     assert ok.out_dir == tmp_path / "out" and ok.search.precisions == ("int8",)
+
+
+def test_a_precision_that_fails_validation_is_rejected_and_the_solver_picks_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int8 cannot pass (agreement threshold above 100%): fit says why, falls back to fp16, and the
+    directory describes itself (labels.json, ONNX metadata, a REPORT snippet that runs)."""
+    import re
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
+    from tleg_deploy.export import validate
+    from tleg_deploy.export.onnx import read_metadata
+    from tleg_deploy.plan.solve import Budget
+
+    monkeypatch.setitem(validate.MIN_AGREEMENT, "int8", 1.01)
+    monkeypatch.setitem(validate.MIN_AGREEMENT, "int8-qdq", 1.01)
+    messages: list[str] = []
+    out = tmp_path / "fb"
+    res = fit(FitRequest(Budget(latency_ms=1.0), device="jetson", out_dir=out, calib_data="digits",
+                         search=SearchOptions(max_depth=2, precisions=("int8", "fp16"))), log=messages.append)
+    assert res.precision == "fp16" and "int8" in res.rejected and "agreement" in res.rejected["int8"]
+    assert any(m.startswith("int8 rejected") for m in messages)
+    plan = _check_dir(out)
+    assert "agreement" in plan["rejected_precisions"]["int8"]
+    assert not list(out.rglob("*int8*"))  # the rejected precision's files are not shipped
+    report = (out / "REPORT.md").read_text()
+    assert "Precision int8 rejected" in report and "| - | int8 |" in report
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["classes"] == [str(i) for i in range(10)] and labels["preprocessing"]["mode"] == "L"
+    member = out / f"depth_{plan['depth']:02d}"
+    assert json.loads(read_metadata(member / "model_fp16.onnx")["data"])["classes"] == labels["classes"]
+
+    snippet = re.search(r"```python\n(.*?)```", report, re.S)
+    assert snippet is not None and len(snippet.group(1).strip().splitlines()) <= 10
+    (tmp_path / "run.py").write_text(snippet.group(1))
+    Image.fromarray(np.eye(8, dtype=np.uint8) * 255).save(tmp_path / "img.png")
+    run = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "img.png")], cwd=out,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() in labels["classes"]
+
+
+def test_every_precision_failing_is_one_error_naming_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
+    from tleg_deploy.errors import InfeasibleError
+    from tleg_deploy.export import validate
+    from tleg_deploy.plan.solve import Budget
+
+    monkeypatch.setitem(validate.MIN_AGREEMENT, "int8-qdq", 1.01)
+    with pytest.raises(InfeasibleError, match="every precision failed its validation: int8 rejected"):
+        fit(FitRequest(Budget(latency_ms=1.0), device="jetson", out_dir=tmp_path / "x",
+                       search=SearchOptions(max_depth=2, precisions=("int8",))))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_candidates_follow_the_measured_step_down() -> None:
+    """A depth measured over budget is "no" in REPORT.md, with its measurement, not "yes"."""
+    import dataclasses
+
+    from tleg_deploy.deploy.fit_report import render_report
+    from tleg_deploy.deploy.fit_types import FitResult
+    from tleg_deploy.plan.solve import Budget, evaluate, solve
+    from tleg_deploy.plan.units import format_metrics
+    from tleg_deploy.profile.registry import resolve_profile
+
+    spec = ViTSpec.preset("digits")
+    prof = resolve_profile("jetson", spec=spec)
+    plan = solve(prof, Budget(latency_ms=1.0), spec=spec, max_depth=6, precisions=("int8",))
+    shallower = evaluate(prof, plan.budget, spec=spec, depth=plan.depth - 1, precision="int8")
+    res = FitResult(plan=plan, pick=shallower, out_dir=Path("x"), files=(), measured=None,
+                    steps=(f"depth {plan.depth} measured p90 1.02 ms > 1 ms: stepped to depth {plan.depth - 1}",),
+                    over_budget={plan.depth: 1.02})
+    report = render_report(res, prof, "depth_05/model_int8_qdq.onnx")
+    line = next(la for la in report.splitlines() if la.startswith(f"| {plan.depth} | int8 |"))
+    assert "no: measured p90 1.02 ms > 1 ms" in line and "yes" not in line
+    assert format_metrics({"val_acc": 0.22905027932960895, "epochs": 2}) == "val_acc 22.9%, epochs 2"
+    assert "0.229050" not in render_report(dataclasses.replace(res, finetune={"val_acc": 0.22905027932960895}),
+                                           prof, "f.onnx")

@@ -124,3 +124,12 @@ def test_finetune_reports_contract_metrics(digit_spec: ViTSpec) -> None:
         acc = float((model.eval()(test.x).argmax(1) == test.y).float().mean())
     assert res.metrics["test_acc"] == pytest.approx(acc)
     assert res.history[-1]["test_acc"] == pytest.approx(res.metrics["test_acc"])
+
+
+def test_warmup_default_scales_with_the_epochs() -> None:
+    """A 2-epoch run is not half warm-up: the default is min(1, 0.1 x epochs); an explicit value stays."""
+    from tleg_deploy.train.loop import TrainConfig
+
+    assert TrainConfig(epochs=2).warmup_epochs == pytest.approx(0.2)
+    assert TrainConfig(epochs=30).warmup_epochs == 1.0
+    assert TrainConfig(epochs=2, warmup_epochs=0.0).warmup_epochs == 0.0

@@ -41,7 +41,7 @@ def expand(
     dest = output_file(output, inputs=[input_file(learngene_path(learngene), "learngene")], force=force)
     lg = load_learngene(learngene)
     model = expand_lg(lg, depth)
-    save_descendant(model, dest, lg.sha256(), {"made_by": "expand", "learngene": str(learngene)})
+    save_descendant(model, dest, lg.sha256(), {"made_by": "expand", "learngene": str(learngene)}, data=lg.data)
     result = {"output": str(output), "depth": depth, "params": sum(p.numel() for p in model.parameters())}
     if json_:
         emit_json(result)

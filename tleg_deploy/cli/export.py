@@ -63,11 +63,11 @@ def export_cmd(
     formats = parse_formats(format_)
     dest = _destination(output, learngene, device, data, force, weights)
     lg = load_learngene(learngene)
-    models, source = None, "expand"
+    models, source, card = None, "expand", None
     if weights is not None:
-        from tleg_deploy.model.expansion import load_descendant
+        from tleg_deploy.model.expansion import descendant_card, load_descendant
 
-        model, _ = load_descendant(weights)
+        model, meta = load_descendant(weights)
         if model.spec != lg.spec:
             raise SpecError(f"{weights} has spec {model.spec.preset_name() or model.spec.to_dict()}, but the "
                             f"learngene has {lg.spec.preset_name() or lg.spec.to_dict()}",
@@ -76,8 +76,10 @@ def export_cmd(
             raise SpecError(f"{weights} has depth {model.depth}, not --depth {depth}",
                             hint=f"use --depth {model.depth}")
         models, source = {depth: model.eval()}, f"weights:{sha256_file(weights)}"
+        card = descendant_card(meta) or lg.data  # fine-tuned weights know their own classes
     _export(lg, learngene, [depth], dest, formats, data=data, device=device, measure=measure, json_=json_,
-            quiet=quiet, models=models, source=source, force=force, exporter=exporter)
+            quiet=quiet, models=models, source=source, force=force, exporter=exporter,
+            card=card)
 
 
 @command("export-family")
@@ -125,7 +127,7 @@ def _destination(output: str, learngene: str, device: str | None, data: str, for
 
 def _export(lg: Any, learngene: str, depths: list[int], output: Path, formats: tuple[str, ...], *, data: str,
             device: str | None, measure: bool, json_: bool, quiet: bool, models: dict[int, Any] | None = None,
-            source: str = "expand", force: bool = False, exporter: str = "auto") -> None:
+            source: str = "expand", force: bool = False, exporter: str = "auto", card: Any = None) -> None:
     """What both commands share: the device profile, ``export_family`` under a progress bar, the render."""
     from tleg_deploy.export.family import export_family
     from tleg_deploy.model.resources import learngene_path
@@ -138,7 +140,7 @@ def _export(lg: Any, learngene: str, depths: list[int], output: Path, formats: t
     with _progress(quiet or json_) as progress:
         manifest = export_family(lg, depths, output, formats, data=data, learngene_file=learngene_path(learngene),
                                  models=models, source=source, profile=profile, measure_latency=measure,
-                                 progress=progress, force=force, exporter=exporter)
+                                 progress=progress, force=force, exporter=exporter, card=card)
     _render(manifest, output, json_, depths=depths)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -27,6 +29,9 @@ def fit(
     margin: Annotated[float, typer.Option(help="Extra headroom on predicted figures, e.g. 0.1 = 10%.")] = 0.0,
     learngene: LearngeneOpt = "demo",
     finetune_data: Annotated[str | None, typer.Option(help="Fine-tune on digits, folder:PATH or npz:PATH.")] = None,
+    calib_data: Annotated[str | None, typer.Option(
+        help="Validate (and calibrate) int8/fp16 on this data (digits, folder:PATH, npz:PATH) without fine-tuning; "
+             "default: --finetune-data, else the learngene's training data if still there, else digits.")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Fine-tuning epochs (with --finetune-data).")] = 5,
     max_depth: Annotated[int | None, typer.Option(min=1, max=4096, help="Deepest depth searched (default: twice "
                                                   "the learngene's Aux-Net depth, or the deepest depth of the "
@@ -60,16 +65,38 @@ def fit(
     wanted = tuple(p.strip() for p in precision.split(",") if p.strip()) if precision else None
     search = SearchOptions(margin=margin, max_depth=max_depth, precisions=wanted, objective=objective, accuracy=table)
     inputs = [input_file(learngene_path(learngene), "learngene"), accuracy, data_path(finetune_data),
-              device if device.endswith(".json") else None]
+              data_path(calib_data), device if device.endswith(".json") else None]
     dest = check_destination(output if output is not None else f"fit-{Path(device).stem}", inputs)
     request = FitRequest(budget, device=device, out_dir=dest, learngene=learngene, search=search,
-                         finetune_data=finetune_data, epochs=epochs, refresh_profile=refresh_profile)
-    log = None if (quiet or json_) else (lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
-    result = run_fit(request, quiet=quiet or json_, log=log)
+                         finetune_data=finetune_data, calib_data=calib_data, epochs=epochs,
+                         refresh_profile=refresh_profile)
+    with _progress(quiet or json_) as log:
+        result = run_fit(request, quiet=quiet or json_, log=log)
     if json_:
         emit_json(result.to_dict())
     else:
         render_summary(result)
+
+
+@contextmanager
+def _progress(off: bool) -> Iterator[Callable[[str], None] | None]:
+    """Each step as a dim line on stderr; on a terminal also a spinner naming the step under way."""
+    if off:
+        yield None
+        return
+
+    def line(msg: str) -> None:
+        err.print(f"[dim]{msg}[/dim]", highlight=False)
+
+    if not err.is_terminal:
+        yield line
+        return
+    with err.status("fit: solving ...") as status:
+        def both(msg: str) -> None:
+            line(msg)
+            status.update(f"fit: {msg}")
+
+        yield both
 
 
 def render_summary(result: FitResult) -> None:
@@ -88,6 +115,8 @@ def render_summary(result: FitResult) -> None:
         ft = result.finetune
         out.print(f"fine-tuned {ft.get('epochs')} epoch(s): val top-1 {ft.get('val_acc', float('nan')):.1%}, "
                   f"test top-1 {ft.get('test_acc', float('nan')):.1%}")
+    for why in result.rejected.values():
+        out.print(f"[yellow]precision {why}[/yellow]; picked again without it", highlight=False)
     for step in result.steps:
         out.print(f"[yellow]why not deeper (measured):[/yellow] {step}", highlight=False)
     out.print(f"why not deeper{' (solver)' if result.steps else ''}: {plan.why_not_deeper}", highlight=False)
@@ -105,8 +134,9 @@ def render_summary(result: FitResult) -> None:
     for c in plan.candidates:
         if result.depth - 2 <= c.depth <= plan.depth + 2:
             key = (c.depth, c.precision)
+            over = c.precision == result.precision and c.depth in result.over_budget
             mark = "[bold]pick[/bold]" if key == (result.depth, result.precision) else (
-                "measured over" if key == (plan.depth, plan.precision) else ("yes" if c.fits else "no"))
+                "no (measured over)" if over else ("yes" if c.fits else "no"))
             table.add_row(str(c.depth), c.precision, f"{c.latency_ms:.3g}", f"{c.latency_upper_ms:.3g}",
                           f"{c.memory_upper_mb:.1f}", mark)
     out.print(table)

@@ -37,7 +37,8 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (init, shuffli
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from <output>.run/checkpoint.safetensors.")]
 OutOpt = Annotated[str, typer.Option("--output", "-o", help=".safetensors file to write.")]
 ClipOpt = Annotated[float | None, typer.Option("--clip-grad", min=0.0, help="Clip the gradient norm to this.")]
-WarmupOpt = Annotated[float, typer.Option("--warmup", min=0.0, help="Warm-up epochs.")]
+WarmupOpt = Annotated[float | None, typer.Option("--warmup", min=0.0,
+                                                 help="Warm-up epochs (default: min(1, 0.1 x epochs)).")]
 AugmentOpt = Annotated[bool, typer.Option("--augment/--no-augment", help="Random shifts of the training images.")]
 
 
@@ -52,7 +53,7 @@ def _destination(output: str, force: bool, resume: bool, data: str, *inputs: Pat
 
 
 def _common(epochs: int, lr: float, batch_size: int, seed: int, quiet: bool, output: Path, resume: bool,
-            clip_grad: float | None, warmup: float, augment: bool) -> tuple[TrainConfig, RunOptions]:
+            clip_grad: float | None, warmup: float | None, augment: bool) -> tuple[TrainConfig, RunOptions]:
     """The training options every command shares, as the loop's two configs (run state in <output>.run/)."""
     from tleg_deploy.train.loop import RunOptions, TrainConfig
 
@@ -121,7 +122,7 @@ def train_teacher_cmd(
     width: Annotated[int | None, typer.Option(min=1, help="Embedding width (default: the spec's).")] = None,
     heads: Annotated[int | None, typer.Option(min=1, help="Attention heads (default: the spec's).")] = None,
     data: DataOpt = "digits", epochs: EpochsOpt = 30, lr: LrOpt = 1e-3, batch_size: BatchOpt = 32, seed: SeedOpt = 0,
-    clip_grad: ClipOpt = None, warmup: WarmupOpt = 1.0, augment: AugmentOpt = False, resume: ResumeOpt = False,
+    clip_grad: ClipOpt = None, warmup: WarmupOpt = None, augment: AugmentOpt = False, resume: ResumeOpt = False,
     force: ForceOpt = False, quiet: QuietOpt = False, json_: JsonOpt = False,
 ) -> None:
     """Train a plain ViT from a random init, to serve as the Aux-Net's distillation teacher. Without
@@ -131,6 +132,7 @@ def train_teacher_cmd(
     Example: tleg-deploy train-teacher --width 96 --heads 6 --depth 12 --epochs 30 -o teacher.safetensors
     """
     from tleg_deploy.model.expansion import save_descendant
+    from tleg_deploy.train.data import data_card
     from tleg_deploy.train.distributed import is_main_process
     from tleg_deploy.train.finetune import train_teacher
 
@@ -140,9 +142,10 @@ def train_teacher_cmd(
     res = train_teacher(data, s, depth, *_common(epochs, lr, batch_size, seed, quiet, dest, resume, clip_grad,
                                                   warmup, augment))
     if is_main_process():
-        save_descendant(res.model, dest, "", {"made_by": "train-teacher", "data": data, **res.metrics})
+        save_descendant(res.model, dest, "", {"made_by": "train-teacher", "data": data, **res.metrics},
+                        data=data_card(data, s))
     _report({"output": str(output), **res.metrics}, json_,
-            f"wrote {output}: teacher depth {depth}, test accuracy {res.metrics['test_acc']:.3f}")
+            f"wrote {output}: teacher depth {depth}, test accuracy {res.metrics['test_acc']:.1%}")
 
 
 @command("train-learngene")
@@ -154,7 +157,7 @@ def train_learngene_cmd(
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the soft-distillation term.")] = 1.0,
     tau: Annotated[float, typer.Option(min=0.0, help="Distillation temperature.")] = 1.0,
     data: DataOpt = "digits", epochs: EpochsOpt = 30, lr: LrOpt = 1e-3, batch_size: BatchOpt = 32, seed: SeedOpt = 0,
-    clip_grad: ClipOpt = None, warmup: WarmupOpt = 1.0, augment: AugmentOpt = False, resume: ResumeOpt = False,
+    clip_grad: ClipOpt = None, warmup: WarmupOpt = None, augment: AugmentOpt = False, resume: ResumeOpt = False,
     force: ForceOpt = False, quiet: QuietOpt = False, json_: JsonOpt = False,
 ) -> None:
     """Learn a learngene: train its Aux-Net with soft distillation from a teacher (TLEG, alpha=1, tau=1).
@@ -173,8 +176,8 @@ def train_learngene_cmd(
     if is_main_process():
         res.learngene.save(dest)
     _report({"output": str(output), "sha256": res.learngene.sha256(), **res.metrics}, json_,
-            f"wrote {output}: Aux-Net test accuracy {res.metrics['aux_test_acc']:.3f} "
-            f"(teacher {res.metrics['teacher_test_acc']:.3f})")
+            f"wrote {output}: Aux-Net test accuracy {res.metrics['aux_test_acc']:.1%} "
+            f"(teacher {res.metrics['teacher_test_acc']:.1%})")
 
 
 @command("finetune")
@@ -184,7 +187,7 @@ def finetune_cmd(
     init: Annotated[str, typer.Option(help="tleg, scratch, weight-selection, base-only or mimetic.")] = "tleg",
     teacher: Annotated[Path | None, typer.Option(help="Teacher .safetensors for --init weight-selection.")] = None,
     data: DataOpt = "digits", epochs: EpochsOpt = 10, lr: LrOpt = 1e-3, batch_size: BatchOpt = 32, seed: SeedOpt = 0,
-    clip_grad: ClipOpt = None, warmup: WarmupOpt = 1.0, augment: AugmentOpt = False, resume: ResumeOpt = False,
+    clip_grad: ClipOpt = None, warmup: WarmupOpt = None, augment: AugmentOpt = False, resume: ResumeOpt = False,
     force: ForceOpt = False, quiet: QuietOpt = False, json_: JsonOpt = False,
 ) -> None:
     """Fine-tune a descendant of DEPTH blocks (no linear constraint) and save it.
@@ -193,6 +196,7 @@ def finetune_cmd(
     """
     from tleg_deploy.model.expansion import load_descendant, save_descendant
     from tleg_deploy.model.resources import learngene_path, load_learngene
+    from tleg_deploy.train.data import data_card
     from tleg_deploy.train.distributed import is_main_process
     from tleg_deploy.train.finetune import finetune
     from tleg_deploy.train.inits import init_model
@@ -207,6 +211,7 @@ def finetune_cmd(
     if is_main_process():
         derived = init in ("tleg", "base-only")  # the other inits do not come from the learngene
         save_descendant(res.model, dest, lg.sha256() if derived else "",
-                        {"made_by": "finetune", "init": init, "data": data, "learngene": str(learngene), **res.metrics})
+                        {"made_by": "finetune", "init": init, "data": data, "learngene": str(learngene), **res.metrics},
+                        data=data_card(data, model.spec))
     _report({"output": str(output), "depth": depth, "init": init, **res.metrics}, json_,
-            f"wrote {output}: depth {depth} ({init}), test accuracy {res.metrics['test_acc']:.3f}")
+            f"wrote {output}: depth {depth} ({init}), test accuracy {res.metrics['test_acc']:.1%}")

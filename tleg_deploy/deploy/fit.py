@@ -3,16 +3,19 @@
     1 resolve the device profile (``host`` is measured on first use)          ``_resolve_profile``
     2 solve: the deepest (or most accurate) depth x precision that fits,      ``_solve``
       with confidence
-    3 expand the learngene (Xia et al., AAAI 2024) to that depth and export   ``_build``, ``_export``
-      it to ONNX (fp32 + the chosen precision's variant), validated against PyTorch
-    4 on a device we can run here (the profile was measured on this host with ``_measured_check``
-      ONNX Runtime), time the exported artifact; if it misses the latency budget, step one block
-      shallower and say so (at most ``max_steps`` times)
-    5 fine-tune if data is given (latency does not depend on the weights, so  ``_finetune``
-      this runs once, at the final depth, after the measured check), then export and validate the
-      trained weights
+    3 on a device we can run here (the profile was measured on this host with ``_measured_check``
+      ONNX Runtime), time an export of the expansion (Xia et al., AAAI 2024); if it misses the
+      latency budget, step one block shallower and say so (at most ``max_steps`` times)
+    4 fine-tune if data is given (latency does not depend on the weights, so  ``_finetune``
+      this runs once, at the final depth, after the measured check)
+    5 export the model that will be shipped to ONNX (fp32 + the chosen        ``_export``
+      precision's variant) and validate it against PyTorch on the user's data (``calib_data``, else
+      ``finetune_data``, else the data the learngene was trained on, else the bundled digits). A
+      precision whose variant fails its check leaves the candidates, with the reason, and the
+      solver picks again (``_build_with_fallback``; at most once per precision)
     6 write the directory: descendant weights, ONNX files, ``plan.json``,      ``_write_outputs``
-      ``manifest.json``, ``build_engine.sh`` for the target and ``REPORT.md``
+      ``manifest.json``, ``labels.json`` (class names, preprocessing), ``build_engine.sh`` for the
+      target and ``REPORT.md`` (with a "how to run this model" snippet)
 
 The directory is built next to its destination and renamed into place at the end (``_staged``), so Ctrl-C
 leaves nothing half-written. A re-run replaces an earlier fit output as a whole, so it refuses one
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -35,21 +39,22 @@ from typing import TYPE_CHECKING, Any
 
 from tleg_deploy.deploy.fit_report import build_engine_script, render_report
 from tleg_deploy.deploy.fit_types import FIT_FORMAT, FitRequest, FitResult
-from tleg_deploy.errors import InfeasibleError
+from tleg_deploy.errors import ExportError, InfeasibleError
+from tleg_deploy.files.datacard import LABELS_NAME
 from tleg_deploy.files.fileio import sha256_file, write_json_atomic, write_text_atomic
 from tleg_deploy.files.outputs import has_marker, output_dir, staging_dir
-from tleg_deploy.plan.precisions import deployed_kind, export_formats
+from tleg_deploy.plan.precisions import ONNX_KINDS, PRECISIONS, deployed_kind, export_formats
 from tleg_deploy.plan.solve import Plan, default_max_depth, depth_notes, evaluate, solve
 from tleg_deploy.profile.artifact import Measurement
 
 if TYPE_CHECKING:
+    from tleg_deploy.files.datacard import DataCard
     from tleg_deploy.model.learngene import Learngene
     from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.model.vit import ViT
     from tleg_deploy.profile.table import DeviceProfile
 
 Log = Callable[[str], None]
-Export = Callable[["ViT", str], str]  # (model, source) -> the chosen precision's file in the staging directory
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class _Built:
     measured: Measurement | None
     steps: tuple[str, ...]
     finetune: dict[str, Any] | None
+    over_budget: dict[int, float] = dataclasses.field(default_factory=dict)  # depth -> measured ms over the limit
 
 
 def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> FitResult:
@@ -86,12 +92,13 @@ def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> F
         extra += check_data(request.finetune_data, spec)
         for note in extra:
             say(note)
+    card = _card(request, lg)
     with _staged(request.out_dir) as staging:
-        built = _build(request, plan, profile, lg, staging, quiet, say)
+        plan, built, rejected = _build_with_fallback(request, plan, profile, lg, card, staging, quiet, say, aux_depth)
         extra += depth_notes(built.model.depth, aux_depth, request.search.accuracy)
-        result = _result(request, plan, profile, built)
+        result = dataclasses.replace(_result(request, plan, profile, built), rejected=rejected)
         result = dataclasses.replace(result, notes=(*result.notes, *extra))
-        _write_outputs(staging, result, profile, built, lg, request)
+        _write_outputs(staging, result, profile, built, lg, request, card)
         files = tuple(sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()))
     return dataclasses.replace(result, files=files)
 
@@ -108,11 +115,24 @@ def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool) -> DeviceP
     return resolve_profile(request.device, spec=spec, refresh=request.refresh_profile, quiet=quiet)
 
 
-def _solve(request: FitRequest, profile: DeviceProfile, spec: ViTSpec, aux_depth: int, say: Log) -> Plan:
+def _solve(request: FitRequest, profile: DeviceProfile, spec: ViTSpec, aux_depth: int, say: Log,
+           rejected: dict[str, str] | None = None) -> Plan:
+    """The solver's pick, over the precisions asked for less those ``rejected`` (precision -> why)."""
     s = request.search
     max_depth = s.max_depth if s.max_depth is not None else default_max_depth(aux_depth, s.accuracy)
-    plan = solve(profile, request.budget, spec=spec, max_depth=max_depth, precisions=s.precisions,
-                 objective=s.objective, margin=s.margin, accuracy=s.accuracy)
+    wanted = s.precisions
+    if rejected:
+        wanted = tuple(p for p in (s.precisions or profile.precisions(spec)) if p not in rejected)
+        if not wanted:
+            raise InfeasibleError("every precision failed its validation: " + "; ".join(rejected.values()),
+                                  hint="validate on other data with --calib-data, or fine-tune with --finetune-data")
+    try:
+        plan = solve(profile, request.budget, spec=spec, max_depth=max_depth, precisions=wanted,
+                     objective=s.objective, margin=s.margin, accuracy=s.accuracy)
+    except InfeasibleError as e:
+        if not rejected:
+            raise
+        raise InfeasibleError(f"{e.message} (after {'; '.join(rejected.values())})", hint=e.hint) from None
     say(f"solved on {profile.name} ({profile.source} profile): depth {plan.depth} {plan.precision} "
         f"({plan.binding} binds)")
     return plan
@@ -128,68 +148,133 @@ def _runs_here(profile: DeviceProfile) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Steps 3-5: build, check, fine-tune
+# Steps 3-5: check, fine-tune, export and validate
 
 
-def _build(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngene, staging: Path, quiet: bool,
-           say: Log) -> _Built:
-    """Expand to the planned depth, check it where it can be measured here (stepping shallower), fine-tune
-    if asked; the staging directory ends up holding the export of the model returned."""
+def _card(request: FitRequest, lg: Learngene) -> DataCard | None:
+    """Class names and preprocessing of what will be shipped: the fine-tuning data's, else the learngene's."""
+    if request.finetune_data is None:
+        return lg.data
+    from tleg_deploy.train.data import data_card
 
-    def export(model: ViT, source: str) -> str:
-        _clear(staging)
-        return _export(model, source=source, lg=lg, learngene=request.learngene, precision=plan.precision,
-                       profile=profile, out=staging, data=request.finetune_data or "digits", say=say)
+    return data_card(request.finetune_data, lg.spec)
 
+
+def _validation_data(request: FitRequest, card: DataCard | None) -> str:
+    """The images quantized variants are validated (and int8 calibrated) on: the user's, when there are any."""
+    if request.calib_data or request.finetune_data:
+        return request.calib_data or request.finetune_data or "digits"
+    source = card.source if card is not None else ""
+    kind, _, arg = source.partition(":")
+    if (kind == "folder" and Path(arg).is_dir()) or (kind == "npz" and Path(arg).is_file()):
+        return source  # the data the learngene was trained on, still here
+    return "digits"
+
+
+def _build_with_fallback(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngene,
+                         card: DataCard | None, staging: Path, quiet: bool,
+                         say: Log, aux_depth: int) -> tuple[Plan, _Built, dict[str, str]]:
+    """``_build`` the plan; when the chosen precision's variant fails its validation, reject that precision
+    (saying why) and solve again without it, at most once per precision."""
+    rejected: dict[str, str] = {}
+    trained: dict[int, tuple[ViT, dict[str, Any]]] = {}
+    for _ in range(len(PRECISIONS)):
+        try:
+            built = _build(request, plan, profile, lg, card, staging, quiet, say, trained, frozenset(rejected))
+            return plan, built, rejected
+        except ExportError as e:
+            failed = _failed_precision(e)
+            if failed is None or failed == "fp32" or failed in rejected:
+                raise
+            rejected[failed] = f"{failed} rejected: {e.message}"
+            say(f"{rejected[failed]}; solving again without {failed}")
+            plan = _solve(request, profile, plan.spec, aux_depth, say, rejected)
+    raise InfeasibleError("no precision passed its validation: " + "; ".join(rejected.values()))
+
+
+def _failed_precision(e: ExportError) -> str | None:
+    """The precision of the variant whose validation raised ``e`` (``model_int8.onnx failed validation``)."""
+    m = re.match(r"(\S+\.onnx) failed validation", e.message)
+    kind = next((k for k in ONNX_KINDS.values() if m and k.file_name == m.group(1)), None)
+    return kind.precision if kind is not None else None
+
+
+def _build(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngene, card: DataCard | None,
+           staging: Path, quiet: bool, say: Log, trained: dict[int, tuple[ViT, dict[str, Any]]],
+           skip: frozenset[str] = frozenset()) -> _Built:
+    """Check the planned depth where it can be measured here (stepping shallower), fine-tune if asked
+    (once per depth: ``trained`` keeps it across re-picks), then export and validate the model that will
+    be shipped; the staging directory ends up holding that export."""
     from tleg_deploy.model.expansion import expand
 
     limit = request.budget.latency_ms
+    depth, measured, steps, over = plan.depth, None, (), {}
     if request.measure and limit is not None and _runs_here(profile):
-        built = _measured_check(request, plan, profile, lg, limit, export, staging, say)
+        depth, measured, steps, over = _measured_check(request, plan, profile, lg, limit, staging, say)
+    metrics: dict[str, Any] | None = None
+    if request.finetune_data is not None:
+        if depth not in trained:
+            trained[depth] = _finetune(expand(lg, depth), request.finetune_data, request.epochs, quiet, say)
+        model, metrics = trained[depth]
+        source = f"finetune:{request.finetune_data}:{request.epochs}"
     else:
-        built = _Built(expand(lg, plan.depth).eval(), "", None, (), None)
-    if request.finetune_data is not None:  # exported once, trained: the expansion's export was only for timing
-        model, metrics = _finetune(built.model, request.finetune_data, request.epochs, quiet, say)
-        chosen = export(model, f"finetune:{request.finetune_data}:{request.epochs}")
-        return dataclasses.replace(built, model=model, chosen=chosen, finetune=metrics)
-    if not built.chosen:
-        return dataclasses.replace(built, chosen=export(built.model, "expand"))
-    return built
+        model, source = expand(lg, depth).eval(), "expand"
+    _clear(staging)
+    chosen = _export(model, source=source, lg=lg, learngene=request.learngene, precision=plan.precision,
+                     profile=profile, out=staging, data=_validation_data(request, card), card=card, skip=skip,
+                     say=say)
+    return _Built(model, chosen, measured, tuple(steps), metrics, over)
 
 
 def _measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngene, limit: float,
-                    export: Export, staging: Path, say: Log) -> _Built:
-    """Export and time the planned depth; while it misses the ``limit`` (ms, at the budget's percentile),
-    one block shallower, at most ``request.max_steps`` times. Raises ``InfeasibleError`` if the last
-    depth tried still misses."""
+                    staging: Path, say: Log) -> tuple[int, Measurement, list[str], dict[int, float]]:
+    """Time an export of the planned depth; while it misses the ``limit`` (ms, at the budget's percentile),
+    one block shallower, at most ``request.max_steps`` times. Returns the depth, its measurement, the
+    steps and the depths measured over budget; raises ``InfeasibleError`` if the last depth tried still
+    misses. Latency does not depend on the weights, so this times the expansion, unvalidated."""
     from tleg_deploy.model.expansion import expand
     from tleg_deploy.profile.artifact import measure_onnx
 
     pct = request.budget.percentile
 
-    def timed(depth: int) -> tuple[ViT, str, Measurement]:
-        model = expand(lg, depth).eval()
-        chosen = export(model, "expand")
-        measured = measure_onnx(staging / chosen, plan.spec, depth=depth, precision=plan.precision,
-                                threads=_threads(profile))
+    def timed(depth: int) -> Measurement:
+        say(f"timing depth {depth} {plan.precision} here ...")
+        path = _timing_file(expand(lg, depth).eval(), plan.precision, staging / ".timing")
+        measured = measure_onnx(path, plan.spec, depth=depth, precision=plan.precision, threads=_threads(profile))
         say(f"measured depth {depth}: {pct} {measured.at(pct):.3g} ms (budget {limit:g} ms)")
-        return model, chosen, measured
+        return measured
 
     steps: list[str] = []
+    over: dict[int, float] = {}
     depth = plan.depth
-    model, chosen, measured = timed(depth)
+    measured = timed(depth)
     while measured.at(pct) > limit and depth > 1 and len(steps) < request.max_steps:
+        over[depth] = measured.at(pct)
         steps.append(f"depth {depth} measured {pct} {measured.at(pct):.3g} ms > {limit:g} ms: "
                      f"stepped to depth {depth - 1}")
         depth -= 1
-        model, chosen, measured = timed(depth)
+        measured = timed(depth)
+    shutil.rmtree(staging / ".timing", ignore_errors=True)
     if measured.at(pct) > limit:
         raise InfeasibleError(
             f"depth {depth} {plan.precision} measured {pct} {measured.at(pct):.3g} ms over the {limit:g} ms "
             f"budget after {len(steps)} step(s) shallower",
             hint="the host profile may be stale or the machine busy: re-measure with --refresh-profile "
                  "or raise the budget")
-    return _Built(model, chosen, measured, tuple(steps), None)
+    return depth, measured, steps, over
+
+
+def _timing_file(model: ViT, precision: str, out: Path) -> Path:
+    """The ONNX file ONNX Runtime runs ``model`` at ``precision`` from, for timing only (not validated)."""
+    from tleg_deploy.export.onnx import export_onnx
+    from tleg_deploy.export.quantize import convert_fp16, quantize_int8
+
+    out.mkdir(exist_ok=True)
+    fp32 = export_onnx(model, out / "model.onnx")
+    kind = deployed_kind(precision, "onnxruntime")
+    if kind == "int8":
+        return quantize_int8(fp32, out / "model_int8.onnx")
+    return convert_fp16(fp32, out / "model_fp16.onnx") if kind == "fp16" else fp32
 
 
 def _threads(profile: DeviceProfile) -> int:
@@ -198,16 +283,18 @@ def _threads(profile: DeviceProfile) -> int:
 
 
 def _export(model: ViT, *, source: str, lg: Learngene, learngene: str, precision: str, profile: DeviceProfile,
-            out: Path, data: str, say: Log) -> str:
+            out: Path, data: str, card: DataCard | None, skip: frozenset[str], say: Log) -> str:
     """Export and validate ``model`` as a one-member family in ``out`` (its ``manifest.json`` is the
     one format every export directory carries); returns the chosen precision's file, relative to ``out``."""
     from tleg_deploy.export.family import export_family
     from tleg_deploy.export.manifest import LOCK_NAME
     from tleg_deploy.model.resources import learngene_path
 
-    manifest = export_family(lg, [model.depth], out, export_formats(precision, profile.backend), data=data,
+    formats = export_formats(precision, profile.backend)
+    say(f"exporting depth {model.depth} ({', '.join(formats)}) and validating on {data} ...")
+    manifest = export_family(lg, [model.depth], out, formats, data=data,
                              learngene_file=learngene_path(learngene), models={model.depth: model}, source=source,
-                             profile=profile)
+                             profile=profile, card=card, skip_precisions=skip)
     (out / LOCK_NAME).unlink(missing_ok=True)  # released; ``out`` is fit's private staging directory
     wanted = deployed_kind(precision, profile.backend)
     files = [a["file"] for a in manifest["artifacts"] if a["format"] == "onnx"]
@@ -248,26 +335,28 @@ def _result(request: FitRequest, plan: Plan, profile: DeviceProfile, built: _Bui
                      f"predicted {pick.latency_ms:.3g} ms: the profile was probably taken under load; "
                      "re-measure with --refresh-profile for a deeper pick")
     return FitResult(plan=plan, pick=pick, out_dir=request.out_dir, files=(), measured=measured, steps=built.steps,
-                     finetune=built.finetune, measure_command=profile.measure_command, notes=tuple(notes))
+                     finetune=built.finetune, measure_command=profile.measure_command, notes=tuple(notes),
+                     over_budget=dict(built.over_budget))
 
 
 def _write_outputs(d: Path, result: FitResult, profile: DeviceProfile, built: _Built, lg: Learngene,
-                   request: FitRequest) -> None:
-    """The descendant's weights, build_engine.sh, plan.json and REPORT.md next to the manifest and ONNX
-    files ``export_family`` wrote."""
+                   request: FitRequest, card: DataCard | None) -> None:
+    """The descendant's weights, build_engine.sh, plan.json and REPORT.md next to the manifest, ONNX
+    files and ``labels.json`` that ``export_family`` wrote."""
     from tleg_deploy.model.expansion import save_descendant
 
     weights = f"model_d{result.depth}.safetensors"
     save_descendant(built.model, d / weights, lg.sha256(), {
         "made_by": "tleg-deploy fit", "learngene": str(request.learngene), "device": profile.name,
-        "budget": request.budget.to_dict(), "finetune": built.finetune})
+        "budget": request.budget.to_dict(), "finetune": built.finetune}, data=card)
     write_text_atomic(d / "build_engine.sh", build_engine_script(profile, built.chosen, result.precision,
                                                                  result.plan.spec))
     with contextlib.suppress(OSError):
         os.chmod(d / "build_engine.sh", 0o755)
     write_json_atomic(d / "plan.json", {**result.to_dict(), "weights": {
         "file": weights, "bytes": (d / weights).stat().st_size, "sha256": sha256_file(d / weights)}})
-    write_text_atomic(d / "REPORT.md", render_report(result, profile, built.chosen))
+    labels = json.loads((d / LABELS_NAME).read_text())
+    write_text_atomic(d / "REPORT.md", render_report(result, profile, built.chosen, labels))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,8 +370,8 @@ def check_destination(out: str | os.PathLike[str], inputs: Iterable[str | os.Pat
                       whole=True)
 
 
-_FIT_FILE = re.compile(r"plan\.json|manifest\.json|REPORT\.md|build_engine\.sh|timing\.cache|\.tleg-export\.lock"
-                       r"|model_d\d+\.safetensors")
+_FIT_FILE = re.compile(r"plan\.json|manifest\.json|labels\.json|REPORT\.md|build_engine\.sh|timing\.cache"
+                       r"|\.tleg-export\.lock|model_d\d+\.safetensors")
 
 
 def _fit_owns(rel: str, is_dir: bool) -> bool:

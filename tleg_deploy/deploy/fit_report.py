@@ -1,16 +1,19 @@
 """What ``fit`` writes for people: ``REPORT.md`` (budget, pick, predicted vs measured, candidates,
-the next command) and ``build_engine.sh`` (the script to run on the target device). Renders only:
-``deploy.fit`` writes the files.
+precisions rejected by validation, how to run the model, the next command) and ``build_engine.sh``
+(the script to run on the target device). Renders only: ``deploy.fit`` writes the files.
 """
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from tleg_deploy.files.datacard import run_snippet
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.plan import costs
+from tleg_deploy.plan.units import format_metrics
 
 if TYPE_CHECKING:
     from tleg_deploy.deploy.fit_types import FitResult
@@ -39,7 +42,8 @@ def build_engine_script(profile: DeviceProfile, chosen: str, precision: str, spe
         "print(f'p50 {np.percentile(t, 50):.3f} ms, p90 {np.percentile(t, 90):.3f} ms')\nEOF\n")
 
 
-def render_report(result: FitResult, profile: DeviceProfile, chosen_file: str) -> str:
+def render_report(result: FitResult, profile: DeviceProfile, chosen_file: str,
+                  labels: Mapping[str, Any] | None = None) -> str:
     plan = result.plan
     budget, pct = plan.budget, plan.budget.percentile
     pred = profile.predict(result.depth, spec=plan.spec, precision=result.precision)
@@ -56,7 +60,9 @@ def render_report(result: FitResult, profile: DeviceProfile, chosen_file: str) -
     for step in result.steps:
         lines.append(f"- Measured step: {step}")
     if result.finetune:
-        lines.append(f"- Fine-tuned: {', '.join(f'{k} {v}' for k, v in result.finetune.items())}")
+        lines.append(f"- Fine-tuned: {format_metrics(result.finetune)}")
+    for why in result.rejected.values():
+        lines.append(f"- Precision {why}; the solver picked again without it")
     for note in result.notes:
         lines.append(f"- Note: {note}")
     lines += ["", "## Predicted vs measured", "", "| figure | predicted (95% upper) | measured | budget |",
@@ -77,11 +83,24 @@ def render_report(result: FitResult, profile: DeviceProfile, chosen_file: str) -
               "|---|---|---|---|---|---|---|"]
     for c in plan.candidates:
         key = (c.depth, c.precision)
+        over = result.over_budget.get(c.depth) if c.precision == result.precision else None
         mark = "**pick**" if key == (result.depth, result.precision) else (
-            "fits the prediction, measured over budget" if key == (plan.depth, plan.precision) else
+            f"no: measured {pct} {over:.3g} ms > {budget.latency_ms:g} ms (predicted to fit)" if over is not None else
+            "no: measured over budget" if key == (plan.depth, plan.precision) and result.steps else
             "yes" if c.fits else "no: " + "; ".join(c.violations))
         lines.append(f"| {c.depth} | {c.precision} | {c.latency_ms:.3g} | {c.latency_upper_ms:.3g} | "
                      f"{c.memory_upper_mb:.1f} | {c.params:,} | {mark} |")
+    for precision, why in result.rejected.items():
+        lines.append(f"| - | {precision} | | | | | no: {why} |")
+    if labels is not None:
+        lines += ["", "## How to run this model", "",
+                  f"Classes (index order) and preprocessing are in `labels.json` "
+                  f"({len(labels['classes'])} classes: {', '.join(labels['classes'][:5])}"
+                  f"{', ...' if len(labels['classes']) > 5 else ''}). "
+                  "In this directory, `python run.py IMAGE` with `run.py`:", "", "```python",
+                  run_snippet(dict(labels), chosen_file), "```"]
+        if labels.get("note"):
+            lines += ["", f"Note: {labels['note']}."]
     lines += ["", "## Next", ""]
     if profile.backend == "tensorrt":
         lines.append(f"On the {profile.name}: `bash build_engine.sh` (builds the TensorRT engine from "

@@ -47,7 +47,9 @@ class SearchOptions:
 class FitRequest:
     """One fit job. ``device``: a profile name or path (``registry.resolve_profile``; ``host`` is measured
     on first use, ``refresh_profile`` re-measures it) or a ``DeviceProfile``. ``finetune_data`` (digits,
-    folder:PATH, npz:PATH) fine-tunes the pick for ``epochs``. ``measure``: time the artifact where the
+    folder:PATH, npz:PATH) fine-tunes the pick for ``epochs``; ``calib_data`` (same forms) is what the
+    quantized variants are validated and calibrated on (default: ``finetune_data``, else the data the
+    learngene was trained on, where it is still there, else digits). ``measure``: time the artifact where the
     profile was measured on this host, stepping at most ``max_steps`` blocks shallower over budget."""
 
     budget: Budget
@@ -56,6 +58,7 @@ class FitRequest:
     learngene: str = "demo"
     search: SearchOptions = SearchOptions()
     finetune_data: str | None = None
+    calib_data: str | None = None
     epochs: int = 5
     max_steps: int = MAX_STEPS
     measure: bool = True
@@ -82,6 +85,8 @@ class FitResult:
     finetune: Mapping[str, Any] | None = None
     measure_command: str = ""
     notes: tuple[str, ...] = field(default=())
+    rejected: Mapping[str, str] = field(default_factory=dict)      # precision -> why its validation failed
+    over_budget: Mapping[int, float] = field(default_factory=dict)  # depth -> measured latency (ms) over budget
 
     @property
     def depth(self) -> int:
@@ -106,5 +111,7 @@ class FitResult:
             "files": list(self.files),
             "measured": None if self.measured is None else asdict(self.measured),
             "steps": list(self.steps), "finetune": dict(self.finetune) if self.finetune else None,
-            "measure_command": self.measure_command, "notes": list(self.notes), "plan": self.plan.to_dict(),
+            "measure_command": self.measure_command, "notes": list(self.notes),
+            "rejected_precisions": dict(self.rejected),
+            "measured_over_budget": {str(d): ms for d, ms in self.over_budget.items()}, "plan": self.plan.to_dict(),
         }

@@ -24,6 +24,7 @@ validation report records its ``mode``; int8/fp16 variants keep their own valida
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -103,6 +104,8 @@ class _Context:
     measure_latency: bool
     template: Any
     exporter: str = "auto"  # export_onnx's exporter, for the probe or for every member without a template
+    card: Any = None  # files.datacard.DataCard: class names and preprocessing, in every ONNX file's metadata
+    skip: frozenset[str] = frozenset()  # precisions whose variants are not written (fit: failed validation)
     proven_by: str | None = None  # the template-built member (depth >= 2) that passed the full validation
     _images: Any = None
     _calibration: Any = None
@@ -144,6 +147,8 @@ def export_family(
     exporter: str = "auto",
     progress: Progress | None = None,
     force: bool = False,
+    card: Any = None,
+    skip_precisions: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Export and validate ``depths`` of ``lg`` into ``out_dir``; returns the manifest.
 
@@ -156,7 +161,9 @@ def export_family(
     allows another directory. Only our files are replaced: a user's file in it, or in a
     ``depth_NN/`` of it, is kept (``files.outputs``).
     ``exporter`` is ``export_onnx``'s (``auto``, ``torchscript`` or ``dynamo``); the depth template
-    works with either.
+    works with either. ``card`` (a ``files.datacard.DataCard``; default: the learngene's) goes into
+    every ONNX file's metadata and ``labels.json``, which every export directory holds. Variants that
+    compute in one of ``skip_precisions`` (e.g. ``int8`` after it failed validation) are not written.
     """
     from tleg_deploy.export.onnx import EXPORTERS
     from tleg_deploy.export.tensorrt import BatchRange
@@ -189,7 +196,8 @@ def export_family(
     batch = batch or BatchRange()
     try:
         return _export_locked(lg, depths, out, fmts, batch, data, learngene_file, models, source, profile,
-                              measure_latency, use_template, progress, exporter)
+                              measure_latency, use_template, progress, exporter,
+                              card if card is not None else getattr(lg, "data", None), frozenset(skip_precisions))
     except BaseException:
         if created:  # a directory this call made and that holds nothing but the (released) lock: leave no trace
             with contextlib.suppress(OSError):
@@ -214,6 +222,7 @@ def _export_locked(
     lg: Any, depths: list[int], out: Path, fmts: tuple[str, ...], batch: Any, data: str | None,
     learngene_file: str | os.PathLike[str] | None, models: Mapping[int, Any] | None, source: str, profile: Any,
     measure_latency: bool, use_template: bool, progress: Progress | None, exporter: str = "auto",
+    card: Any = None, skip: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     lg_sha = lg.sha256()
     with directory_lock(out):
@@ -237,7 +246,8 @@ def _export_locked(
 
             with contextlib.suppress(ExportError):  # unexpected graph: fall back to one export per member
                 template = DepthTemplate(lg.spec, exporter=exporter)
-        ctx = _Context(out, fmts, lg_sha, data, batch, profile, measure_latency, template, exporter)
+        ctx = _Context(out, fmts, lg_sha, data, batch, profile, measure_latency, template, exporter, card=card,
+                       skip=skip)
         done = len(depths) - len(todo)
         if progress:
             progress(f"{done} of {len(depths)} members already exported", done, len(depths))
@@ -249,7 +259,27 @@ def _export_locked(
             done += 1
             if progress:
                 progress(f"depth {d} done", done, len(depths))
+        _write_labels(out, card, lg.spec)
         return manifest
+
+
+def _write_labels(out: Path, card: Any, spec: ViTSpec) -> None:
+    """``labels.json``: class names and preprocessing (assumed ones, said so, without a card); a
+    ``labels.json`` we did not write is left alone."""
+    from tleg_deploy.files.datacard import LABELS_FORMAT, LABELS_NAME, unknown_labels_json
+    from tleg_deploy.files.fileio import write_json_atomic
+
+    path = out / LABELS_NAME
+    if path.exists() or path.is_symlink():
+        try:
+            ours = path.is_file() and json.loads(path.read_text()).get("format") == LABELS_FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            return
+    doc = card.labels_json() if card is not None else unknown_labels_json(spec.num_classes, spec.img_size,
+                                                                           spec.in_chans)
+    write_json_atomic(path, doc)
 
 
 def _expand(lg: Any, depth: int) -> Any:
@@ -316,6 +346,8 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
 
     spec, depth = model.spec, model.depth
     meta = {"learngene_sha256": ctx.learngene_sha256, "precision": "fp32"}
+    if ctx.card is not None:
+        meta["data"] = ctx.card.to_json()
     if ctx.template is not None:
         proto = ctx.template.proto(model, meta)
     else:
@@ -329,18 +361,19 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
         if ctx.template is not None and depth >= 2:  # covers block 0, a copied block and the chaining
             ctx.proven_by = f"{_member_dir(depth)}/model.onnx"
     files = {"fp32": fp32}
-    if "int8" in ctx.formats:
+    if "int8" in ctx.formats and "int8" not in ctx.skip:
         files["int8"] = quantize_int8(fp32, stage / "model_int8.onnx")
         reports["int8"] = validate_onnx(files["int8"], model, precision="int8", images=ctx.images(spec), data=ctx.data)
-    if "fp16" in ctx.formats or "tensorrt" in ctx.formats:
+    if ("fp16" in ctx.formats or "tensorrt" in ctx.formats) and "fp16" not in ctx.skip:
         files["fp16"] = convert_fp16(fp32, stage / "model_fp16.onnx")
         images = ctx.images(spec) if ctx.data else None
         reports["fp16"] = validate_onnx(files["fp16"], model, precision="fp16", images=images, data=ctx.data)
     if "tensorrt" in ctx.formats:
-        files["int8-qdq"] = quantize_int8(fp32, stage / "model_int8_qdq.onnx", mode="qdq",
-                                          calibration=ctx.calibration(spec))
-        reports["int8-qdq"] = validate_onnx(files["int8-qdq"], model, precision="int8-qdq",
-                                            images=ctx.images(spec), data=ctx.data)
+        if "int8" not in ctx.skip:
+            files["int8-qdq"] = quantize_int8(fp32, stage / "model_int8_qdq.onnx", mode="qdq",
+                                              calibration=ctx.calibration(spec))
+            reports["int8-qdq"] = validate_onnx(files["int8-qdq"], model, precision="int8-qdq",
+                                                images=ctx.images(spec), data=ctx.data)
         _tensorrt(ctx, spec, stage, files)
     def entry(precision: str, fmt: str, path: Path, parity: dict[str, Any] | None) -> dict[str, Any]:
         return {"depth": depth, "precision": precision, "format": fmt, "file": path.name,
@@ -375,7 +408,7 @@ def _tensorrt(ctx: _Context, spec: ViTSpec, stage: Path, files: dict[str, Path])
         major = tensorrt_major()
     except TlegError:
         return  # no TensorRT here: build_engine.sh builds the engines on the target
-    sources = {p.name: files[p.tensorrt_kind(major)] for p in PRECISION.values()}
+    sources = {p.name: files[p.tensorrt_kind(major)] for p in PRECISION.values() if p.tensorrt_kind(major) in files}
     for precision, onnx_file in sources.items():
         build_tensorrt_engine(onnx_file, stage / f"model_{precision}.engine", spec=spec, precision=precision,
                               batch=ctx.batch, timing_cache=ctx.out_dir / "timing.cache")

@@ -1,7 +1,8 @@
 """Reading and writing our safetensors files with strict, versioned metadata (DESIGN.md §4).
 
 Every file carries ``format`` and ``schema_version`` in its safetensors metadata; readers reject
-other formats, unknown versions, and missing or extra metadata keys, naming the key. No pickle.
+other formats, unknown versions, and missing or extra metadata keys, naming the key; keys added
+after version 1 (the ``data`` card) are ``optional``, so older files still load. No pickle.
 """
 
 from __future__ import annotations
@@ -39,15 +40,15 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def read_tensor_file(
-    path: str | os.PathLike[str], fmt: str, meta_keys: set[str]
+    path: str | os.PathLike[str], fmt: str, meta_keys: set[str], optional: frozenset[str] = frozenset()
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a file of format ``fmt`` whose metadata must hold exactly ``meta_keys`` (plus
-    ``format`` and ``schema_version``). Returns ``(tensors, metadata)``."""
+    ``format``, ``schema_version`` and any of ``optional``). Returns ``(tensors, metadata)``."""
     p = _existing(path)
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            check_metadata(p, meta, fmt, meta_keys)
+            check_metadata(p, meta, fmt, meta_keys, optional)
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
     except FormatError:
         raise
@@ -56,7 +57,8 @@ def read_tensor_file(
     return tensors, meta
 
 
-def check_metadata(path: Path, meta: dict[str, str], fmt: str, meta_keys: set[str]) -> None:
+def check_metadata(path: Path, meta: dict[str, str], fmt: str, meta_keys: set[str],
+                   optional: frozenset[str] = frozenset()) -> None:
     found = meta.get("format")
     if found != fmt:
         raise FormatError(
@@ -69,7 +71,8 @@ def check_metadata(path: Path, meta: dict[str, str], fmt: str, meta_keys: set[st
             f"{path} has schema_version {version!r}; this tleg-deploy reads {SCHEMA_VERSION!r}",
             hint="upgrade tleg-deploy or re-create the file",
         )
-    if problem := key_mismatch(meta, meta_keys | {"format", "schema_version"}):
+    present = {k: v for k, v in meta.items() if k not in optional}
+    if problem := key_mismatch(present, meta_keys | {"format", "schema_version"}):
         raise FormatError(f"{path} metadata {problem}")
 
 

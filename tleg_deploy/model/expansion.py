@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tleg_deploy.errors import FormatError, SpecError
+from tleg_deploy.files.datacard import META_KEY, DataCard, card_from_metadata
 from tleg_deploy.files.tensorfile import check_tensors, read_tensor_file, write_tensor_file
 from tleg_deploy.model.finite import check_finite, check_float32, first_non_finite
 from tleg_deploy.model.learngene import Learngene
@@ -86,9 +87,10 @@ def descendant_shapes(spec: ViTSpec, depth: int) -> dict[str, tuple[int, ...]]:
 
 def save_descendant(
     model: ViT, path: str | os.PathLike[str], learngene_sha256: str = "",
-    provenance: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None, data: DataCard | None = None,
 ) -> None:
-    """Save a plain ViT with timm key names and our metadata (DESIGN.md §4)."""
+    """Save a plain ViT with timm key names and our metadata (DESIGN.md §4); ``data``: its class
+    names and preprocessing (``descendant_card`` reads them back)."""
     import json
 
     meta = {
@@ -97,6 +99,8 @@ def save_descendant(
         "learngene_sha256": learngene_sha256,
         "provenance": json.dumps(provenance or {}, sort_keys=True),
     }
+    if data is not None:
+        meta[META_KEY] = data.to_json()
     state = dict(model.state_dict())
     check_float32("descendant", state, hint="cast the model with .float() before saving")
     check_finite("descendant", state, hint="the model diverged or was corrupted; not saved")
@@ -105,8 +109,9 @@ def save_descendant(
 
 def load_descendant(path: str | os.PathLike[str]) -> tuple[ViT, dict[str, str]]:
     """Load a descendant saved by ``save_descendant``; returns the model and its metadata."""
-    tensors, meta = read_tensor_file(path, DESCENDANT_FORMAT, _DESCENDANT_META)
+    tensors, meta = read_tensor_file(path, DESCENDANT_FORMAT, _DESCENDANT_META, frozenset({META_KEY}))
     try:
+        card_from_metadata(meta, path)  # an invalid card fails here, not later in an export
         spec = ViTSpec.from_json(meta["spec"])
         depth = check_depth(int(meta["depth"]))
     except (SpecError, ValueError) as e:
@@ -115,3 +120,9 @@ def load_descendant(path: str | os.PathLike[str]) -> tuple[ViT, dict[str, str]]:
     check_float32(path, tensors, hint="descendant files are float32; re-save it with the model cast by .float()")
     check_finite(path, tensors)
     return vit_from_state(spec, depth, tensors), meta
+
+
+def descendant_card(meta: dict[str, str]) -> DataCard | None:
+    """The class names and preprocessing in a descendant's metadata (``load_descendant``'s second
+    value); None for files written without them."""
+    return card_from_metadata(meta, "descendant")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tleg_deploy.errors import FormatError, SpecError
+from tleg_deploy.files.datacard import META_KEY, DataCard, card_from_metadata
 from tleg_deploy.files.tensorfile import check_tensors, read_tensor_file, write_tensor_file
 from tleg_deploy.model.finite import check_finite, check_float32
 from tleg_deploy.model.spec import ViTSpec, check_depth
@@ -40,6 +41,7 @@ class Learngene:
     base: dict[str, torch.Tensor]
     slope: dict[str, torch.Tensor]
     provenance: dict[str, Any] = field(default_factory=dict)
+    data: DataCard | None = None  # class names and preprocessing of the data it was trained on
 
     def __post_init__(self) -> None:
         check_depth(self.aux_depth)
@@ -114,17 +116,20 @@ class Learngene:
             "rule": RULE,
             "provenance": json.dumps(self.provenance, sort_keys=True),
         }
+        if self.data is not None:
+            meta[META_KEY] = self.data.to_json()
         write_tensor_file(path, tensors, FORMAT, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Learngene:
-        tensors, meta = read_tensor_file(path, FORMAT, _META_KEYS)
+        tensors, meta = read_tensor_file(path, FORMAT, _META_KEYS, frozenset({META_KEY}))
         if meta["rule"] != RULE:
             raise FormatError(f"{path} uses expansion rule {meta['rule']!r}; we implement {RULE!r}")
         try:
             spec = ViTSpec.from_json(meta["spec"])
             aux_depth = int(meta["aux_depth"])
             provenance = json.loads(meta["provenance"])
+            card = card_from_metadata(meta, path)
         except (SpecError, ValueError) as e:
             raise FormatError(f"{path} has invalid metadata: {e}") from None
         check_tensors(path, tensors, cls.expected_shapes(spec))
@@ -133,7 +138,7 @@ class Learngene:
         pick = lambda prefix: {  # noqa: E731
             k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)
         }
-        return cls(spec, aux_depth, pick("shared."), pick("base."), pick("slope."), provenance)
+        return cls(spec, aux_depth, pick("shared."), pick("base."), pick("slope."), provenance, card)
 
     def describe(self) -> dict[str, Any]:
         """Facts for ``tleg-deploy info``."""
@@ -151,6 +156,7 @@ class Learngene:
             "params_shared": shared,
             "sha256": self.sha256(),
             "provenance": self.provenance,
+            "data": None if self.data is None else self.data.to_dict(),
         }
 
 

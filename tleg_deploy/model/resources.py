@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tleg_deploy.errors import FormatError, SpecError
+from tleg_deploy.files.datacard import DataCard, Preprocessing
 from tleg_deploy.files.fileio import safetensors_metadata
 from tleg_deploy.model.spec import ViTSpec
 
@@ -15,6 +16,9 @@ if TYPE_CHECKING:
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEMO_LEARNGENE = DATA_DIR / "demo_learngene.safetensors"
+# The demo learngene was trained on the bundled digits (its provenance says so): 8x8 greyscale in [0, 1]
+# (an 8-bit image / 255), then (x - 0.5) / 0.5, classes "0".."9" (train.data.data_card("digits", ...)).
+DEMO_CARD = DataCard(tuple(str(i) for i in range(10)), Preprocessing(8, "L", "bilinear", 1 / 255), "digits")
 
 
 def learngene_path(name_or_path: str | os.PathLike[str]) -> Path:
@@ -25,7 +29,10 @@ def learngene_path(name_or_path: str | os.PathLike[str]) -> Path:
 def load_learngene(name_or_path: str | os.PathLike[str] = "demo") -> Learngene:
     from tleg_deploy.model.learngene import Learngene  # torch: only once a learngene is actually loaded
 
-    return Learngene.load(learngene_path(name_or_path))
+    lg = Learngene.load(learngene_path(name_or_path))
+    if lg.data is None and str(name_or_path) == "demo":  # bundled before files carried their data card
+        lg.data = DEMO_CARD
+    return lg
 
 
 def learngene_spec(name_or_path: str | os.PathLike[str]) -> ViTSpec:

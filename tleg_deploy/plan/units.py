@@ -1,5 +1,6 @@
 """Parse the quantity strings users type (``5ms``, ``256MB``, ``20M``) into numbers with units in
 their names. Only the CLI edge calls these; library code takes ``latency_ms``, ``memory_mb``, ...
+``format_metrics`` goes the other way, for metrics shown to people (accuracies as percentages).
 Stdlib only.
 """
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from tleg_deploy.errors import UnitError
 
@@ -64,3 +67,16 @@ def parse_percentile(text: str) -> str:
     if norm not in ("p50", "p90"):
         raise UnitError(f"unknown latency percentile {text!r}", hint="use p50 or p90")
     return norm
+
+
+def format_metric(key: str, value: Any) -> str:
+    """``val_acc 0.229...`` → ``val_acc 22.9%``; seconds to 0.1 s; other floats to 4 significant digits."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        if key.endswith("acc") or key.endswith("accuracy"):
+            return f"{value:.1%}"
+        return f"{value:.1f}" if key.endswith("seconds") else f"{value:.4g}"
+    return str(value)
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {format_metric(k, v)}" for k, v in metrics.items())

@@ -26,6 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tleg_deploy.errors import DeviceError, TlegError
 from tleg_deploy.model.spec import ViTSpec
@@ -229,8 +230,9 @@ def estimated_for_spec(profile: DeviceProfile, spec: ViTSpec) -> DeviceProfile:
             pass  # a damaged cache is simply recomputed
     calibration = next((dict(e.basis["compute_efficiency"]) for e in profile.entries
                         if e.basis and isinstance(e.basis.get("compute_efficiency"), dict)), None)
+    floor = _shipped_floor(profile, device, sheets)
     macs = (batch * costs.block_macs(spec), batch * costs.fixed_macs(spec))
-    entries = tuple(estimate.estimate_entry(device, spec, p, batch, sheets=sheets, macs=macs,
+    entries = tuple(estimate.estimate_entry(device, spec, p, batch, sheets=sheets, macs=macs, floor=floor,
                                             calibration=calibration or estimate.calibrate_efficiency(sheets))
                     for p in precisions)
     result = dataclasses.replace(
@@ -249,3 +251,14 @@ def estimate_measure_command(device: str, spec: ViTSpec, precisions: tuple[str, 
 
     return (f"tleg-deploy profile --device {device} --backend tensorrt --precision {','.join(precisions)} "
             f"--spec {spec_arg(spec)} --batch {batch} -o profiles/{device}.json")
+
+
+def _shipped_floor(profile: DeviceProfile, device: str, sheets: dict[str, Any]) -> dict[str, Any] | None:
+    """The per-kernel floor the shipped profile was computed with, in ``estimate.device_facts``' terms
+    (at this device's own clock), so the on-the-fly entries need no fvcore re-calibration (torch)."""
+    for e in profile.entries:
+        kf = (e.basis or {}).get("kernel_floor_us")
+        if isinstance(kf, dict) and isinstance(kf.get("value"), (int, float)):
+            clock = float(sheets["devices"][device]["facts"]["gpu_clock_mhz"]["value"])
+            return {"value": float(kf["value"]), "clock_mhz": clock, "point": "shipped profile"}
+    return None

@@ -5,8 +5,10 @@ Sections (``sections.py``), each from data that came from a run: latency vs dept
 measured latency (``benchmarks/predictor_accuracy.py``), the solver's picks measured
 (``benchmarks/solver.py``), accuracy vs depth per initialization and accuracy vs latency with the
 budget and the Pareto front (``benchmarks/paper_claims.py``), and the storage of the learngene vs
-its family (an export manifest, else ``costs.py``). A section whose input is missing says which
-command produces it. Writes ``report.md``, ``figures/*.png`` and a self-contained ``report.html``
+its family (an export manifest, else ``costs.py``), and the user's fits (``fits.py``, ``--fit``). A
+section whose input is missing says which command produces it. Benchmark results are used only when
+made for the learngene reported on (``results_dir`` None: omitted, with a note; results of another
+learngene: refused). Writes ``report.md``, ``figures/*.png`` and a self-contained ``report.html``
 (images inlined), each file atomically, and ``.tleg-report.json``, the record of those files: a
 re-run replaces only recorded files (so a user's ``report.md`` is never overwritten without
 ``force``), and removes a recorded figure that this build has no data for (``files.outputs``).
@@ -27,6 +29,7 @@ from tleg_deploy.files.fileio import write_json_atomic, write_text_atomic
 from tleg_deploy.files.outputs import FORCE_HINT, has_marker, output_dir
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.report import sections
+from tleg_deploy.report.fits import fits_section, load_fit, results_learngene
 from tleg_deploy.report.inputs import Results, bench_command, learngene_facts, load_results, spec_label
 
 Progress = Callable[[str], None]
@@ -35,6 +38,7 @@ FIGURE_NAMES = ("latency_vs_depth", "predicted_vs_measured", "solver_check", "ac
                 "accuracy_vs_latency", "storage")
 RECORD = ".tleg-report.json"
 RECORD_FORMAT = "tleg-report"
+OMITTED = "benchmark results (made for tleg-deploy's demo learngene) are left out for this learngene"
 
 
 @dataclass(frozen=True)
@@ -44,13 +48,14 @@ class ReportConfig:
     host measurement included, none made); ``latency_ms`` None = a budget per device in the middle of its range."""
 
     out_dir: Path
-    results_dir: Path
+    results_dir: Path | None  # None: no benchmark results (the sections say so)
     devices: tuple[str, ...] = ()
     learngene: str = "demo"
     family: Path | None = None
     latency_ms: float | None = None
     max_depth: int = 24
     force: bool = False  # replace report files tleg-deploy has no record of writing
+    fits: tuple[Path, ...] = ()  # directories written by ``fit``, shown in "Your fits"
 
     def __post_init__(self) -> None:
         check_depth(self.max_depth, maximum=MAX_DEPTH)
@@ -96,6 +101,9 @@ class Report:
         return self.cfg.out_dir / FIGURES / f"{name}.png"
 
     def missing(self, section: str, results: Results, name: str, why: str = "") -> None:
+        if self.cfg.results_dir is None:  # omitted on purpose: the benchmarks exist for the demo learngene only
+            self.add(f"_Not in this report: {OMITTED}._", "")
+            return
         self.result.missing[section] = bench_command(name)
         self.add(results.missing(name, why), "")
 
@@ -123,10 +131,18 @@ def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: 
     owned = _check_outputs(cfg)
     rep = Report(cfg, progress)
     manifest = _family_members(cfg.family) if cfg.family is not None else None  # a bad --family fails first
+    fits = [load_fit(d) for d in cfg.fits]
     rep.step("reading the learngene")
     lg = learngene_facts(cfg.learngene)
     spec = lg.spec
-    results = load_results(cfg.results_dir)
+    results = load_results(cfg.results_dir) if cfg.results_dir is not None else Results(Path("-"), {}, {})
+    made_for = results_learngene(results)
+    if made_for is not None and made_for != lg.sha256:
+        raise TlegError(f"the results in {str(cfg.results_dir)!r} were made for learngene {made_for[:12]}…, not "
+                        f"{lg.label} ({lg.sha256[:12]}…)", hint="leave --results out, or point it at results "
+                                                                "made for this learngene")
+    if cfg.results_dir is None:
+        rep.result.warnings.append(f"{OMITTED} (--results DIR adds results made for it)")
     rep.step("resolving device profiles")
     profiles = _profiles(cfg, spec, quiet)
     covered = [p for p in profiles if p.precisions(spec)]
@@ -150,6 +166,7 @@ def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: 
     rep.step("plotting storage")
     sections.storage_section(rep, lg, results, manifest)
     sections.details_section(rep, results)
+    fits_section(rep, fits, lg.sha256)
 
     rep.step("writing report.md and report.html")
     from tleg_deploy.report.html import markdown_to_html

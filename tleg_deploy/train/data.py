@@ -9,6 +9,9 @@ Splits are a fixed, stratified 70/10/20 train/val/test partition drawn with ``SP
 every run, seed and helper sees the same test set. Images come
 back as float ``(N, C, H, W)`` scaled to [-1, 1] (``(x - 0.5) / 0.5`` of the [0, 1] image), labels as
 int64. Anything unusable raises ``DataError`` naming the file, class or value.
+``data_card(source, spec)`` records the class names (label order: the bundled digits "0".."9",
+folder class names sorted alphabetically, npz integer labels) and this preprocessing
+(``files.datacard``), for the metadata of every file trained on the data.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor
 
 from tleg_deploy.errors import DataError
+from tleg_deploy.files.datacard import DataCard, Preprocessing
 from tleg_deploy.model.spec import ViTSpec
 
 SPLITS = ("train", "val", "test")
@@ -45,6 +49,32 @@ def load_data(source: str, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
     else:
         raise DataError(f"unknown data source {source!r}", hint="use digits, folder:PATH or npz:PATH")
     return x, y
+
+
+def data_card(source: str, spec: ViTSpec) -> DataCard:
+    """The class names (in label order) and preprocessing ``load_data(source, spec, ...)`` uses."""
+    kind, _, arg = source.partition(":")
+    resize, scale = "bilinear", 1 / 255
+    if kind == "digits" and not arg:
+        # For an image file of a digit (8-bit, white ink on black): the bundled arrays hold 0..16 and are
+        # divided by 16 to the same [0, 1] range.
+        names = [str(i) for i in range(10)]
+    elif kind == "folder" and arg:
+        root = Path(arg)
+        if not root.is_dir():
+            raise DataError(f"no such data folder: {root}")
+        names = _classes(root / "train" if all((root / s).is_dir() for s in SPLITS) else root)
+    elif kind == "npz" and arg:
+        load_data(source, spec, "train")  # checks the file; its images come back normalised: read the raw range
+        with np.load(Path(arg), allow_pickle=False) as f:
+            raw = np.asarray(f["x"])
+        names, resize = [str(i) for i in range(spec.num_classes)], "none"
+        scale = 1 / 255 if np.issubdtype(raw.dtype, np.integer) or raw.max(initial=0) > 1.0 else 1.0
+    else:
+        raise DataError(f"unknown data source {source!r}", hint="use digits, folder:PATH or npz:PATH")
+    names += [f"unused {i}" for i in range(len(names), spec.num_classes)]  # labels the data never uses
+    return DataCard(tuple(names), Preprocessing.for_channels(spec.img_size, spec.in_chans, resize=resize, scale=scale),
+                    source)
 
 
 def augment_batch(x: Tensor, generator: torch.Generator) -> Tensor:

@@ -22,6 +22,7 @@ from tleg_deploy.model.finite import check_finite
 from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.model.vit import ViT
+from tleg_deploy.train.data import data_card
 from tleg_deploy.train.finetune import splits
 from tleg_deploy.train.loop import RunOptions, TrainConfig, evaluate, run_training
 from tleg_deploy.train.losses import DistillationLoss
@@ -89,6 +90,7 @@ def train_learngene(
         "final_train_loss": res.history[-1]["train_loss"] if res.history else None,
     }
     out = aux.cpu().to_learngene()
+    out.data = data_card(data, lg.spec)  # class names and preprocessing travel with the learngene
     out.provenance = {
         "made_by": "train_learngene", "trained": True, "data": data, "seed": cfg.seed, "epochs": cfg.epochs,
         "lr": cfg.lr, "batch_size": cfg.batch_size, "alpha": distill.alpha, "tau": distill.tau,

@@ -43,7 +43,7 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 64           # global: split over the processes
     weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
+    warmup_epochs: float | None = None  # None: min(1, 0.1 x epochs), so a short run is not mostly warm-up
     min_lr: float = 1e-5
     clip_grad: float | None = None
     seed: int = 0
@@ -59,6 +59,8 @@ class TrainConfig:
             raise TlegError(f"learning rates lr={self.lr!r}, min_lr={self.min_lr!r} need 0 <= min_lr <= lr, lr > 0")
         if self.batch_size < 1:
             raise TlegError(f"batch size {self.batch_size!r} must be positive")
+        if self.warmup_epochs is None:
+            object.__setattr__(self, "warmup_epochs", min(1.0, 0.1 * self.epochs))
         if self.weight_decay < 0 or self.warmup_epochs < 0:
             raise TlegError("weight_decay and warmup_epochs must be non-negative")
         if self.clip_grad is not None and not self.clip_grad > 0:
@@ -170,7 +172,7 @@ def run_training(
                                                           shuffle=True, seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size // info.world, sampler=sampler)
     steps_per_epoch = len(loader)
-    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    total, warmup = cfg.epochs * steps_per_epoch, round((cfg.warmup_epochs or 0.0) * steps_per_epoch)
     t_start, seen = time.perf_counter(), 0
     with _progress(not opts.quiet and info.is_main, label, cfg.epochs, start) as bar:
         for epoch in range(start, cfg.epochs):
