@@ -99,6 +99,15 @@ class DepthTemplate:
         groups: dict[Any, list[Any]] = {_PRE: [], 0: [], 1: [], _TAIL: []}
         for node, r in zip(nodes, region, strict=True):
             groups[r].append(node)
+        # A head that starts without parameters (fc_norm: mean-pool, then LayerNorm) reads block 1 only,
+        # so it landed in block 1: what block 1 has past block 0's length, at its end, is the tail's.
+        extra = len(groups[1]) - len(groups[0])
+        if extra > 0 and [n.op_type for n in groups[1][: len(groups[0])]] == [n.op_type for n in groups[0]]:
+            moved = groups[1][-extra:]
+            groups[1] = groups[1][:-extra]
+            ids = {id(n) for n in moved}
+            region = [_TAIL if id(n) in ids else r for n, r in zip(nodes, region, strict=True)]
+            groups[_TAIL] = [n for n, r in zip(nodes, region, strict=True) if r == _TAIL]
         self._pre, self._block0, self._block1, self._tail = groups[_PRE], groups[0], groups[1], groups[_TAIL]
         self._check(graph, {o: r for n, r in zip(nodes, region, strict=True) for o in n.output if o})
 
