@@ -81,3 +81,37 @@ def test_depth_template_matches_pytorch_at_every_depth(tiny_lg, tmp_path):
         with torch.no_grad():
             assert np.abs(_ort_run(path, x) - model(x).numpy()).max() < 1e-4
         assert {p.key: p.value for p in proto.metadata_props}["depth"] == str(depth)
+
+
+def _ort_optimized_ops(path, tmp_path) -> list[str]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable fusions only
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.parametrize("build", ["export", "template"])
+def test_dynamic_batch_graph_lets_onnxruntime_fuse(tiny_lg, tmp_path, build):
+    """Issue 13: with a dynamic batch axis the graph still has constant shapes inside the blocks, so
+    ORT folds the attention scale into FusedMatMul and leaves no Shape/Gather/Sqrt arithmetic per block."""
+    from tleg_deploy.export.onnx import save_proto
+    from tleg_deploy.export.template import DepthTemplate
+
+    depth = 3
+    model = expand(tiny_lg, depth).eval()
+    if build == "export":
+        path = export_onnx(model, tmp_path / "m.onnx")
+    else:
+        path = save_proto(DepthTemplate(tiny_lg.spec).proto(model), tmp_path / "m.onnx")
+    ops = _ort_optimized_ops(path, tmp_path)
+    assert ops.count("FusedMatMul") == depth  # QKᵀ with the softmax scale folded in, one per block
+    assert ops.count("BiasGelu") + ops.count("Gelu") == depth
+    for op in ("Sqrt", "Div", "Gather", "Unsqueeze", "Cast"):
+        assert op not in ops, op
+    assert ops.count("Shape") <= 1  # the patch embedding's flatten, once, outside the blocks
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert np.abs(_ort_run(path, x) - model(x).numpy()).max() < 1e-4

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -84,3 +85,23 @@ def test_fp16_keeps_layernorm_and_softmax_fp32(tiny_lg, tmp_path):
     saved = json.loads(report_path(fp16).read_text())
     assert saved["schema_version"] == "2" and saved["max_rel_diff"] == report.max_rel_diff
     assert read_metadata(fp16)["precision"] == "fp16"
+
+
+def test_static_int8_does_not_depend_on_the_rest_of_the_batch(tiny_lg, tmp_path):
+    """Issue 13: dynamic int8 picks activation scales per call, so one image's logits change with
+    what else is in the batch; static QDQ scales are fixed at calibration, so they cannot."""
+    import onnxruntime as ort
+
+    model = expand(tiny_lg, 2)
+    fp32 = export_onnx(model, tmp_path / "m.onnx")
+    images = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images[1:] *= 4.0  # batch-mates with a wider range than the image itself
+    worst = {}
+    for mode in ("dynamic", "qdq"):
+        path = quantize_int8(fp32, tmp_path / f"{mode}.onnx", mode=mode, calibration=images)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        batched = sess.run(None, {"pixel_values": images.numpy()})[0]
+        alone = sess.run(None, {"pixel_values": images[:1].numpy()})[0]
+        worst[mode] = float(np.abs(alone[0] - batched[0]).max())
+    assert worst["qdq"] < 1e-5
+    assert worst["dynamic"] > 1e-3  # the check can tell the two apart

@@ -6,6 +6,13 @@
   per output channel by default: on the trained demo expanded to depths 1/3/6/9/12, top-1 agreement
   with fp32 on the digits test split was 99.2/99.4/98.9/99.4/100% per tensor and
   99.4/100/99.4/100/100% per channel (the 99% bar of issue 5 fails per tensor at depth 6).
+  Why dynamic for the ONNX Runtime CPU target (``benchmarks/export_speed.py``, digits depth 12, one
+  interleaved run): dynamic per channel ran at 0.70x our fp32 time, static QDQ (weight MatMuls only,
+  calibrated on digits) at 0.82-1.06x: ORT runs static QDQ as QuantizeLinear + MatMulIntegerToFloat +
+  a separate bias Add, dynamic as one DynamicQuantizeMatMul with the bias fused. The price: activation
+  scales are picked per call, so one image's logits move with its batch-mates (up to 0.11 there);
+  the static ``qdq`` variant cannot (``tests/test_export_quantize.py``) and is the one to use where
+  that matters.
 - ``quantize_int8(..., mode="qdq", calibration=images)``: static QuantizeLinear/DequantizeLinear
   pairs from calibration images, symmetric int8 with per-channel weights — the explicit-quantization
   form TensorRT reads (it cannot read ORT's dynamic ``DynamicQuantizeLinear``/``MatMulInteger``).
