@@ -166,6 +166,7 @@ class DriftReading:
     probe_ms: float | None = None
     reference_ms: float | None = None
     probe_se_rel: float = 0.0         # the probe's own standard error, relative
+    probe_rel_std: float = 0.0        # spread of the probe's per-round p50s, relative: the variation *now*
     threshold: float = DRIFT_THRESHOLD
     conditions: Mapping[str, Any] = field(default_factory=dict)
 
@@ -180,7 +181,8 @@ class DriftReading:
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "message": self.message, "drift": self.drift, "ratio": self.ratio,
                 "scale": self.scale, "probe_p50_ms": self.probe_ms, "reference_p50_ms": self.reference_ms,
-                "probe_se_rel": self.probe_se_rel, "threshold": self.threshold, "conditions": dict(self.conditions)}
+                "probe_se_rel": self.probe_se_rel, "probe_rel_std": self.probe_rel_std, "threshold": self.threshold,
+                "conditions": dict(self.conditions)}
 
 
 def read_drift(info: ProbeInfo, p50_ms: float, se_ms: float, *, threshold: float = DRIFT_THRESHOLD,
@@ -198,18 +200,20 @@ def read_drift(info: ProbeInfo, p50_ms: float, se_ms: float, *, threshold: float
     else:
         status, tail = "within", f": within ±{threshold:.0%}, predictions as profiled"
     return DriftReading(status, head + tail, ratio=ratio, probe_ms=p50_ms, reference_ms=ref,
-                        probe_se_rel=se_ms / p50_ms, threshold=threshold, conditions=dict(conditions or {}))
+                        probe_se_rel=se_ms / p50_ms, probe_rel_std=se_ms * math.sqrt(info.protocol.rounds) / p50_ms,
+                        threshold=threshold, conditions=dict(conditions or {}))
 
 
 def latency_terms(info: ProbeInfo | None, reading: DriftReading | None) -> tuple[float, float]:
     """``(scale, extra_rel)`` for a profile's latency predictions: the probe's rescaling, and the relative
     half-width added in quadrature to the fit's 95% interval: the machine's variation over time
-    (``z·variation_rel``), the fresh probe's own error, and a drift left uncorrected (within threshold)."""
+    (``z·variation_rel`` as recorded while profiling, or as the fresh probe's rounds show it now if the
+    machine is noisier now), the fresh probe's own error, and a drift left uncorrected (within threshold)."""
     if info is None:
         return (reading.scale if reading is not None else 1.0), 0.0
     extra = (Z95 * info.variation_rel) ** 2
     if reading is not None and reading.ratio is not None:
-        extra += (Z95 * reading.probe_se_rel) ** 2
+        extra = (Z95 * max(info.variation_rel, reading.probe_rel_std)) ** 2 + (Z95 * reading.probe_se_rel) ** 2
         if reading.status != "rescaled":
             extra += (reading.ratio - 1.0) ** 2
     return (reading.scale if reading is not None else 1.0), math.sqrt(extra)
@@ -267,6 +271,9 @@ class Prober:
         self._tmp.cleanup()
 
 
+_PROBERS: dict[tuple[Any, ...], Prober] = {}
+
+
 def check_probe(profile: DeviceProfile) -> DriftReading | None:
     """Why ``profile`` cannot be probed here (a reading to show), or ``None`` if it can."""
     if profile.source != "measured":
@@ -297,12 +304,11 @@ def probe(profile: DeviceProfile, *, threshold: float = DRIFT_THRESHOLD,
         if prober is not None:
             p50, se = prober(info)
         else:
-            p = Prober(info.spec, info.precision, info.depth, backend=info.backend, device=info.device,
-                       batch=info.batch, protocol=info.protocol)
-            try:
-                p50, se = p.time()
-            finally:
-                p.close()
+            key = (info.spec, info.precision, info.depth, info.backend, info.device, info.batch, info.protocol)
+            if key not in _PROBERS:  # built once per process (the export is the slow part, not the timing)
+                _PROBERS[key] = Prober(info.spec, info.precision, info.depth, backend=info.backend,
+                                       device=info.device, batch=info.batch, protocol=info.protocol)
+            p50, se = _PROBERS[key].time()
     except (TlegError, OSError, RuntimeError, ImportError) as e:
         return DriftReading("failed", f"drift probe of {profile.name} failed ({type(e).__name__}: {e}); "
                                       "predictions as profiled")
