@@ -12,7 +12,10 @@ textbook one for a new observation from a simple regression,
 with ``s`` pooled from the fit residuals and the measurement noise (so three nearly collinear
 points do not claim a zero-width interval), and a relative floor for run-to-run drift (measured)
 or model error (estimated), which grows with the distance outside the measured depths. There
-``predict`` also says it is extrapolating.
+``predict`` also says it is extrapolating. A measured profile also records its drift probe's
+reference (``drift.ProbeInfo``): the machine's own variation over the profiling time is added to
+every latency interval in quadrature, and a probe reading taken before use (``drift.probe``,
+``profile.drift``) rescales the latency predictions when this host has drifted.
 
 JSON format (DESIGN.md §4): ``format="tleg-device-profile"``, ``schema_version``; unknown
 versions and missing or extra keys are rejected with an error naming the key. The stored fit is
