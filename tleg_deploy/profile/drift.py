@@ -244,7 +244,7 @@ class Prober:
                                  round_seconds=pr.round_seconds, min_reps=pr.min_reps, memory=False, extra_rounds=0,
                                  retries=0)
         self._tmp = tempfile.TemporaryDirectory(prefix="tleg-probe-")
-        self.runner, _ = make_runner(self.cfg, spec, depth, precision, Path(self._tmp.name))
+        self.runner: Any = make_runner(self.cfg, spec, depth, precision, Path(self._tmp.name))[0]
         self.t0 = time.perf_counter()
 
     def time(self) -> tuple[float, float]:
