@@ -3,9 +3,10 @@
 On this host, ONNX Runtime CPU, 1 intra-op thread: measure a fresh host profile (fp32 + int8,
 ``resolve_profile("host")`` into a private cache, so the check and the profile see the same load) for the
 ``deit-tiny`` and ``digits`` specs, then for 10 latency budgets per spec, spread geometrically
-over the range the profile covers (its fastest option at depth 2 .. 14), solve, export the pick
-and the next deeper depth (same precision, and every other precision), and time them with the
-profiler's own protocol in interleaved rounds. Counts:
+over the range the profile covers (its fastest option at depth 2 .. 14), probe the profile for
+drift (``tleg_deploy.profile.drift``: the probe-corrected predictions are what fit/solve use),
+solve, export the pick and the next deeper depth (same precision, and every other precision), and
+time them with the profiler's own protocol in interleaved rounds. Counts:
 
 - *within*: the pick's measured p90 <= its budget (target 20/20);
 - *tight*: the next deeper depth (pick's precision) measured over budget (target >= 18/20);
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from _results import write_result  # type: ignore[import-not-found]
+
+from tleg_deploy.profile.env import conditions
 
 
 def host_profile(spec: Any, cached: bool) -> Any:
@@ -93,6 +96,10 @@ def run_spec(name: str, n_budgets: int, max_depth: int, cached: bool) -> list[di
     t0 = time.time()
     prof = host_profile(spec, cached)
     print(f"[{name}] host profile ready in {time.time() - t0:.0f} s: precisions {prof.precisions(spec)}", flush=True)
+    # What fit/solve use: the profile probed for drift (tleg_deploy.profile.drift), rescaled beyond the threshold.
+    from tleg_deploy.profile.drift import probe_and_apply
+
+    prof = probe_and_apply(prof, log=lambda msg: print(f"[{name}] {msg}", flush=True))
     precisions = prof.precisions(spec)
 
     def fastest_upper(depth: int) -> float:
@@ -131,6 +138,7 @@ def run_spec(name: str, n_budgets: int, max_depth: int, cached: bool) -> list[di
                 "tight": (deeper_all[p] > budget.latency_ms) if p in deeper_all else None,
                 "tight_any_precision": (min(deeper_all.values()) > budget.latency_ms) if deeper_all else None,
                 "solve_us_median": med_us, "solve_us_p99": max_us,
+                "drift": prof.drift.to_dict() if prof.drift is not None else None,
             }
             rows.append(row)
             print(f"[{name}] budget {budget.latency_ms:.4g} ms -> depth {d} {p}: measured p90 "
@@ -195,6 +203,7 @@ def main() -> None:
         "infeasible": len(rows) - len(done),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count(),
+        "conditions_after": conditions(),
     }
     print(summary)
     write_result("solver", {"summary": summary, "rows": rows, "args": vars(args),

@@ -45,7 +45,6 @@ def _check_dir(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_fit_host_measured_then_jetson_estimated(tmp_path: Path, cache: Path) -> None:
-    from tleg_deploy.plan.solve import Budget, solve
     from tleg_deploy.profile.registry import resolve_profile
 
     spec = ViTSpec.preset("digits")
@@ -53,16 +52,20 @@ def test_fit_host_measured_then_jetson_estimated(tmp_path: Path, cache: Path) ->
     up = {d: min(host.predict(d, spec=spec, precision=p).latency_p90_upper_ms for p in host.precisions(spec))
           for d in (4, 5)}
     budget_ms = (up[4] + up[5]) / 2  # between depth 4 and 5 of the fastest option
-    expected = solve(host, Budget(latency_ms=budget_ms), spec=spec)
+    # fit solves on the profile as probed now (drift-rescaled), so its pick is checked against its own plan.
 
     out = tmp_path / "host"
     res = runner.invoke(app, ["fit", "--device", "host", "--latency", f"{budget_ms * 1000:.1f}us", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "measured" in res.output and "why not deeper" in res.output
+    assert "drift probe of host" in res.output  # the cached profile was probed before the solve
     plan = _check_dir(out)
     assert plan["figures"] == "measured" and plan["measured"]["p90_ms"] <= budget_ms
-    assert plan["depth"] <= expected.depth and plan["depth"] == expected.depth - len(plan["steps"])
-    assert plan["plan"]["why_not_deeper"].startswith(f"depth {expected.depth + 1} does not fit")
+    drift = plan["plan"]["drift"]
+    assert drift["status"] in ("rescaled", "within") and drift["ratio"] > 0
+    solved = plan["plan"]["depth"]
+    assert plan["depth"] <= solved and plan["depth"] == solved - len(plan["steps"])
+    assert plan["plan"]["why_not_deeper"].startswith(f"depth {solved + 1} does not fit")
 
     # The same budget again, as JSON, into the same directory: replaced, never half-written.
     res = runner.invoke(app, ["fit", "--device", "host", "--latency", f"{budget_ms:.4f}ms", "-o", str(out),
@@ -76,6 +79,7 @@ def test_fit_host_measured_then_jetson_estimated(tmp_path: Path, cache: Path) ->
     assert "estimated" in res.output and "tleg-deploy profile" in res.output
     plan = _check_dir(out)
     assert plan["figures"] == "estimated" and plan["measured"] is None and plan["depth"] >= 2
+    assert plan["plan"]["drift"] is None and "drift probe" not in res.output  # estimates are not probed
     member = f"depth_{plan['depth']:02d}"
     assert f"{member}/build_engine.sh" in (out / "build_engine.sh").read_text()
     assert "trtexec" in (out / member / "build_engine.sh").read_text()

@@ -117,7 +117,7 @@ def test_json_round_trip(tmp_path) -> None:
     assert again == prof
     assert again.predict(30, spec=SPEC, precision="fp32") == prof.predict(30, spec=SPEC, precision="fp32")
     data = json.loads(path.read_text())
-    assert data["format"] == "tleg-device-profile" and data["schema_version"] == 1
+    assert data["format"] == "tleg-device-profile" and data["schema_version"] == 2
     assert data["entries"][0]["spec_name"] == "digits"
     assert not list(tmp_path.glob(".*.tmp"))
 

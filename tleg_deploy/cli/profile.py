@@ -72,6 +72,10 @@ def profile(
     if host_default:
         for arch in archs:
             result = registry.host_profile(arch, refresh=refresh, quiet=quiet or json_)
+        if result is not None and not refresh:  # a cached profile: how fast is this host now against it?
+            from tleg_deploy.profile.drift import probe_and_apply
+
+            result = probe_and_apply(result)
     else:
         aliases: tuple[str, ...] = ()
         if device != registry.HOST:
@@ -92,7 +96,8 @@ def profile(
     if dest is not None:
         result.save(dest)
     if json_:
-        emit_json({**result.to_dict(), "written": str(dest) if dest else None})
+        emit_json({**result.to_dict(), "written": str(dest) if dest else None,
+                   "drift": result.drift.to_dict() if result.drift is not None else None})
         return
     for arch in archs:
         render_profile(result, arch)
@@ -141,6 +146,12 @@ def render_profile(prof: DeviceProfile, arch: Any) -> None:
                       "are wide; re-measure on a quiet machine", highlight=False)
     if prof.notes:
         err.print(f"[yellow]note[/yellow]: {prof.notes}", highlight=False)
+    if prof.probe is not None:
+        out.print(f"  drift probe reference: {prof.probe.describe()}, p50 {prof.probe.reference_p50_ms:.4g} ms; "
+                  f"variation over the profiling time ±{prof.probe.variation_rel:.1%} "
+                  f"({len(prof.probe.history)} probes), in every latency interval", highlight=False)
+    if prof.drift is not None:
+        out.print(prof.drift.message, highlight=False)
 
 
 @command()

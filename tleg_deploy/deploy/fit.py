@@ -1,6 +1,7 @@
 """``fit(FitRequest(budget, device=...))``: the main job, from a learngene to a deployable directory.
 
-    1 resolve the device profile (``host`` is measured on first use)          ``_resolve_profile``
+    1 resolve the device profile (``host`` is measured on first use); a      ``_resolve_profile``
+      measured profile of this host is drift-probed (``profile.drift``)
     2 solve: the deepest (or most accurate) depth x precision that fits,      ``_solve``
       with confidence
     3 on a device we can run here (the profile was measured on this host with ``_measured_check``
@@ -21,7 +22,7 @@ The directory is built next to its destination and renamed into place at the end
 leaves nothing half-written. A re-run replaces an earlier fit output as a whole, so it refuses one
 holding a file fit did not write (``check_destination``, the policy of ``files.outputs``). Up to
 step 2 nothing imports torch (``fit --device jetson`` needs no GPU; the solver and profile tables
-are torch-free).
+are torch-free) except the drift probe of this host's profile.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> F
 
     spec = learngene_spec(request.learngene)
     aux_depth = learngene_aux_depth(request.learngene)
-    profile = _resolve_profile(request, spec, quiet)
+    profile = _resolve_profile(request, spec, quiet, say)
     plan = _solve(request, profile, spec, aux_depth, say)
 
     # -- torch from here on ---------------------------------------------------------------------
@@ -107,12 +108,15 @@ def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> F
 # Steps 1-2: torch-free
 
 
-def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool) -> DeviceProfile:
+def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log: Log | None = None) -> DeviceProfile:
     if not isinstance(request.device, str):
         return request.device
+    from tleg_deploy.profile.drift import probe_and_apply
     from tleg_deploy.profile.registry import resolve_profile
 
-    return resolve_profile(request.device, spec=spec, refresh=request.refresh_profile, quiet=quiet)
+    prof = resolve_profile(request.device, spec=spec, refresh=request.refresh_profile, quiet=quiet)
+    # The drift probe (about 1 s): says how fast this host is now against its profile, rescales beyond ±5%.
+    return probe_and_apply(prof, log=log) if prof.source == "measured" else prof
 
 
 def _solve(request: FitRequest, profile: DeviceProfile, spec: ViTSpec, aux_depth: int, say: Log,

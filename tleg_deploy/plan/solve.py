@@ -125,6 +125,7 @@ class Plan:
     max_depth: int
     measure_command: str = ""
     warnings: tuple[str, ...] = field(default=())
+    drift: Mapping[str, Any] | None = None  # the pick's profile's drift probe reading (profile.drift), if any
 
     @property
     def depth(self) -> int:
@@ -151,7 +152,7 @@ class Plan:
             "binding": self.binding, "margins": self.margins, "why_not_deeper": self.why_not_deeper,
             "pick": self.pick.to_dict(), "deeper": [c.to_dict() for c in self.deeper],
             "candidates": [c.to_dict() for c in self.candidates], "measure_command": self.measure_command,
-            "warnings": list(self.warnings),
+            "warnings": list(self.warnings), "drift": dict(self.drift) if self.drift is not None else None,
         }
 
 
@@ -267,12 +268,16 @@ def solve(
                         "its prediction is extrapolated")
     if pick.source == "estimated":
         warnings.append(f"{pick.device} is an estimated profile (a roofline, not a measurement)")
+    # A profile probed before use (tleg_deploy.profile.drift) carries its reading: say it with the plan.
+    reading = getattr(plist[_index(plist, pick)], "drift", None)
+    if reading is not None:
+        warnings.append(reading.message)
     return Plan(
         pick=pick, budget=budget, spec=spec, objective=objective, margin=margin, binding=binding,
         margins={name: (limit - pick.value(name)) / limit for name, limit in limits.items()},
         why_not_deeper=why, deeper=deeper, candidates=shown, max_depth=max_depth,
         measure_command=plist[_index(plist, pick)].measure_command,
-        warnings=tuple(warnings),
+        warnings=tuple(warnings), drift=reading.to_dict() if reading is not None else None,
     )
 
 

@@ -36,6 +36,7 @@ class MeasureConfig:
     settle_rel_se: float = 0.01  # ... i.e. its standard error across rounds exceeds this fraction of it
     retries: int = 2  # re-measure a session whose p50 points are not on a line within linear_tolerance ...
     linear_tolerance: float = 0.03  # ... (worst relative residual; needs >= 3 depths), keep the most linear
+    probe: bool = True  # record the drift probe's reference (profile.drift), re-timed start/mid/end of profiling
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

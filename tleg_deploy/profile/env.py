@@ -126,6 +126,7 @@ def environment(threads: int | None = None) -> dict[str, Any]:
         env["jetson"] = jetson
     with contextlib.suppress(OSError):
         env["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    env["cpu_mhz"] = cpu_mhz()
     return env
 
 
@@ -137,3 +138,34 @@ def host_fingerprint() -> str:
         "gpus": [g["name"] for g in gpu_info()],
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cpu_mhz() -> dict[str, Any]:
+    """Current CPU clock where readable: ``/proc/cpuinfo`` "cpu MHz" per CPU and the cpufreq driver's
+    ``scaling_cur_freq`` (kHz, shown in MHz); each ``None`` where the OS does not expose it (a VM often
+    reports only the nominal clock in cpuinfo and no cpufreq)."""
+    info: list[float] = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "cpu MHz":
+                with contextlib.suppress(ValueError):
+                    info.append(round(float(value), 1))
+    scaling: list[float] = []
+    for path in sorted(Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq/scaling_cur_freq")):
+        text = _read(str(path))
+        with contextlib.suppress(TypeError, ValueError):
+            scaling.append(round(int(text or "") / 1e3, 1))
+    return {"cpuinfo_mhz": info or None, "scaling_cur_freq_mhz": scaling or None}
+
+
+def conditions() -> dict[str, Any]:
+    """The machine's state now (what a timing depends on besides the code): UTC time, load average
+    (1/5/15 min, ``None`` where the OS has none) and CPU clocks (``cpu_mhz``)."""
+    import datetime as dt
+
+    load = None
+    with contextlib.suppress(OSError, AttributeError):
+        load = [round(x, 2) for x in os.getloadavg()]
+    return {"time": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "load_average": load,
+            "cores": os.cpu_count(), **cpu_mhz()}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -49,9 +50,10 @@ def _threads(n: int) -> Iterator[None]:
 
 def measure_points(
     spec: ViTSpec, cfg: MeasureConfig, precision: str, *, learngene: Any = None,
-    progress: Callable[[str, float], None] | None = None,
+    progress: Callable[[str, float], None] | None = None, on_round: Callable[[int], None] | None = None,
 ) -> list[Point]:
-    """Measure ``cfg.depths`` in one interleaved session; ``progress(message, fraction)``."""
+    """Measure ``cfg.depths`` in one interleaved session; ``progress(message, fraction)``; ``on_round(k)``
+    after the k-th timing round (the drift probe re-times its reference mid-session there)."""
     require_backend(cfg.backend, cfg.device)
     report = progress or (lambda msg, frac: None)
     with tempfile.TemporaryDirectory(prefix="tleg-profile-") as tmp, _threads(cfg.threads):
@@ -64,10 +66,15 @@ def measure_points(
             runners[depth], artifacts[depth] = make_runner(cfg, spec, depth, precision, Path(tmp), learngene)
             done += 1
 
+        rounds_done = 0
+
         def tick() -> None:
-            nonlocal done
+            nonlocal done, rounds_done
             done += 1
+            rounds_done += 1
             report(f"{precision}: timing round", done / total)
+            if on_round is not None:
+                on_round(rounds_done)
 
         stats = time_runners(runners, cfg, tick)
         runners.clear()
@@ -124,9 +131,19 @@ def profile(
     entries: list[Entry] = []
     load_before = _other_load(cfg)
     raw: list[tuple[str, list[Point], list[float]]] = []
-    with _progress(quiet, progress) as report:
+    with _progress(quiet, progress) as report, _reference(spec, cfg, report) as (prober, history):
         for precision in cfg.precisions:
-            raw.append((precision, *_linear_session(spec, cfg, precision, learngene, report)))
+            def mid(k: int, precision: str = precision) -> None:
+                if prober is not None and k == (cfg.rounds + 1) // 2:
+                    history.append(prober.sample(f"{precision} session, round {k}"))
+
+            raw.append((precision, *_linear_session(spec, cfg, precision, learngene, report, mid)))
+            if prober is not None:
+                history.append(prober.sample(f"after {precision}"))
+    probe = None
+    if prober is not None:
+        ref = next(p for p in raw[0][1] if p.depth == prober.depth)
+        probe = prober.info(history, ref.p50_se_ms * math.sqrt(ref.rounds) / ref.p50_ms if ref.p50_ms > 0 else 0.0)
     busy = max(load_before, _other_load(cfg)) > BUSY_LOAD_PER_CORE
     notes = (f"measured while other processes kept the CPUs busy (load above {BUSY_LOAD_PER_CORE:.0%} of the cores "
              f"besides this measurement): latency intervals widened to ±{BUSY_REL_FLOOR:.0%}; re-measure on a quiet "
@@ -151,7 +168,7 @@ def profile(
         measure_command=measure_command(name, cfg, spec), entries=tuple(entries), hardware=hardware,
         runtime=runtime_info(cfg), environment=envmod.environment(cfg.threads),
         host_fingerprint=envmod.host_fingerprint(),
-        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), notes=notes,
+        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), notes=notes, probe=probe,
     )
     if base is not None and base.backend == cfg.backend and base.source == "measured":
         return dataclasses.replace(fresh, entries=base.with_entries(entries).entries)
@@ -159,13 +176,14 @@ def profile(
 
 
 def _linear_session(spec: ViTSpec, cfg: MeasureConfig, precision: str, learngene: Any,
-                    report: Callable[[str, float], None]) -> tuple[list[Point], list[float]]:
+                    report: Callable[[str, float], None],
+                    on_round: Callable[[int], None] | None = None) -> tuple[list[Point], list[float]]:
     """Measure; while the p50 points are not on a line (a block of a ViT always costs the same, so
     that means a disturbed session), re-measure up to ``cfg.retries`` times and keep the most linear
     session. Returns its points and the worst residuals of the sessions set aside."""
     sessions: list[tuple[float, list[Point]]] = []
     for _ in range(1 + cfg.retries):
-        points = measure_points(spec, cfg, precision, learngene=learngene, progress=report)
+        points = measure_points(spec, cfg, precision, learngene=learngene, progress=report, on_round=on_round)
         depths = [p.depth for p in points]
         worst = fit_line(depths, [p.p50_ms for p in points]).worst_residual_rel if len(depths) > 2 else 0.0
         sessions.append((worst, points))
@@ -174,6 +192,26 @@ def _linear_session(spec: ViTSpec, cfg: MeasureConfig, precision: str, learngene
         report(f"{precision}: points off a line by {worst:.0%}, measuring again", 0.0)
     best = min(range(len(sessions)), key=lambda i: sessions[i][0])
     return sessions[best][1], [w for i, (w, _) in enumerate(sessions) if i != best]
+
+
+@contextlib.contextmanager
+def _reference(spec: ViTSpec, cfg: MeasureConfig,
+               report: Callable[[str, float], None]) -> Iterator[tuple[Any, list[Any]]]:
+    """The drift probe's reference (``drift.Prober``: the first precision at the middle measured depth)
+    and its history, timed once at the start; ``(None, [])`` with ``cfg.probe`` off."""
+    if not cfg.probe:
+        yield None, []
+        return
+    from tleg_deploy.profile.drift import ProbeProtocol, Prober
+
+    depths = sorted(cfg.depths)
+    report("drift probe: building the reference", 0.0)
+    prober = Prober(spec, cfg.precisions[0], depths[len(depths) // 2], backend=cfg.backend, device=cfg.device,
+                    batch=cfg.batch, protocol=ProbeProtocol(threads=cfg.threads))
+    try:
+        yield prober, [prober.sample("start")]
+    finally:
+        prober.close()
 
 
 # Relative floor of the latency prediction interval: run-to-run drift between sessions, which one

@@ -12,7 +12,10 @@ textbook one for a new observation from a simple regression,
 with ``s`` pooled from the fit residuals and the measurement noise (so three nearly collinear
 points do not claim a zero-width interval), and a relative floor for run-to-run drift (measured)
 or model error (estimated), which grows with the distance outside the measured depths. There
-``predict`` also says it is extrapolating.
+``predict`` also says it is extrapolating. A measured profile also records its drift probe's
+reference (``drift.ProbeInfo``): the machine's own variation over the profiling time is added to
+every latency interval in quadrature, and a probe reading taken before use (``drift.probe``,
+``profile.drift``) rescales the latency predictions when this host has drifted.
 
 JSON format (DESIGN.md §4): ``format="tleg-device-profile"``, ``schema_version``; unknown
 versions and missing or extra keys are rejected with an error naming the key. The stored fit is
@@ -34,10 +37,12 @@ from tleg_deploy.files import schema
 from tleg_deploy.files.fileio import write_json_atomic
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.plan.precisions import PRECISIONS
+from tleg_deploy.profile.drift import DriftReading, ProbeInfo, latency_terms
 from tleg_deploy.profile.linefit import FIT_KEYS, LinearFit, fit_line
 
 PROFILE_FORMAT = "tleg-device-profile"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: "probe" (drift probe reference, profile.drift); version 1 files load (no probe)
+READABLE_VERSIONS = (1, 2)
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 SOURCES = ("measured", "estimated")
 KINDS = ("cpu", "gpu", "jetson")
@@ -152,6 +157,8 @@ class DeviceProfile:
     host_fingerprint: str | None = None
     date: str = ""
     notes: str = ""
+    probe: ProbeInfo | None = None     # the drift probe's reference point (measured profiles, schema 2)
+    drift: DriftReading | None = field(default=None, compare=False)  # this use's probe reading, not stored
 
     def __post_init__(self) -> None:
         where = f"profile {self.name!r}"
@@ -201,16 +208,22 @@ class DeviceProfile:
                           hint=hint)
 
     def predict(self, depth: int, *, spec: ViTSpec, precision: str, batch: int = 1) -> Prediction:
-        """Latency (p50, p90) and peak memory of a depth-``depth`` model, with 95% upper bounds."""
+        """Latency (p50, p90) and peak memory of a depth-``depth`` model, with 95% upper bounds. Latencies
+        are rescaled by the drift probe's reading and their interval widened by the machine's variation
+        over time (``drift.latency_terms``)."""
         check_depth(depth)
         e = self.entry(spec, precision, batch)
         f = e.fit
+        scale, extra = latency_terms(self.probe, self.drift)
+
+        def latency(line: LinearFit) -> tuple[float, float]:
+            value = max(line.value(depth), 0.0) * scale
+            return value, value + math.hypot(line.half_width(depth) * scale, extra * value)
+
+        (p50, p50_up), (p90, p90_up) = latency(f.latency_p50), latency(f.latency_p90)
         return Prediction(
-            depth=depth, precision=precision,
-            latency_p50_ms=max(f.latency_p50.value(depth), 0.0),
-            latency_p90_ms=max(f.latency_p90.value(depth), 0.0),
-            latency_p50_upper_ms=max(f.latency_p50.upper(depth), 0.0),
-            latency_p90_upper_ms=max(f.latency_p90.upper(depth), 0.0),
+            depth=depth, precision=precision, latency_p50_ms=p50, latency_p90_ms=p90,
+            latency_p50_upper_ms=p50_up, latency_p90_upper_ms=p90_up,
             memory_mb=max(f.memory.value(depth), 0.0),
             memory_upper_mb=max(f.memory.upper(depth), 0.0),
             extrapolated=not (f.latency_p50.depth_min <= depth <= f.latency_p50.depth_max),
@@ -246,6 +259,7 @@ class DeviceProfile:
             "date": self.date,
             "notes": self.notes,
             "entries": [_entry_to_dict(e) for e in self.entries],
+            "probe": self.probe.to_dict() if self.probe is not None else None,
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -273,10 +287,13 @@ class DeviceProfile:
 
     @classmethod
     def from_dict(cls, data: Any) -> DeviceProfile:
-        schema.header(data, "a profile", PROFILE_FORMAT, SCHEMA_VERSION,
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        schema.header(data, "a profile", PROFILE_FORMAT, version if version in READABLE_VERSIONS else SCHEMA_VERSION,
                       hint="upgrade tleg-deploy or re-measure the profile")
         top = _obj(data, "profile", {"format", "schema_version", "device", "source", "measure_command", "runtime",
-                                     "environment", "host_fingerprint", "date", "notes", "entries"})
+                                     "environment", "host_fingerprint", "date", "notes", "entries"}
+                   | ({"probe"} if version == 2 else set()))
+        probe = ProbeInfo.from_dict(top["probe"]) if top.get("probe") is not None else None
         dev = _obj(top["device"], "device", {"name", "aliases", "kind", "hardware"})
         aliases = _list(dev["aliases"], "device.aliases")
         for i, a in enumerate(aliases):
@@ -300,7 +317,7 @@ class DeviceProfile:
             measure_command=_str(top["measure_command"], "measure_command"),
             runtime={k: v for k, v in runtime.items() if k != "backend"},
             environment=_obj(top["environment"], "environment", None), host_fingerprint=fp,
-            date=_str(top["date"], "date"), notes=_str(top["notes"], "notes"), entries=entries,
+            date=_str(top["date"], "date"), notes=_str(top["notes"], "notes"), entries=entries, probe=probe,
         )
 
 
