@@ -58,6 +58,11 @@ def profile(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Profile .json to write (default for a "
                                                 "device other than host: profiles/DEVICE.json).")] = None,
     refresh: Annotated[bool, typer.Option(help="Re-measure host even if a cached profile exists.")] = False,
+    from_kit: Annotated[Path | None, typer.Option("--from-kit", help="Import a device kit's results (see `kit`).")]
+    = None,
+    ssh: Annotated[str | None, typer.Option(help="Measure user@host[:port] over SSH with a device kit.")] = None,
+    ssh_config: Annotated[Path | None, typer.Option(help="ssh -F file (default: ~/.ssh/config).")] = None,
+    remote_python: Annotated[str | None, typer.Option(help="python3 on the target (onnxruntime kits).")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -74,6 +79,19 @@ def profile(
     from tleg_deploy.profile.measure import profile as measure
     from tleg_deploy.profile.table import DeviceProfile
 
+    if from_kit is not None or ssh is not None:
+        from tleg_deploy.cli.kit import kit_profile
+
+        result, output = kit_profile(device=device, backend=backend, precision=precision, depths=depths, batch=batch,
+                                     threads=threads, spec=spec, from_kit=from_kit, ssh=ssh, ssh_config=ssh_config,
+                                     remote_python=remote_python, output=output, quiet=quiet or json_)
+        if json_:
+            emit_json({**result.to_dict(), "written": str(output)})
+            return
+        for arch in result.specs():
+            render_profile(result, arch)
+        out.print(f"wrote {output}")
+        return
     archs = [ViTSpec.preset(name) for name in _csv(spec)] or [ViTSpec.preset("digits")]
     precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
     cfg = MeasureConfig(backend=backend, precisions=precisions, depths=parse_depths(depths), batch=batch,
