@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def kit_config(device: str, backend: str, precision: str | None, depths: str, batch: int, threads: int,
-               rounds: int | None, no_memory: bool) -> KitConfig:
+               rounds: int | None, no_memory: bool, clock: str = "wall") -> KitConfig:
     from tleg_deploy.cli.profile import _csv, parse_depths
     from tleg_deploy.profile.config import MeasureConfig
     from tleg_deploy.profile.kit import KitConfig
@@ -25,7 +25,7 @@ def kit_config(device: str, backend: str, precision: str | None, depths: str, ba
     precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
     measure = MeasureConfig(backend=backend, precisions=precisions, depths=parse_depths(depths), batch=batch,
                             threads=threads, device="cuda" if backend == "tensorrt" else "cpu",
-                            rounds=rounds or (3 if backend == "tensorrt" else 5), memory=not no_memory)
+                            rounds=rounds or (3 if backend == "tensorrt" else 5), memory=not no_memory, clock=clock)
     return KitConfig(device=device, measure=measure)
 
 
@@ -113,9 +113,11 @@ def kit(
 
 def kit_profile(*, device: str, backend: str, precision: str | None, depths: str, batch: int, threads: int,
                 spec: str, from_kit: Path | None, ssh: str | None, ssh_config: Path | None,
-                remote_python: str | None, output: Path | None, quiet: bool) -> tuple[DeviceProfile, Path]:
+                remote_python: str | None, output: Path | None, quiet: bool, memory: bool = True,
+                clock: str = "wall") -> tuple[DeviceProfile, Path]:
     """``profile --from-kit DIR`` (import) or ``profile --ssh user@host`` (make a kit, run it there,
-    import it): the measured profile, written to ``output`` (default ``profiles/DEVICE.json``)."""
+    import it): the measured profile, written to ``output`` (default ``profiles/DEVICE.json``).
+    ``memory``/``clock``: as ``MeasureConfig`` (the tests time CPU time on a shared machine)."""
     import tempfile
 
     from tleg_deploy.errors import TlegError
@@ -133,7 +135,7 @@ def kit_profile(*, device: str, backend: str, precision: str | None, depths: str
             raise TlegError("--ssh measures another machine: name it", hint="e.g. --device orin --ssh user@orin")
         target = SshTarget.parse(ssh or "")
         arch, lg = spec_and_learngene(spec, None)
-        cfg = kit_config(device, backend, precision, depths, batch, threads, None, False)
+        cfg = kit_config(device, backend, precision, depths, batch, threads, None, not memory, clock)
         say = (lambda line: None) if quiet else (lambda line: err.print(line, highlight=False, markup=False))
         with tempfile.TemporaryDirectory(prefix="tleg-kit.") as tmp:
             say(f"making the {backend} kit")

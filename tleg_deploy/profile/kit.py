@@ -73,7 +73,7 @@ def protocol(cfg: KitConfig) -> dict[str, Any]:
                 "memory_source": "trtexec log: TensorRT-managed allocation (MemUsageChange, now: GPU)"}
     return {**base, "warmup": m.warmup, "round_seconds": m.round_seconds, "min_reps": m.min_reps,
             "max_reps": m.max_reps, "extra_rounds": m.extra_rounds, "settle_rel_se": m.settle_rel_se,
-            "retries": m.retries, "linear_tolerance": m.linear_tolerance}
+            "retries": m.retries, "linear_tolerance": m.linear_tolerance, "clock": m.clock}
 
 
 def build_kit(spec: ViTSpec, cfg: KitConfig, out_dir: str | os.PathLike[str], *, learngene: Any = None,

@@ -119,7 +119,8 @@ def _run_remote(client: SshClient, workdir: str, name: str, remote_python: str |
     # `exec` keeps the shell's pid for run.sh, so a later `kill` reaches it (and its trap stops the runner).
     command = f"cd {wd} && tar xzf kit.tar.gz && echo $$ > run.pid && exec env {env}sh {shlex.quote(name)}/run.sh"
     proc = subprocess.Popen([*client.ssh_args, client.target.destination, command], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                            start_new_session=True)  # Ctrl-C reaches us, not ssh: we stop the remote run
     lines: list[str] = []
     try:
         for line in proc.stdout or ():
