@@ -74,6 +74,9 @@ def kit(
     rounds: Annotated[int | None, typer.Option(help="Interleaved rounds (default 5; tensorrt: 3 trtexec runs per "
                                                     "engine).")] = None,
     no_memory: Annotated[bool, typer.Option("--no-memory", help="Skip peak memory (onnxruntime).")] = False,
+    clock: Annotated[str, typer.Option(help="onnxruntime: 'wall', or 'thread' (CPU time of the timing thread, "
+                                            "1 thread: a diagnostic for a machine shared with other jobs).")]
+    = "wall",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Kit directory to write (also DIR.tar.gz); "
                                                 "default kit-DEVICE.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing kit at -o.")] = False,
@@ -92,7 +95,7 @@ def kit(
 
         raise TlegError("give --spec or --learngene, not both")
     arch, lg = spec_and_learngene(spec, learngene)
-    cfg = kit_config(device, backend, precision, depths, batch, threads, rounds, no_memory)
+    cfg = kit_config(device, backend, precision, depths, batch, threads, rounds, no_memory, clock)
     target = output or Path(f"kit-{device}")
     if not (quiet or json_):
         err.print(f"exporting {len(cfg.measure.depths) * len(cfg.measure.precisions)} models into {target} …")
