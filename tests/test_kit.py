@@ -149,3 +149,10 @@ def test_existing_output_is_refused_without_force(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="not a device kit"):
         build_kit(SPEC, cfg, tmp_path / "mine", force=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_import_needs_no_torch(ran_kit: Path) -> None:
+    code = ("import sys; from tleg_deploy.profile.kit_import import import_kit; "
+            f"import_kit({str(ran_kit)!r}); sys.exit(1 if 'torch' in sys.modules else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr or "importing a kit's results imported torch"
