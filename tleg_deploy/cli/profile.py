@@ -82,15 +82,16 @@ def profile(
     if from_kit is not None or ssh is not None:
         from tleg_deploy.cli.kit import kit_profile
 
-        result, output = kit_profile(device=device, backend=backend, precision=precision, depths=depths, batch=batch,
-                                     threads=threads, spec=spec, from_kit=from_kit, ssh=ssh, ssh_config=ssh_config,
-                                     remote_python=remote_python, output=output, quiet=quiet or json_)
+        imported, written = kit_profile(device=device, backend=backend, precision=precision, depths=depths,
+                                        batch=batch, threads=threads, spec=spec, from_kit=from_kit, ssh=ssh,
+                                        ssh_config=ssh_config, remote_python=remote_python, output=output,
+                                        quiet=quiet or json_)
         if json_:
-            emit_json({**result.to_dict(), "written": str(output)})
+            emit_json({**imported.to_dict(), "written": str(written)})
             return
-        for arch in result.specs():
-            render_profile(result, arch)
-        out.print(f"wrote {output}")
+        for arch in imported.specs():
+            render_profile(imported, arch)
+        out.print(f"wrote {written}")
         return
     archs = [ViTSpec.preset(name) for name in _csv(spec)] or [ViTSpec.preset("digits")]
     precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))

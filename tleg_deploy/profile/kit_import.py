@@ -73,7 +73,9 @@ def import_kit(kit_dir: str | Path, *, name: str | None = None, aliases: Sequenc
         raise FormatError(f"kit backend {kit['backend']!r} is not one this tleg-deploy reads")
     env["recorded"] = _recorded(results / "env")
     load = env.get("load_average")
-    busy = bool(load) and max(float(load[0]) - kit["threads"], 0.0) / max(env.get("cores") or 1, 1) > BUSY_LOAD_PER_CORE
+    cores: int = env["cores"] if isinstance(env.get("cores"), int) else 1
+    busy = (isinstance(load, list) and bool(load) and isinstance(load[0], (int, float))
+            and max(float(load[0]) - kit["threads"], 0.0) / max(cores, 1) > BUSY_LOAD_PER_CORE)
     entries = []
     for precision in kit["precisions"]:
         points = [_point(depth, rounds[(precision, depth)], memory[(precision, depth)]) for depth in kit["depths"]]
@@ -137,9 +139,9 @@ def _ort_results(results: Path, kit: dict[str, Any]) -> tuple[Rounds, dict[tuple
             mem = costs.artifact_bytes(ViTSpec.from_dict(kit["spec"]), int(p["depth"]), str(p["precision"])) / 1e6
         memory[key] = _value(mem, f"{where}.memory_mb")  # type: ignore[index]
     _check_complete(rounds, kit, path.name)
-    env = data.get("environment") if isinstance(data.get("environment"), dict) else {}
-    env = {**env, "date": data.get("date")}
-    rejected = data.get("rejected_sessions") if isinstance(data.get("rejected_sessions"), dict) else {}
+    raw_env, raw_rejected = data.get("environment"), data.get("rejected_sessions")
+    env: dict[str, Any] = {**(raw_env if isinstance(raw_env, dict) else {}), "date": data.get("date")}
+    rejected: dict[str, Any] = raw_rejected if isinstance(raw_rejected, dict) else {}
     return rounds, memory, env, rejected
 
 
