@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint clean bench browser
+.PHONY: setup test demo lint clean bench browser sshd
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ lint: setup
 	$(BIN)/ruff check tleg_deploy tests benchmarks
 	$(BIN)/mypy
 
-test: setup lint browser
+test: setup lint browser sshd
 	$(BIN)/python -m pytest
 
 # Every benchmark, then benchmarks/RESULTS.md and the report in benchmarks/report/ (prints the expected duration).
@@ -42,6 +42,21 @@ browser:
 	{ $$SUDO timeout 180 apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive timeout 420 \
 	  apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1 \
 	  && echo "browser: chromium installed" || echo "browser: install failed; the HTML test will be skipped"
+
+# Debian's OpenSSH server for the end-to-end `profile --ssh` test (tests/test_remote_ssh.py starts its own sshd
+# on 127.0.0.1 at a high port; skipped cleanly without it). Best effort, once per venv, like `browser`.
+SSHD_STAMP := $(VENV)/.sshd-tried
+sshd:
+	@if [ -x /usr/sbin/sshd ]; then exit 0; fi; \
+	if [ -e $(SSHD_STAMP) ]; then echo "sshd: no openssh-server (install tried before); its test is skipped"; exit 0; fi; \
+	mkdir -p $(VENV) && touch $(SSHD_STAMP); \
+	if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "sshd: not root: install openssh-server to run the SSH test; skipped for now"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then echo "sshd: no apt-get: install openssh-server by hand"; exit 0; fi; \
+	echo "sshd: installing openssh-server with apt-get (best effort, at most ~5 min, once)"; \
+	{ $$SUDO timeout 180 apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive timeout 240 \
+	  apt-get install -y -qq openssh-server; } >/dev/null 2>&1 \
+	  && echo "sshd: openssh-server installed" || echo "sshd: install failed; the SSH test will be skipped"
 
 demo: setup
 	$(BIN)/tleg-deploy demo -o out/demo

@@ -141,6 +141,7 @@ def _register_commands() -> None:
         core,  # noqa: F401
         export,  # noqa: F401
         fit,  # noqa: F401
+        kit,  # noqa: F401
         profile,  # noqa: F401
         report,  # noqa: F401
         train,  # noqa: F401

@@ -38,6 +38,11 @@ def profile(
                                                "profile there gets the new entries.")] = None,
     refresh: Annotated[bool, typer.Option(help="Re-measure host even if a cached profile exists.")] = False,
     force: ForceOpt = False,
+    from_kit: Annotated[Path | None, typer.Option("--from-kit", help="Import a device kit's results (see `kit`).")]
+    = None,
+    ssh: Annotated[str | None, typer.Option(help="Measure user@host[:port] over SSH with a device kit.")] = None,
+    ssh_config: Annotated[Path | None, typer.Option(help="ssh -F file (default: ~/.ssh/config).")] = None,
+    remote_python: Annotated[str | None, typer.Option(help="python3 on the target (onnxruntime kits).")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -59,6 +64,21 @@ def profile(
     from tleg_deploy.profile.table import DeviceProfile
 
     check_plain_name(device)  # it names profiles/DEVICE.json: no '/', no '..'
+    if from_kit is not None or ssh is not None:
+        from tleg_deploy.cli.kit import kit_profile
+
+        imported, written = kit_profile(device=device, backend=backend, precision=precision, depths=depths,
+                                        batch=batch, threads=threads, spec=spec, from_kit=from_kit, ssh=ssh,
+                                        ssh_config=ssh_config, remote_python=remote_python,
+                                        output=_destination(output, force) if output is not None else None,
+                                        quiet=quiet or json_)
+        if json_:
+            emit_json({**imported.to_dict(), "written": str(written)})
+            return
+        for arch in imported.specs():
+            render_profile(imported, arch)
+        out.print(f"wrote {written}")
+        return
     archs = parse_specs(spec) if spec is not None else [ViTSpec.preset("digits")]
     precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
     cfg = MeasureConfig(backend=backend, precisions=precisions, depths=tuple(parse_depths(depths)), batch=batch,

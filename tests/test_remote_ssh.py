@@ -1,0 +1,147 @@
+"""``profile --ssh`` end to end through a real OpenSSH server that this test starts on 127.0.0.1 (a high
+port, a throw-away host key, client key and config; only the loopback address is contacted). The
+"target" is this machine, so the kit's runner is pointed at this interpreter (``--remote-python``),
+which has onnxruntime and numpy. Skipped only where openssh-server is not installed (``make sshd``)."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tleg_deploy.errors import FormatError
+from tleg_deploy.model.resources import load_learngene
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.profile.config import MeasureConfig
+from tleg_deploy.profile.kit import KitConfig, build_kit
+from tleg_deploy.profile.remote import SshTarget, run_kit_over_ssh
+
+SSHD = Path("/usr/sbin/sshd")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """(target user@127.0.0.1:port, ssh config file) of a private sshd, stopped by its pid file afterwards."""
+    if not SSHD.exists():
+        pytest.skip("openssh-server is not installed (make sshd installs it)")
+    d = tmp_path_factory.mktemp("sshd")
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True, timeout=60)
+    port = _free_port()
+    (d / "sshd_config").write_text(
+        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'client_key.pub'}\n"
+        f"PidFile {d / 'sshd.pid'}\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n")
+    (d / "ssh_config").write_text(
+        f"Host *\n  IdentityFile {d / 'client_key'}\n  IdentitiesOnly yes\n  BatchMode yes\n"
+        f"  StrictHostKeyChecking no\n  UserKnownHostsFile {d / 'known_hosts'}\n  LogLevel ERROR\n")
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(SSHD), "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")], check=True, timeout=30)
+    try:
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        yield f"{getpass.getuser()}@127.0.0.1:{port}", d / "ssh_config"
+    finally:
+        pid_file = d / "sshd.pid"
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+
+
+def _host_p50(spec: ViTSpec) -> dict[int, float]:
+    from tleg_deploy.profile.measure import profile
+
+    prof = profile(spec, config=MeasureConfig(depths=(1, 6, 12), memory=False, clock="thread"),
+                   learngene=load_learngene("demo"))
+    return _line(prof)
+
+
+def _line(prof) -> dict[int, float]:  # type: ignore[no-untyped-def]
+    """The fitted p50 at each measured depth: the line uses all three points, so one disturbed point moves it less."""
+    fit = prof.entries[0].fit.latency_p50
+    return {d: fit.value(d) for d in prof.entries[0].depths}
+
+
+def _ssh_p50(target: str, config: Path, out: Path) -> dict[int, float]:
+    from tleg_deploy.cli.kit import kit_profile
+
+    prof, written = kit_profile(device="loop", backend="onnxruntime", precision=None, depths="1,6,12", batch=1,
+                                threads=1, spec="digits", from_kit=None, ssh=target, ssh_config=config,
+                                remote_python=sys.executable, output=out, quiet=True, memory=False, clock="thread")
+    assert written == out and out.is_file() and prof.source == "measured" and prof.name == "loop"
+    return _line(prof)
+
+
+@pytest.mark.slow
+def test_ssh_profile_agrees_with_an_in_process_host_profile(sshd: tuple[str, Path], tmp_path: Path) -> None:
+    """Both time the timing thread's CPU time (``clock="thread"``, the profiler's own option for a shared
+    machine): wall-clock medians of the same model on this 2-core machine shared with other jobs moved by
+    up to 2x between back-to-back runs, local or over SSH alike."""
+    target, config = sshd
+    spec = ViTSpec.preset("digits")
+    host, remote = [_host_p50(spec)], []
+    for i in range(3):  # interleaved (host, ssh, host, ...); more pairs only while the medians disagree
+        remote.append(_ssh_p50(target, config, tmp_path / f"loop{i}.json"))
+        host.append(_host_p50(spec))
+        ratios = {d: statistics.median(r[d] for r in remote) / statistics.median(h[d] for h in host) for d in host[0]}
+        if all(0.85 <= r <= 1.15 for r in ratios.values()):
+            break
+    assert all(0.85 <= r <= 1.15 for r in ratios.values()), ratios
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("tleg-kit.*/kit-loop"))  # remote dir removed
+
+
+def test_ctrl_c_stops_the_remote_run_and_leaves_nothing(sshd: tuple[str, Path], tmp_path: Path) -> None:
+    target, config = sshd
+    cfg = KitConfig("loop", MeasureConfig(depths=(1, 2), rounds=50, round_seconds=0.05))
+    kit = build_kit(ViTSpec(img_size=8, patch_size=4, in_chans=1, embed_dim=16, num_heads=2, mlp_ratio=2.0,
+                            num_classes=4), cfg,
+                    tmp_path / "kit-loop")
+    seen: list[str] = []
+
+    def progress(line: str) -> None:
+        seen.append(line)
+        if "round 1 " in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_kit_over_ssh(kit, SshTarget.parse(target), config=config, remote_python=sys.executable, progress=progress)
+    workdir = next(m.group(1) for line in seen if (m := re.search(r":(/\S+tleg-kit\.\w+)", line)))
+    assert not Path(workdir).exists()  # the remote working directory is gone
+    assert not (kit / "results").exists() and not list(kit.glob(".results.*"))
+    time.sleep(1.0)
+    running = [p for p in Path("/proc").iterdir() if p.name.isdigit() and workdir.encode() in _cmdline(p)]
+    assert not running, "the remote runner still runs"
+
+
+def _cmdline(p: Path) -> bytes:
+    try:
+        return (p / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_targets_are_read_strictly() -> None:
+    assert SshTarget.parse("pi@raspberry:2222") == SshTarget("pi@raspberry", 2222)
+    assert SshTarget.parse("orin") == SshTarget("orin")
+    for bad in ("", "-oProxyCommand=x", "a@b:port", "a@b:0", "a b"):
+        with pytest.raises(FormatError):
+            SshTarget.parse(bad)

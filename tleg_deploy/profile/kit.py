@@ -1,0 +1,318 @@
+"""Device kits: a self-contained directory (and ``DIR.tar.gz``) that measures a target with nothing
+of ours installed there. ``build_kit`` writes it; ``tleg_deploy.profile.kit_import`` reads its
+results back into a ``source: measured`` profile.
+
+A kit holds the ONNX files of the probe depths and precisions, ``kit.json`` (what it measures, the
+timing protocol and the sha256 of every file) and ``run.sh`` (POSIX ``sh``), which checks its
+prerequisites first, records the environment into ``results/env/`` and measures:
+
+- ``onnxruntime``: the files ONNX Runtime times in the profiler (``runners.export_artifact``: fp32,
+  dynamic int8, fp16), timed by ``kit_runner.py`` (copied into the kit; stdlib + numpy +
+  onnxruntime) with the profiler's protocol. Needs ``python3`` with ``onnxruntime`` and ``numpy``
+  (``KIT_PYTHON`` picks another interpreter).
+- ``tensorrt``: the fp32 ONNX (fp16 builds on TensorRT 8.x/10.x, ``--fp16``), the static Q/DQ int8
+  ONNX (``--int8 --fp16``) and, for TensorRT 11's strongly typed builds, the fp16 ONNX. Needs only
+  ``trtexec`` (``TRTEXEC`` or the PATH, else JetPack's ``/usr/src/tensorrt/bin/trtexec``): it builds
+  every engine on the device, then times them in interleaved rounds (a fresh ``trtexec --loadEngine``
+  per engine per round, the order shuffled per round), keeping each run's ``--exportTimes`` JSON
+  and log (``tleg_deploy.profile.trtexec`` reads them).
+
+Results appear as ``results/`` only when the run is complete (written to ``results.partial/`` and
+renamed); a ``kit_id`` ties them to this kit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import tarfile
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tleg_deploy.errors import FormatError
+from tleg_deploy.files.fileio import atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.profile.config import MeasureConfig
+
+KIT_FORMAT = "tleg-device-kit"
+KIT_SCHEMA_VERSION = 1
+KIT_BACKENDS = ("onnxruntime", "tensorrt")
+TRT_WARMUP_MS = 200
+
+
+@dataclass(frozen=True)
+class KitConfig:
+    """What a kit measures: ``measure`` carries backend, precisions, depths, batch, threads and the
+    protocol (for TensorRT, ``measure.rounds`` trtexec runs per engine of ``trt_iterations`` each)."""
+
+    device: str
+    measure: MeasureConfig
+    trt_iterations: int = 200
+
+    def __post_init__(self) -> None:
+        if self.measure.backend not in KIT_BACKENDS:
+            raise FormatError(f"a kit measures {' or '.join(KIT_BACKENDS)}, not {self.measure.backend!r}",
+                              hint="use --backend onnxruntime or --backend tensorrt")
+        if not self.device.strip() or "/" in self.device:
+            raise FormatError(f"device name {self.device!r} must be a non-empty name without '/'")
+        if self.trt_iterations < 10:
+            raise FormatError(f"trt_iterations must be >= 10, got {self.trt_iterations}")
+
+
+def protocol(cfg: KitConfig) -> dict[str, Any]:
+    m = cfg.measure
+    base = {"rounds": m.rounds, "seed": m.seed, "memory": m.memory}
+    if m.backend == "tensorrt":
+        return {**base, "iterations": cfg.trt_iterations, "warmup_ms": TRT_WARMUP_MS, "times": "computeMs",
+                "memory_source": "trtexec log: TensorRT-managed allocation (MemUsageChange, now: GPU)"}
+    return {**base, "warmup": m.warmup, "round_seconds": m.round_seconds, "min_reps": m.min_reps,
+            "max_reps": m.max_reps, "extra_rounds": m.extra_rounds, "settle_rel_se": m.settle_rel_se,
+            "retries": m.retries, "linear_tolerance": m.linear_tolerance, "clock": m.clock}
+
+
+def build_kit(spec: ViTSpec, cfg: KitConfig, out_dir: str | os.PathLike[str], *, learngene: Any = None,
+              force: bool = False) -> Path:
+    """Write the kit directory ``out_dir`` and ``out_dir.tar.gz``; returns the directory. An existing
+    ``out_dir`` is replaced only with ``force`` and only if it is a kit (never a directory we did not write)."""
+    out = Path(out_dir)
+    tarball = out.with_name(out.name + ".tar.gz")
+    if out.exists() or tarball.exists():
+        if not force:
+            raise FormatError(f"{out if out.exists() else tarball} already exists", hint="pass --force to replace it")
+        if out.exists() and not (out / "kit.json").is_file():
+            raise FormatError(f"{out} exists and is not a device kit; not replacing it", hint="choose another -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a kit is copied and shared like any directory
+        _write(spec, cfg, tmp, learngene)
+        with atomic_path(tarball) as tmp_tar, tarfile.open(tmp_tar, "w:gz") as tar:
+            tar.add(tmp, arcname=out.name)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            out.rename(old)
+            shutil.rmtree(old)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write(spec: ViTSpec, cfg: KitConfig, kit: Path, learngene: Any) -> None:
+    m = cfg.measure
+    models = kit / "models"
+    models.mkdir()
+    artifacts = _export(spec, cfg, models, learngene)
+    kit_id = uuid.uuid4().hex
+    if m.backend == "onnxruntime":
+        shutil.copyfile(Path(__file__).with_name("kit_runner.py"), kit / "kit_runner.py")
+        script = ort_script(kit_id)
+    else:
+        script = trt_script(kit_id, spec, cfg, artifacts)
+    write_text_atomic(kit / "run.sh", script)
+    (kit / "run.sh").chmod(0o755)
+    files = {str(p.relative_to(kit)): sha256_file(p) for p in sorted(kit.rglob("*")) if p.is_file()}
+    from tleg_deploy import __version__
+
+    write_json_atomic(kit / "kit.json", {
+        "format": KIT_FORMAT, "schema_version": KIT_SCHEMA_VERSION, "kit_id": kit_id, "device": cfg.device,
+        "backend": m.backend, "spec": spec.to_dict(), "depths": list(m.depths), "precisions": list(m.precisions),
+        "batch": m.batch, "threads": m.threads, "protocol": protocol(cfg), "artifacts": artifacts, "files": files,
+        "tool_version": f"tleg-deploy {__version__}",
+    })
+
+
+def _export(spec: ViTSpec, cfg: KitConfig, models: Path, learngene: Any) -> list[dict[str, Any]]:
+    """Export every (precision, depth) file; returns the artifact list of kit.json (paths relative to the kit)."""
+    from tleg_deploy.export import quantize
+    from tleg_deploy.profile.runners import build_model, export_artifact
+
+    m = cfg.measure
+    artifacts: list[dict[str, Any]] = []
+    keep: set[Path] = set()
+    for depth in m.depths:
+        model = build_model(spec, depth, learngene)
+        for precision in m.precisions:
+            if m.backend == "onnxruntime":
+                path = export_artifact(model, precision, "onnxruntime", models, m.batch)
+                keep.add(path)
+                artifacts.append({"precision": precision, "depth": depth, "file": f"models/{path.name}"})
+                continue
+            fp32 = export_artifact(model, "fp32", "onnxruntime", models, m.batch)
+            v10 = v11 = fp32
+            if precision == "int8":
+                import torch
+
+                images = torch.randn(8, spec.in_chans, spec.img_size, spec.img_size,
+                                     generator=torch.Generator().manual_seed(0))  # scales don't change speed
+                v10 = v11 = quantize.quantize_int8(fp32, models / f"depth{depth}.qdq.onnx", mode="qdq",
+                                                   calibration=images)
+            elif precision == "fp16":
+                v11 = quantize.convert_fp16(fp32, models / f"depth{depth}.fp16.onnx")
+            keep.update((Path(v10), Path(v11)))
+            artifacts.append({"precision": precision, "depth": depth, "file": f"models/{Path(v10).name}",
+                              "file_v11": f"models/{Path(v11).name}"})
+    for p in models.iterdir():
+        if p not in keep:
+            p.unlink()
+    return artifacts
+
+
+# ---------------------------------------------------------------------------------------------
+# run.sh
+
+_COMMON = r"""#!/bin/sh
+# Device kit written by tleg-deploy: measures this machine with nothing of tleg-deploy installed.
+# Usage: sh run.sh    (then copy results/ back and run: tleg-deploy profile --from-kit KIT_DIR)
+set -eu
+cd "$(dirname "$0")"
+KIT_ID=__KIT_ID__
+say() { echo "[kit] $*" >&2; }
+fail() { echo "[kit] error: $*" >&2; exit 3; }
+R=results.partial
+record() {  # name command...: keep a command's output in results/env/ where the command exists
+  name=$1; shift
+  if command -v "$1" >/dev/null 2>&1; then "$@" >"$R/env/$name.txt" 2>&1 || true; fi
+}
+record_env() {
+  mkdir -p "$R/env"
+  record uname uname -a
+  record lscpu lscpu
+  record nvidia-smi nvidia-smi --format=csv \
+    --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem
+  record nvpmodel nvpmodel -q
+  record jetson_clocks jetson_clocks --show
+  cpufreq=/sys/devices/system/cpu/cpu0/cpufreq
+  for f in /etc/nv_tegra_release /proc/device-tree/model $cpufreq/scaling_governor $cpufreq/scaling_cur_freq \
+           $cpufreq/scaling_max_freq; do
+    if [ -r "$f" ]; then printf '%s: %s\n' "$f" "$(tr -d '\000' <"$f")" >>"$R/env/board.txt"; fi
+  done
+}
+finish() {
+  echo "$KIT_ID" >"$R/kit_id"
+  rm -rf results
+  mv "$R" results
+  say "done: results/ is complete; import it with: tleg-deploy profile --from-kit $(pwd)"
+}
+"""
+
+_ORT = r"""
+PY="${KIT_PYTHON:-python3}"
+command -v "$PY" >/dev/null 2>&1 \
+  || fail "missing: $PY (Python 3.8 or newer; set KIT_PYTHON=/path/to/python3 to use another)"
+missing=""
+"$PY" -c 'import numpy' >/dev/null 2>&1 || missing="$missing numpy"
+"$PY" -c 'import onnxruntime' >/dev/null 2>&1 || missing="$missing onnxruntime"
+if [ -n "$missing" ]; then
+  fail "missing Python packages for $PY:$missing (install them with: $PY -m pip install$missing)"
+fi
+child=""
+trap 'if [ -n "$child" ]; then kill "$child" 2>/dev/null || true; fi; rm -rf "$R"; say "stopped"; exit 130' INT TERM HUP
+rm -rf "$R"
+record_env
+"$PY" -c 'import onnxruntime, sys; print("onnxruntime", onnxruntime.__version__); print("python", sys.version)' \
+  >"$R/env/runtime.txt" 2>&1 || true
+"$PY" kit_runner.py . "$R" &
+child=$!
+wait "$child" || fail "the runner failed (see the messages above)"
+child=""
+finish
+"""
+
+
+def ort_script(kit_id: str) -> str:
+    return _COMMON.replace("__KIT_ID__", kit_id) + _ORT
+
+
+_TRT_HEAD = r"""
+TRTEXEC="${TRTEXEC:-}"
+if [ -z "$TRTEXEC" ]; then
+  if command -v trtexec >/dev/null 2>&1; then TRTEXEC=trtexec
+  elif [ -x /usr/src/tensorrt/bin/trtexec ]; then TRTEXEC=/usr/src/tensorrt/bin/trtexec
+  else fail "missing: trtexec (not on PATH nor at /usr/src/tensorrt/bin/trtexec; JetPack ships it with \
+TensorRT; set TRTEXEC=/path/to/trtexec)"
+  fi
+fi
+MAJOR=$("$TRTEXEC" --help 2>&1 | sed -n 's/.*\[TensorRT v\([0-9]*\)\].*/\1/p' | head -n 1)
+[ -n "$MAJOR" ] || fail "could not read the TensorRT version from '$TRTEXEC --help'"
+if [ "$MAJOR" -ge 100000 ]; then MAJOR=$((MAJOR / 10000)); else MAJOR=$((MAJOR / 1000)); fi
+trap 'rm -rf "$R"; say "stopped"; exit 130' INT TERM HUP
+rm -rf "$R"
+mkdir -p "$R/trt" engines
+record_env
+"$TRTEXEC" --help >"$R/env/trtexec_help.txt" 2>&1 || true
+say "TensorRT major version $MAJOR"
+build() {  # precision depth onnx flags...
+  p=$1; d=$2; onnx=$3; shift 3
+  say "building $p depth $d from $onnx"
+  "$TRTEXEC" --onnx="$onnx" --saveEngine="engines/${p}_d$d.engine" --timingCacheFile=engines/timing.cache \
+    --minShapes=pixel_values:$SHAPE --optShapes=pixel_values:$SHAPE --maxShapes=pixel_values:$SHAPE \
+    --skipInference "$@" >"$R/trt/build_${p}_d$d.log" 2>&1 \
+    || fail "trtexec could not build $p depth $d (see $R/trt/build_${p}_d$d.log)"
+}
+timed() {  # precision depth round
+  n="${1}_d$2"
+  say "timing $1 depth $2 (round $3 of $ROUNDS)"
+  "$TRTEXEC" --loadEngine="engines/$n.engine" --shapes=pixel_values:$SHAPE --warmUp=$WARMUP_MS --duration=0 \
+    --iterations=$ITERATIONS --useSpinWait --exportTimes="$R/trt/${n}_r$3.times.json" >"$R/trt/${n}_r$3.log" 2>&1 \
+    || fail "trtexec could not time $n (see $R/trt/${n}_r$3.log)"
+}
+"""
+
+
+def trt_script(kit_id: str, spec: ViTSpec, cfg: KitConfig, artifacts: list[dict[str, Any]]) -> str:
+    from tleg_deploy.plan.precisions import PRECISION
+
+    m = cfg.measure
+    lines = [_COMMON.replace("__KIT_ID__", kit_id),
+             f"SHAPE={m.batch}x{spec.in_chans}x{spec.img_size}x{spec.img_size}",
+             f"ROUNDS={m.rounds}", f"ITERATIONS={cfg.trt_iterations}", f"WARMUP_MS={TRT_WARMUP_MS}", _TRT_HEAD]
+    for a in artifacts:
+        p = PRECISION[a["precision"]]
+        lines.append(f'if [ "$MAJOR" -ge 11 ]; then build {p.name} {a["depth"]} {a["file_v11"]}{p.trtexec_flags(11)}; '
+                     f'else build {p.name} {a["depth"]} {a["file"]}{p.trtexec_flags(10)}; fi')
+    rng = random.Random(m.seed)
+    order = [(a["precision"], a["depth"]) for a in artifacts]
+    for r in range(1, m.rounds + 1):
+        rng.shuffle(order)
+        lines += [f"timed {p} {d} {r}" for p, d in order]
+    lines.append("finish")
+    return "\n".join(lines) + "\n"
+
+
+def read_kit_json(kit_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``kit.json`` of a kit directory, format and schema checked."""
+    path = Path(kit_dir) / "kit.json"
+    if not path.is_file():
+        raise FormatError(f"{kit_dir} is not a device kit (no kit.json)", hint="make one with: tleg-deploy kit")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path} is not JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != KIT_FORMAT:
+        raise FormatError(f"{path} is not a tleg-deploy device kit (format {data.get('format')!r})"
+                          if isinstance(data, dict) else f"{path} is not a JSON object")
+    if data.get("schema_version") != KIT_SCHEMA_VERSION:
+        raise FormatError(f"{path} has schema_version {data.get('schema_version')!r}; this tleg-deploy reads "
+                          f"{KIT_SCHEMA_VERSION}", hint="make the kit again with this version")
+    return data
+
+
+def is_kit(path: Path) -> bool:
+    with contextlib.suppress(FormatError, OSError):
+        read_kit_json(path)
+        return True
+    return False

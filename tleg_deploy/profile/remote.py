@@ -1,0 +1,145 @@
+"""Run a device kit (``tleg_deploy.profile.kit``) on another machine over SSH with the system OpenSSH
+client (``ssh``/``scp``), so ``~/.ssh/config``, keys and agents work as they do for the user.
+
+``run_kit_over_ssh``: make a private working directory on the target (``mktemp -d``), copy
+``KIT.tar.gz`` there and unpack it, run ``run.sh`` while passing its ``[kit]`` progress lines to a
+callback, fetch ``results/`` into the local kit (into a hidden directory first, renamed when
+complete) and remove the remote working directory. Ctrl-C (``KeyboardInterrupt``) signals the remote
+``run.sh`` (its pid is kept in the working directory; the script stops its runner and removes its
+partial results), removes the working directory and leaves no ``results/`` locally.
+
+A hand-written client (paramiko, asyncssh) would not read the user's OpenSSH configuration and
+agents the same way; the OpenSSH binaries are on every machine that can reach a device by SSH.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tleg_deploy.errors import BackendError, FormatError
+
+_SAFE = re.compile(r"^[A-Za-z0-9._/+-]+$")
+CONNECT_TIMEOUT_S = 30
+COMMAND_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """``user@host`` (or a ``~/.ssh/config`` alias) and an optional port."""
+
+    destination: str
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SshTarget:
+        """``user@host[:port]``, ``host`` or ``alias``; a bare IPv6 address needs a config alias."""
+        dest, sep, port = text.strip().partition(":")
+        if not dest or dest.startswith("-") or not re.fullmatch(r"[A-Za-z0-9._@%+-]+", dest):
+            raise FormatError(f"cannot read the SSH target {text!r}", hint="write it as user@host or user@host:port")
+        if sep:
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise FormatError(f"SSH port {port!r} in {text!r} is not a port number", hint="e.g. user@host:2222")
+            return cls(dest, int(port))
+        return cls(dest)
+
+
+class SshClient:
+    """``ssh``/``scp`` invocations for one target, with the user's configuration (or ``config``)."""
+
+    def __init__(self, target: SshTarget, config: Path | None = None) -> None:
+        for tool in ("ssh", "scp"):
+            if shutil.which(tool) is None:
+                raise BackendError(f"the OpenSSH client ({tool}) is not installed",
+                                   hint="install openssh-client (Debian/Ubuntu: apt-get install openssh-client)")
+        self.target = target
+        common = ["-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"] + (["-F", str(config)] if config else [])
+        self.ssh_args = ["ssh", *common] + (["-p", str(target.port)] if target.port else [])
+        self.scp_args = ["scp", "-q", *common] + (["-P", str(target.port)] if target.port else [])
+
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> str:
+        proc = subprocess.run([*self.ssh_args, self.target.destination, command], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        if proc.returncode != 0:
+            raise BackendError(f"ssh {self.target.destination} failed (exit {proc.returncode}): {_last(proc.stderr)}",
+                               hint="check that `ssh HOST true` works without a prompt (keys, ~/.ssh/config)")
+        return proc.stdout
+
+    def copy(self, sources: Sequence[str], dest: str, *, recursive: bool = False, timeout: float = 3600) -> None:
+        args = [*self.scp_args, *(["-r"] if recursive else []), *sources, dest]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+        if proc.returncode != 0:
+            raise BackendError(f"scp to/from {self.target.destination} failed: {_last(proc.stderr)}")
+
+    def remote(self, path: str) -> str:
+        return f"{self.target.destination}:{path}"
+
+
+def run_kit_over_ssh(kit_dir: Path, target: SshTarget, *, config: Path | None = None,
+                     remote_python: str | None = None, progress: Callable[[str], None] | None = None) -> Path:
+    """Run the kit at ``kit_dir`` (with ``kit_dir.tar.gz`` beside it) on ``target``; returns
+    ``kit_dir/results`` once fetched."""
+    say = progress or (lambda line: None)
+    kit_dir = Path(kit_dir)
+    tarball = kit_dir.with_name(kit_dir.name + ".tar.gz")
+    if not _SAFE.match(kit_dir.name) or not tarball.is_file():
+        raise FormatError(f"{kit_dir} is not a kit with its .tar.gz beside it", hint="make it with tleg-deploy kit")
+    if (kit_dir / "results").exists():
+        raise FormatError(f"{kit_dir}/results already exists", hint="import it with --from-kit, or make a new kit")
+    client = SshClient(target, config)
+    say(f"connecting to {target.destination}")
+    workdir = client.run('mkdir -p "${TMPDIR:-/tmp}" && mktemp -d "${TMPDIR:-/tmp}/tleg-kit.XXXXXX"').strip()
+    if not workdir.startswith("/") or not _SAFE.match(workdir):
+        raise BackendError(f"the target made an unexpected working directory {workdir!r}")
+    try:
+        say(f"copying {tarball.name} ({tarball.stat().st_size / 1e6:.1f} MB) to {target.destination}:{workdir}")
+        client.copy([str(tarball)], client.remote(f"{workdir}/kit.tar.gz"))
+        _run_remote(client, workdir, kit_dir.name, remote_python, say)
+        say("fetching results")
+        with tempfile.TemporaryDirectory(prefix=".results.", dir=kit_dir) as tmp:
+            client.copy([client.remote(f"{workdir}/{kit_dir.name}/results")], tmp, recursive=True)
+            (Path(tmp) / "results").rename(kit_dir / "results")
+    finally:
+        with contextlib.suppress(BackendError, subprocess.SubprocessError, OSError):
+            client.run(f"rm -rf {shlex.quote(workdir)}", timeout=60)
+    return kit_dir / "results"
+
+
+def _run_remote(client: SshClient, workdir: str, name: str, remote_python: str | None,
+                say: Callable[[str], None]) -> None:
+    wd = shlex.quote(workdir)
+    env = f"KIT_PYTHON={shlex.quote(remote_python)} " if remote_python else ""
+    # `exec` keeps the shell's pid for run.sh, so a later `kill` reaches it (and its trap stops the runner).
+    command = f"cd {wd} && tar xzf kit.tar.gz && echo $$ > run.pid && exec env {env}sh {shlex.quote(name)}/run.sh"
+    proc = subprocess.Popen([*client.ssh_args, client.target.destination, command], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                            start_new_session=True)  # Ctrl-C reaches us, not ssh: we stop the remote run
+    lines: list[str] = []
+    try:
+        for line in proc.stdout or ():
+            line = line.rstrip()
+            lines.append(line)
+            if line:
+                say(line)
+        code = proc.wait()
+    except KeyboardInterrupt:
+        with contextlib.suppress(BackendError, subprocess.SubprocessError, OSError):
+            client.run(f'kill -TERM "$(cat {wd}/run.pid)"', timeout=30)
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        raise
+    if code != 0:
+        errors = [ln for ln in lines if "error" in ln or "missing" in ln] or lines or ["(no output)"]
+        raise BackendError(f"the kit failed on {client.target.destination} (exit {code}): {errors[-1]}")
+
+
+def _last(text: str) -> str:
+    return (text.strip().splitlines() or ["(no output)"])[-1]
