@@ -78,7 +78,7 @@ def test_agrees_with_the_shipped_entries(isolated: Path) -> None:
 def test_a_measured_profile_is_not_extended(isolated: Path) -> None:
     prof = registry.resolve_profile("jetson")
     measured = dataclasses.replace(prof, source="measured")
-    assert registry._for_spec(measured, CUSTOM) is measured
+    assert registry.for_spec(measured, CUSTOM) is measured
 
 
 def test_solver_path_stays_torch_free(isolated: Path) -> None:

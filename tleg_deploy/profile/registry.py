@@ -107,15 +107,15 @@ def resolve_profile(name_or_path: str, *, spec: ViTSpec | None = None, refresh: 
         path = Path(name).expanduser()
         if not path.is_file():
             raise DeviceError(f"profile file {name!r} does not exist")
-        return _for_spec(DeviceProfile.load(path), spec)
+        return for_spec(DeviceProfile.load(path), spec)
     for d in search_dirs():  # by file name first: a broken file of that name is an error, not skipped
         path = d / f"{name}.json"
         if path.is_file():
-            return _for_spec(DeviceProfile.load(path), spec)
+            return for_spec(DeviceProfile.load(path), spec)
     scan = scan_profiles()
     for prof in scan.profiles:
         if name in prof.names:
-            return _for_spec(prof, spec)
+            return for_spec(prof, spec)
     known = sorted({HOST, *(n for p in scan.profiles for n in p.names)})
     hint = f"known devices: {', '.join(known)}; or give a path to a profile .json"
     if scan.problems:
@@ -186,7 +186,8 @@ def estimate_notice(profile: DeviceProfile) -> str | None:
 # estimated profiles, for any spec
 
 
-def _for_spec(profile: DeviceProfile, spec: ViTSpec | None) -> DeviceProfile:
+def for_spec(profile: DeviceProfile, spec: ViTSpec | None) -> DeviceProfile:
+    """``profile``, with on-the-fly entries for ``spec`` when it is an estimated profile that lacks them."""
     if spec is None or profile.source != "estimated" or profile.precisions(spec, _batch(profile)):
         return profile
     return estimated_for_spec(profile, spec)
@@ -256,9 +257,12 @@ def estimate_measure_command(device: str, spec: ViTSpec, precisions: tuple[str, 
 def _shipped_floor(profile: DeviceProfile, device: str, sheets: dict[str, Any]) -> dict[str, Any] | None:
     """The per-kernel floor the shipped profile was computed with, in ``estimate.device_facts``' terms
     (at this device's own clock), so the on-the-fly entries need no fvcore re-calibration (torch)."""
+    facts = sheets["devices"][device]["facts"]
+    if facts.get("kernel_floor_us", {}).get("value") != "calibrated":
+        return None  # a datasheet figure: nothing to calibrate
     for e in profile.entries:
         kf = (e.basis or {}).get("kernel_floor_us")
         if isinstance(kf, dict) and isinstance(kf.get("value"), (int, float)):
-            clock = float(sheets["devices"][device]["facts"]["gpu_clock_mhz"]["value"])
+            clock = float(facts["gpu_clock_mhz"]["value"])
             return {"value": float(kf["value"]), "clock_mhz": clock, "point": "shipped profile"}
     return None

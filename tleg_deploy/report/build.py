@@ -118,11 +118,13 @@ class Report:
 
 
 def _profiles(cfg: ReportConfig, spec: ViTSpec, quiet: bool) -> list[Any]:
-    from tleg_deploy.profile.registry import list_profiles, resolve_profile
+    from tleg_deploy.profile.registry import for_spec, list_profiles, resolve_profile
 
     if cfg.devices:  # "host" is measured here on first use (with progress unless quiet)
         return [resolve_profile(name, spec=spec, quiet=quiet) for name in cfg.devices]
-    return list_profiles()
+    # Every listed profile; an estimated one also answers for a spec it did not ship with (computed
+    # from its datasheets, as `fit` does); a measured one only for what was measured.
+    return [for_spec(p, spec) for p in list_profiles()]
 
 
 def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: bool = True) -> ReportResult:
