@@ -16,6 +16,9 @@ ratios measured in the same run are compared: the shared machines swing by tens 
 runs. On digits it also compares the int8 schemes (issue 13, item 2): dynamic vs static QDQ
 (calibrated on 256 digits training images), per channel vs per tensor: speed, top-1 agreement with
 fp32 PyTorch on the 359 test images, and how far one image's logits move alone vs in a batch of 32.
+Each file's median is also shown against its *MAC floor* (issue 13, item 3): the model's MACs at this
+machine's 1-thread GEMM rate (``profile.gemm``: an fp32 ``MatMul`` / int8 ``MatMulInteger`` of a
+ViT-S/16-shaped matrix in ONNX Runtime, measured at the start of the run; fp16 files use the fp32 rate).
 
 Run: ``.venv/bin/python benchmarks/export_speed.py [--rounds 5] [--specs digits,deit-tiny]``
 """
@@ -45,6 +48,8 @@ from tleg_deploy.model.expansion import expand
 from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.model.resources import load_learngene
 from tleg_deploy.model.spec import ViTSpec
+from tleg_deploy.plan import costs
+from tleg_deploy.profile.gemm import GemmRate, measure_gemm
 from tleg_deploy.train.data import load_data
 
 DEPTH = 12
@@ -198,6 +203,11 @@ def main() -> None:
           "(order rotated every round), median ms per call in each repetition. Ratios are to the best "
           "alternative of the same precision in the same repetition; ≤ 1.00× means ours is at least as fast. "
           "Command: `.venv/bin/python benchmarks/export_speed.py`.", ""]
+    gemm = measure_gemm()
+    results["gemm_macs_per_s_1t"] = {"fp32": round(gemm.fp32_macs), "int8": round(gemm.int8_macs),
+                                     "shape": list(gemm.shape)}
+    md += [f"1-thread GEMM rate here (ONNX Runtime, {'x'.join(map(str, gemm.shape))}): fp32 "
+           f"{gemm.fp32_macs / 1e9:.3g} GMAC/s, int8 {gemm.int8_macs / 1e9:.3g} GMAC/s.", ""]
     root = Path(tempfile.mkdtemp(prefix="tleg-speed-"))
     try:
         for name in [s.strip() for s in args.specs.split(",") if s.strip()]:
@@ -211,7 +221,7 @@ def main() -> None:
                 paths |= {f"int8 {k}": p for k, (p, _) in schemes.items()}
             x = load_data("digits", model.spec, "test")[0][:1].numpy()
             ms = time_files(paths, x, args.rounds, 0.05 if name == "digits" else 0.2)
-            results[name] = _summarise(files, ms, reports, schemes)
+            results[name] = _summarise(files, ms, reports, schemes, costs.macs(model.spec, DEPTH), gemm)
             md += _markdown(name, results[name])
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -227,12 +237,15 @@ def main() -> None:
 
 
 def _summarise(files: dict[str, tuple[str, str, Path]], ms: dict[str, list[float]], reports: dict[str, Any],
-               schemes: dict[str, tuple[Path, dict[str, float]]]) -> dict[str, Any]:
+               schemes: dict[str, tuple[Path, dict[str, float]]], macs: int, gemm: GemmRate) -> dict[str, Any]:
     ratios: dict[str, list[float]] = {}
     for precision in ("fp32", "int8"):
         alts = [k for k, (p, who, _) in files.items() if p == precision and who == "alt"]
         ours = "ours" if precision == "fp32" else "ours int8"
         ratios[precision] = [ms[ours][i] / min(ms[a][i] for a in alts) for i in range(REPS)]
+    def rate(k: str) -> float:  # MAC/s of the file's precision (int8 schemes: "int8 ..."; fp16: the fp32 rate)
+        return gemm.int8_macs if k.startswith("int8 ") or files[k][0] == "int8" else gemm.fp32_macs
+
     best = {p: min((k for k, (pp, who, _) in files.items() if pp == p and who == "alt"),
                    key=lambda k: statistics.median(ms[k])) for p in ("fp32", "int8")}
     return {
@@ -243,6 +256,8 @@ def _summarise(files: dict[str, tuple[str, str, Path]], ms: dict[str, list[float
         "best_alternative": best, "validation": reports,
         "meets_target": {p: statistics.median(rs) <= 1.0 for p, rs in ratios.items()},
         "int8_schemes": {k: stats for k, (_, stats) in schemes.items()},
+        "macs": macs,
+        "mac_floor_fraction": {k: round(macs / rate(k) * 1e3 / statistics.median(v), 4) for k, v in ms.items()},
     }
 
 
@@ -260,23 +275,24 @@ def _markdown(name: str, r: dict[str, Any]) -> list[str]:
              + "; ".join(f"{k}: max |Δ| {v['max_abs_diff']:.1e}" + (f", top-1 agreement {v['agreement']:.1%}"
                                                                    if v["agreement"] is not None else "")
                          for k, v in r["validation"].items()) + ")", "",
-             "| file | precision | ms per repetition | × ours fp32 |", "|---|---|---|---|"]
+             "| file | precision | ms per repetition | × ours fp32 | MAC floor / ms |", "|---|---|---|---|---|"]
     base = statistics.median(ms["ours"])
     for k, vals in ms.items():
         if k.startswith("int8 "):
             continue
         lines.append(f"| {k} | {r['precision'][k]} | {' / '.join(f'{v:.3f}' for v in vals)} | "
-                     f"{statistics.median(vals) / base:.2f} |")
+                     f"{statistics.median(vals) / base:.2f} | {r['mac_floor_fraction'][k]:.1%} |")
     if r["int8_schemes"]:
         lines += ["", "INT8 schemes on our fp32 file (weight MatMuls only; static calibrated on 256 digits training "
                   "images, MinMax): top-1 agreement with fp32 PyTorch on the 359 test images; the largest change "
                   "of one image's logits alone vs in a batch of 32.", "",
-                  "| scheme | ms per repetition | × ours fp32 | agreement | batch dependence |",
-                  "|---|---|---|---|---|"]
+                  "| scheme | ms per repetition | × ours fp32 | agreement | batch dependence | MAC floor / ms |",
+                  "|---|---|---|---|---|---|"]
         for k, st in r["int8_schemes"].items():
             vals = ms[f"int8 {k}"]
             lines.append(f"| {k} | {' / '.join(f'{v:.3f}' for v in vals)} | {statistics.median(vals) / base:.2f} | "
-                         f"{st['agreement']:.1%} | {st['batch_dependence']:.4f} |")
+                         f"{st['agreement']:.1%} | {st['batch_dependence']:.4f} | "
+                         f"{r['mac_floor_fraction'][f'int8 {k}']:.1%} |")
     return lines + [""]
 
 

@@ -61,8 +61,12 @@ def test_real_onnxruntime_measurement_is_linear(small_spec: ViTSpec, tmp_path) -
     assert prof.runtime["threads"] == 1
     assert prof.runtime["options"]["session.intra_op.allow_spinning"] == "0"
     assert prof.environment["cpu"] and prof.environment["libraries"]["onnxruntime"]
+    # The host's 1-thread GEMM rates are recorded as hardware facts (profile.gemm) and survive a round trip.
+    for key in ("gemm_fp32_macs_1t", "gemm_int8_macs_1t"):
+        assert prof.hardware[key]["unit"] == "MAC/s" and prof.hardware[key]["value"] > 0
     # Round trip of a real profile, and a prediction inside the measured range.
     again = DeviceProfile.load(prof.save(tmp_path / "testhost.json"))
+    assert again.hardware == prof.hardware
     pred = again.predict(12, spec=small_spec, precision="fp32")
     assert not pred.extrapolated and p50[1] < pred.latency_p50_ms < p50[2] * 1.2
 

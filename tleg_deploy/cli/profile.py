@@ -229,7 +229,8 @@ def show_device(prof: DeviceProfile, json_: bool) -> None:
     out.print(f"[bold]{prof.name}[/bold]{aliases}: {prof.source} {prof.kind} profile, backend {prof.backend}, "
               f"{prof.date or 'undated'}", highlight=False)
     for key, fact in prof.hardware.items():
-        out.print(f"  {key}: {fact['value']} {fact.get('unit', '')}  [dim]— {fact['source']}[/dim]", highlight=False)
+        value = f"{fact['value']:.4g}" if isinstance(fact["value"], float) else fact["value"]
+        out.print(f"  {key}: {value} {fact.get('unit', '')}  [dim]— {fact['source']}[/dim]", highlight=False)
     table = Table("spec", "precision", "batch", "p50 ms = a + b·depth", "p90 ms = a + b·depth", "MB = a + b·depth",
                   "depths")
     for e in prof.entries:

@@ -17,6 +17,7 @@ from tleg_deploy.plan.units import format_metrics
 
 if TYPE_CHECKING:
     from tleg_deploy.deploy.fit_types import FitResult
+    from tleg_deploy.profile.gemm import MacFloor
     from tleg_deploy.profile.table import DeviceProfile
 
 
@@ -79,6 +80,11 @@ def render_report(result: FitResult, profile: DeviceProfile, chosen_file: str,
                  f"{'-' if budget.params is None else f'{budget.params:,}'} |")
     lines.append(f"| MACs | {costs.macs(spec, result.depth):,} (exact) | | "
                  f"{'-' if budget.macs is None else f'{budget.macs:,}'} |")
+    floor = _mac_floor(result, profile)
+    if floor is not None:
+        rate = "int8" if result.precision.startswith("int8") else "fp32"
+        lines += ["", f"Physical limit (p50): {floor.describe()}, at this host's 1-thread {rate} GEMM rate "
+                  "(measured with the profile); the rest of the latency is spent outside the matrix multiplies."]
     lines += ["", "## Candidates", "", f"| depth | precision | {pct} ms | upper ms | memory MB | params | fits |",
               "|---|---|---|---|---|---|---|"]
     for c in plan.candidates:
@@ -109,3 +115,15 @@ def render_report(result: FitResult, profile: DeviceProfile, chosen_file: str,
         lines.append(f"`bash build_engine.sh` times `{chosen_file}` with ONNX Runtime on the target; "
                      f"`{profile.measure_command}` re-measures the profile.")
     return "\n".join(lines) + "\n"
+
+
+def _mac_floor(result: FitResult, profile: DeviceProfile) -> MacFloor | None:
+    """The measured pick's MAC floor (``profile.gemm``), or ``None``: not measured here, or a
+    profile without the host's GEMM rate."""
+    if result.measured is None:
+        return None
+    from tleg_deploy.profile.gemm import mac_floor
+
+    m = result.measured
+    return mac_floor(profile.hardware, costs.macs(result.plan.spec, m.depth, m.batch), m.precision, m.p50_ms,
+                     threads=m.threads)

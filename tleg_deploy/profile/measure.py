@@ -163,6 +163,8 @@ def profile(
     kind = "jetson" if envmod.is_jetson() else ("gpu" if cfg.device == "cuda" else "cpu")
     hardware = {"cpu": {"value": envmod.cpu_model(), "unit": "", "source": "/proc/cpuinfo"},
                 "cores": {"value": os.cpu_count(), "unit": "", "source": "os.cpu_count()"}}
+    if cfg.device == "cpu":
+        hardware.update(_gemm_facts(progress))
     fresh = DeviceProfile(
         name=name, aliases=tuple(aliases), source="measured", kind=kind, backend=cfg.backend,
         measure_command=measure_command(name, cfg, spec), entries=tuple(entries), hardware=hardware,
@@ -212,6 +214,20 @@ def _reference(spec: ViTSpec, cfg: MeasureConfig,
         yield prober, [prober.sample("start")]
     finally:
         prober.close()
+
+
+def _gemm_facts(progress: Callable[[str, float], None] | None) -> dict[str, Any]:
+    """This host's 1-thread GEMM rates (``profile.gemm``, about a second) as ``device.hardware``
+    facts; none where ONNX Runtime is missing (the torch backend on a bare machine)."""
+    from tleg_deploy.errors import BackendError
+    from tleg_deploy.profile.gemm import gemm_facts, measure_gemm
+
+    if progress is not None:
+        progress("GEMM throughput (1 thread)", 1.0)
+    try:
+        return gemm_facts(measure_gemm())
+    except BackendError:
+        return {}
 
 
 # Relative floor of the latency prediction interval: run-to-run drift between sessions, which one
