@@ -118,7 +118,7 @@ def render_summary(result: FitResult) -> None:
     for why in result.rejected.values():
         out.print(f"[yellow]precision {why}[/yellow]; picked again without it", highlight=False)
     for step in result.steps:
-        out.print(f"[yellow]why not deeper (measured):[/yellow] {step}", highlight=False)
+        out.print(f"[yellow]measured step:[/yellow] {step}", highlight=False)
     out.print(f"why not deeper{' (solver)' if result.steps else ''}: {plan.why_not_deeper}", highlight=False)
     if result.measured is not None:
         m = result.measured

@@ -4,9 +4,10 @@
       measured profile of this host is drift-probed (``profile.drift``)
     2 solve: the deepest (or most accurate) depth x precision that fits,      ``_solve``
       with confidence
-    3 on a device we can run here (the profile was measured on this host with ``_measured_check``
+    3 on a device we can run here (the profile was measured on this host with ``fit_measure``
       ONNX Runtime), time an export of the expansion (Xia et al., AAAI 2024); if it misses the
-      latency budget, step one block shallower and say so (at most ``max_steps`` times)
+      latency budget, step one block shallower and say so; if it fits, step one block deeper while
+      that still measures within budget and meets the other budgets (at most ``max_steps`` each way)
     4 fine-tune if data is given (latency does not depend on the weights, so  ``_finetune``
       this runs once, at the final depth, after the measured check)
     5 export the model that will be shipped to ONNX (fp32 + the chosen        ``_export``
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tleg_deploy.deploy.fit_measure import measured_check
 from tleg_deploy.deploy.fit_report import build_engine_script, render_report
 from tleg_deploy.deploy.fit_types import FIT_FORMAT, FitRequest, FitResult
 from tleg_deploy.errors import ExportError, InfeasibleError
@@ -212,9 +214,11 @@ def _build(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngen
     from tleg_deploy.model.expansion import expand
 
     limit = request.budget.latency_ms
-    depth, measured, steps, over = plan.depth, None, (), {}
+    depth, measured = plan.depth, None
+    steps: list[str] = []
+    over: dict[int, float] = {}
     if request.measure and limit is not None and _runs_here(profile):
-        depth, measured, steps, over = _measured_check(request, plan, profile, lg, limit, staging, say)
+        depth, measured, steps, over = measured_check(request, plan, profile, lg, limit, staging, say)
     metrics: dict[str, Any] | None = None
     if request.finetune_data is not None:
         if depth not in trained:
@@ -228,62 +232,6 @@ def _build(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngen
                      profile=profile, out=staging, data=_validation_data(request, card), card=card, skip=skip,
                      say=say)
     return _Built(model, chosen, measured, tuple(steps), metrics, over)
-
-
-def _measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngene, limit: float,
-                    staging: Path, say: Log) -> tuple[int, Measurement, list[str], dict[int, float]]:
-    """Time an export of the planned depth; while it misses the ``limit`` (ms, at the budget's percentile),
-    one block shallower, at most ``request.max_steps`` times. Returns the depth, its measurement, the
-    steps and the depths measured over budget; raises ``InfeasibleError`` if the last depth tried still
-    misses. Latency does not depend on the weights, so this times the expansion, unvalidated."""
-    from tleg_deploy.model.expansion import expand
-    from tleg_deploy.profile.artifact import measure_onnx
-
-    pct = request.budget.percentile
-
-    def timed(depth: int) -> Measurement:
-        say(f"timing depth {depth} {plan.precision} here ...")
-        path = _timing_file(expand(lg, depth).eval(), plan.precision, staging / ".timing")
-        measured = measure_onnx(path, plan.spec, depth=depth, precision=plan.precision, threads=_threads(profile))
-        say(f"measured depth {depth}: {pct} {measured.at(pct):.3g} ms (budget {limit:g} ms)")
-        return measured
-
-    steps: list[str] = []
-    over: dict[int, float] = {}
-    depth = plan.depth
-    measured = timed(depth)
-    while measured.at(pct) > limit and depth > 1 and len(steps) < request.max_steps:
-        over[depth] = measured.at(pct)
-        steps.append(f"depth {depth} measured {pct} {measured.at(pct):.3g} ms > {limit:g} ms: "
-                     f"stepped to depth {depth - 1}")
-        depth -= 1
-        measured = timed(depth)
-    shutil.rmtree(staging / ".timing", ignore_errors=True)
-    if measured.at(pct) > limit:
-        raise InfeasibleError(
-            f"depth {depth} {plan.precision} measured {pct} {measured.at(pct):.3g} ms over the {limit:g} ms "
-            f"budget after {len(steps)} step(s) shallower",
-            hint="the host profile may be stale or the machine busy: re-measure with --refresh-profile "
-                 "or raise the budget")
-    return depth, measured, steps, over
-
-
-def _timing_file(model: ViT, precision: str, out: Path) -> Path:
-    """The ONNX file ONNX Runtime runs ``model`` at ``precision`` from, for timing only (not validated)."""
-    from tleg_deploy.export.onnx import export_onnx
-    from tleg_deploy.export.quantize import convert_fp16, quantize_int8
-
-    out.mkdir(exist_ok=True)
-    fp32 = export_onnx(model, out / "model.onnx")
-    kind = deployed_kind(precision, "onnxruntime")
-    if kind == "int8":
-        return quantize_int8(fp32, out / "model_int8.onnx")
-    return convert_fp16(fp32, out / "model_fp16.onnx") if kind == "fp16" else fp32
-
-
-def _threads(profile: DeviceProfile) -> int:
-    threads = profile.runtime.get("threads", 1)
-    return threads if isinstance(threads, int) and threads > 0 else 1
 
 
 def _export(model: ViT, *, source: str, lg: Learngene, learngene: str, precision: str, profile: DeviceProfile,

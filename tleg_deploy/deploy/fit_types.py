@@ -50,7 +50,8 @@ class FitRequest:
     folder:PATH, npz:PATH) fine-tunes the pick for ``epochs``; ``calib_data`` (same forms) is what the
     quantized variants are validated and calibrated on (default: ``finetune_data``, else the data the
     learngene was trained on, where it is still there, else digits). ``measure``: time the artifact where the
-    profile was measured on this host, stepping at most ``max_steps`` blocks shallower over budget."""
+    profile was measured on this host, stepping at most ``max_steps`` blocks shallower over budget (or, when the
+    pick fits, deeper while the next depth still measures within budget)."""
 
     budget: Budget
     device: str | DeviceProfile
@@ -76,12 +77,12 @@ class FitRequest:
 
 @dataclass(frozen=True)
 class FitResult:
-    plan: Plan                               # the solver's answer (before any measured step-down)
+    plan: Plan                               # the solver's answer (before any measured step)
     pick: Candidate                          # what was built, with its predicted figures
     out_dir: Path
     files: tuple[str, ...]
     measured: Measurement | None             # None: the target cannot be run here (figures are estimated)
-    steps: tuple[str, ...] = ()              # each step shallower, with the measurement that caused it
+    steps: tuple[str, ...] = ()              # each measured step (down or up), predicted vs measured
     finetune: Mapping[str, Any] | None = None
     measure_command: str = ""
     notes: tuple[str, ...] = field(default=())
