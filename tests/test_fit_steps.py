@@ -53,8 +53,9 @@ def _setup(budget: Budget, max_depth: int = 12) -> tuple[FitRequest, Plan, Devic
 
 
 def _check(request: FitRequest, plan: Plan, prof: DeviceProfile, tmp_path: Path,
-           say: Callable[[str], None] = lambda _m: None) -> tuple[int, Measurement, list[str], dict[int, float]]:
-    return fit_measure.measured_check(request, plan, prof, load_learngene("demo"), LIMIT, tmp_path, say)
+           say: Callable[[str], None] = lambda _m: None) -> tuple[int, Measurement | None, list[str], dict[int, float]]:
+    timer = fit_measure.host_timer(load_learngene("demo"), plan, prof, tmp_path, say)
+    return fit_measure.measured_check(request, plan, prof, LIMIT, timer, say)
 
 
 def test_steps_up_while_the_deeper_depth_measures_within_budget(tmp_path: Path, measured: Callable) -> None:
@@ -62,7 +63,7 @@ def test_steps_up_while_the_deeper_depth_measures_within_budget(tmp_path: Path, 
     d = plan.depth
     calls = measured(lambda depth: 0.5 if depth <= d + 2 else 2.4)
     depth, m, steps, over = _check(request, plan, prof, tmp_path)
-    assert depth == d + 2 and m.p90_ms == 0.5 and calls == [d, d + 1, d + 2, d + 3]
+    assert depth == d + 2 and m is not None and m.p90_ms == 0.5 and calls == [d, d + 1, d + 2, d + 3]
     assert [s.rsplit(": ", 1)[1] for s in steps] == [f"stepped up to depth {d + 1}", f"stepped up to depth {d + 2}",
                                                      f"stays at depth {d + 2}"]
     pred = evaluate(prof, request.budget, spec=plan.spec, depth=d + 1, precision="int8")
@@ -90,7 +91,7 @@ def test_steps_down_over_budget_and_then_never_up(tmp_path: Path, measured: Call
     d = plan.depth
     calls = measured(lambda depth: 3.0 if depth >= d - 1 else 1.9)
     depth, m, steps, over = _check(request, plan, prof, tmp_path)
-    assert depth == d - 2 and m.p90_ms == 1.9 and calls == [d, d - 1, d - 2]
+    assert depth == d - 2 and m is not None and m.p90_ms == 1.9 and calls == [d, d - 1, d - 2]
     assert steps[0].endswith(f"stepped to depth {d - 1}") and "measured 3 ms > 2 ms" in steps[0]
     assert over == {d: 3.0, d - 1: 3.0}
 
@@ -110,7 +111,8 @@ def test_step_up_never_breaks_a_memory_budget(tmp_path: Path, measured: Callable
     assert plan.depth == 3 and plan.binding == "memory"
     calls = measured(lambda _depth: 0.01)
     said: list[str] = []
-    depth, _, steps, _ = fit_measure.measured_check(request, plan, prof, lg, 1000.0, tmp_path, said.append)
+    timer = fit_measure.host_timer(lg, plan, prof, tmp_path, said.append)
+    depth, _, steps, _ = fit_measure.measured_check(request, plan, prof, 1000.0, timer, said.append)
     assert depth == 3 and steps == [] and calls == [3]
     assert any(m.startswith("not stepping up to depth 4: memory") for m in said)
 

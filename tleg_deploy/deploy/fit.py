@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tleg_deploy.deploy.fit_measure import measured_check
+from tleg_deploy.deploy.fit_measure import Timer, host_timer, kit_timer, measured_check
 from tleg_deploy.deploy.fit_report import build_engine_script, render_report
 from tleg_deploy.deploy.fit_types import FIT_FORMAT, FitRequest, FitResult
-from tleg_deploy.errors import ExportError, InfeasibleError
+from tleg_deploy.errors import ExportError, FormatError, InfeasibleError
 from tleg_deploy.files.datacard import LABELS_NAME
 from tleg_deploy.files.fileio import sha256_file, write_json_atomic, write_text_atomic
 from tleg_deploy.files.outputs import has_marker, output_dir, staging_dir
@@ -111,6 +111,8 @@ def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> F
 
 
 def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log: Log | None = None) -> DeviceProfile:
+    if request.kit_results is not None:
+        return _kit_profile(request.kit_results, request, spec)
     if not isinstance(request.device, str):
         return request.device
     from tleg_deploy.profile.drift import probe_and_apply
@@ -119,6 +121,22 @@ def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log: Log |
     prof = resolve_profile(request.device, spec=spec, refresh=request.refresh_profile, quiet=quiet)
     # The drift probe (about 1 s): says how fast this host is now against its profile, rescales beyond ±5%.
     return probe_and_apply(prof, log=log) if prof.source == "measured" else prof
+
+
+def _kit_profile(kit_dir: Path, request: FitRequest, spec: ViTSpec) -> DeviceProfile:
+    """The measured profile of a device kit's run (``fit --kit-results``), named after ``--device``; the kit
+    must have measured this learngene's model (its spec) at batch 1."""
+    from tleg_deploy.model.spec import ViTSpec
+    from tleg_deploy.profile.kit import read_kit_json
+    from tleg_deploy.profile.kit_import import import_kit
+
+    kit = read_kit_json(kit_dir)
+    if ViTSpec.from_dict(kit["spec"]) != spec or kit.get("batch") != 1:
+        raise FormatError(f"the kit in {kit_dir} measured another model (or batch {kit.get('batch')}) than the "
+                          "learngene's at batch 1",
+                          hint=f"make the kit with tleg-deploy kit --learngene {request.learngene} --batch 1")
+    name = request.device if isinstance(request.device, str) else request.device.name
+    return import_kit(kit_dir, name=Path(name).stem if name.endswith(".json") else name)
 
 
 def _solve(request: FitRequest, profile: DeviceProfile, spec: ViTSpec, aux_depth: int, say: Log,
@@ -217,8 +235,9 @@ def _build(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngen
     depth, measured = plan.depth, None
     steps: list[str] = []
     over: dict[int, float] = {}
-    if request.measure and limit is not None and _runs_here(profile):
-        depth, measured, steps, over = measured_check(request, plan, profile, lg, limit, staging, say)
+    timer = _timer(request, plan, profile, lg, staging, say)
+    if timer is not None and limit is not None:
+        depth, measured, steps, over = measured_check(request, plan, profile, limit, timer, say)
     metrics: dict[str, Any] | None = None
     if request.finetune_data is not None:
         if depth not in trained:
@@ -232,6 +251,17 @@ def _build(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngen
                      profile=profile, out=staging, data=_validation_data(request, card), card=card, skip=skip,
                      say=say)
     return _Built(model, chosen, measured, tuple(steps), metrics, over)
+
+
+def _timer(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngene, staging: Path,
+           say: Log) -> Timer | None:
+    """Where the pick's latency is measured: the device kit's recorded run (``kit_results``), else here when
+    the profile was measured on this host (timing files in ``staging/.timing``, cleared before the export)."""
+    if not request.measure:
+        return None
+    if request.kit_results is not None:
+        return kit_timer(request.kit_results, plan, say)
+    return host_timer(lg, plan, profile, staging / ".timing", say) if _runs_here(profile) else None
 
 
 def _export(model: ViT, *, source: str, lg: Learngene, learngene: str, precision: str, profile: DeviceProfile,
@@ -279,7 +309,12 @@ def _result(request: FitRequest, plan: Plan, profile: DeviceProfile, built: _Bui
     pick = plan.pick if depth == plan.depth else evaluate(
         profile, budget, spec=plan.spec, depth=depth, precision=plan.precision, margin=s.margin, accuracy=s.accuracy)
     notes = list(plan.warnings)
-    if not (request.measure and _runs_here(profile)) and profile.source == "measured":
+    if request.kit_results is not None:
+        notes.append(f"measured on {profile.name} by the device kit run in {request.kit_results}"
+                     if built.measured is not None else
+                     f"the kit in {request.kit_results} did not measure depth {depth} {plan.precision}: "
+                     "figures are predicted from its profile")
+    elif not (request.measure and _runs_here(profile)) and profile.source == "measured":
         notes.append(f"{profile.name} cannot be run here: figures are predicted, not measured")
     measured = built.measured
     if measured is not None and measured.at(budget.percentile) < 0.5 * pick.latency_ms:

@@ -1,11 +1,11 @@
-"""fit's measured loop (step 3 of ``deploy.fit``): where the device profile was measured on this host, time
-an unvalidated export of the planned depth here, step shallower while it misses the latency budget, and deeper
-while the next depth still measures within it and meets every other budget, at most ``max_steps`` each way."""
+"""fit's measured loop (step 3 of ``deploy.fit``): measure the planned depth, step shallower while it misses
+the latency budget, and deeper while the next depth still measures within it and meets every other budget, at
+most ``max_steps`` each way. The measurements come from a timer: ``host_timer`` times unvalidated exports here
+(a profile measured on this host); ``kit_timer`` reads what a device kit's run recorded (``fit --kit-results``)."""
 
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,30 +24,19 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 
 
-def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngene, limit: float,
-                    staging: Path, say: Log) -> tuple[int, Measurement, list[str], dict[int, float]]:
-    """Time an export of the planned depth; while it misses the ``limit`` (ms, at the budget's percentile),
+Timer = Callable[[int], Measurement | None]  # depth -> its measurement at the plan's precision; None: not measured
+
+
+def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limit: float, timer: Timer,
+                   say: Log) -> tuple[int, Measurement | None, list[str], dict[int, float]]:
+    """Measure the planned depth (``timer``); while it misses the ``limit`` (ms, at the budget's percentile),
     one block shallower; once it fits (without having stepped down), while the next deeper depth still
     measures within the limit and meets every other budget (``_deeper_allowed``), one block deeper. Each
-    direction takes at most ``request.max_steps`` steps. Returns the depth, its measurement, the steps
-    (predicted vs measured) and the depths measured over budget; raises ``InfeasibleError`` if the last
-    depth tried still misses. Latency does not depend on the weights, so this times the expansion,
-    unvalidated."""
-    from tleg_deploy.model.expansion import expand
-    from tleg_deploy.profile.artifact import measure_onnx
-
+    direction takes at most ``request.max_steps`` steps; a depth the timer has no measurement for ends the
+    stepping (a kit measured only some depths). Returns the depth, its measurement (None: not measured), the
+    steps (predicted vs measured) and the depths measured over budget; raises ``InfeasibleError`` if the last
+    depth measured still misses."""
     pct = request.budget.percentile
-
-    def timed(depth: int) -> Measurement:
-        say(f"timing depth {depth} {plan.precision} here ...")
-        path = _timing_file(expand(lg, depth).eval(), plan.precision, staging / ".timing")
-        measured = measure_onnx(path, plan.spec, depth=depth, precision=plan.precision, threads=_threads(profile))
-        ms = measured.at(pct)
-        if not math.isfinite(ms) or ms <= 0:
-            raise BackendError(f"depth {depth} {plan.precision} measured {pct} {ms} ms, not a latency",
-                               hint="re-run; if it persists, re-measure the profile with --refresh-profile")
-        say(f"measured depth {depth}: {pct} {ms:.3g} ms (budget {limit:g} ms)")
-        return measured
 
     def step(depth: int, ms: float, outcome: str) -> str:
         c = evaluate(profile, request.budget, spec=plan.spec, depth=depth, precision=plan.precision)
@@ -57,16 +46,18 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: 
     steps: list[str] = []
     over: dict[int, float] = {}
     depth = plan.depth
-    measured = timed(depth)
-    while measured.at(pct) > limit and depth > 1 and len(steps) < request.max_steps:
+    measured = timer(depth)
+    while measured is not None and measured.at(pct) > limit and depth > 1 and len(steps) < request.max_steps:
         over[depth] = measured.at(pct)
         steps.append(step(depth, measured.at(pct), f"stepped to depth {depth - 1}"))
         depth -= 1
-        measured = timed(depth)
+        measured = timer(depth)
     ups, stepped_down = 0, bool(steps)
-    while not stepped_down and measured.at(pct) <= limit and ups < request.max_steps and _deeper_allowed(
-            request, plan, profile, depth + 1, say):
-        deeper = timed(depth + 1)
+    while (not stepped_down and measured is not None and measured.at(pct) <= limit and ups < request.max_steps
+           and _deeper_allowed(request, plan, profile, depth + 1, say)):
+        deeper = timer(depth + 1)
+        if deeper is None:
+            break
         if deeper.at(pct) > limit:
             over[depth + 1] = deeper.at(pct)
             steps.append(step(depth + 1, deeper.at(pct), f"stays at depth {depth}"))
@@ -74,14 +65,64 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: 
         ups += 1
         steps.append(step(depth + 1, deeper.at(pct), f"stepped up to depth {depth + 1}"))
         depth, measured = depth + 1, deeper
-    shutil.rmtree(staging / ".timing", ignore_errors=True)
-    if measured.at(pct) > limit:
+    if measured is not None and measured.at(pct) > limit:
         raise InfeasibleError(
             f"depth {depth} {plan.precision} measured {pct} {measured.at(pct):.3g} ms over the {limit:g} ms "
             f"budget after {len(steps)} step(s) shallower",
-            hint="the host profile may be stale or the machine busy: re-measure with --refresh-profile "
+            hint="the profile may be stale or the device busy: re-measure it (--refresh-profile on host) "
                  "or raise the budget")
     return depth, measured, steps, over
+
+
+def host_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, out: Path, say: Log) -> Timer:
+    """Time an unvalidated export of each depth here with ONNX Runtime, in ``out`` (latency does not depend on
+    the weights, so this times the expansion)."""
+    from tleg_deploy.model.expansion import expand
+    from tleg_deploy.profile.artifact import measure_onnx
+
+    pct = plan.budget.percentile
+
+    def timed(depth: int) -> Measurement:
+        say(f"timing depth {depth} {plan.precision} here ...")
+        path = _timing_file(expand(lg, depth).eval(), plan.precision, out)
+        measured = measure_onnx(path, plan.spec, depth=depth, precision=plan.precision, threads=_threads(profile))
+        _check_finite(measured, pct)
+        say(f"measured depth {depth}: {pct} {measured.at(pct):.3g} ms")
+        return measured
+
+    return timed
+
+
+def kit_timer(kit_dir: Path, plan: Plan, say: Log) -> Timer:
+    """The measurements a device kit's run recorded (``profile.kit_import.kit_points``), for the depths it
+    measured at the plan's precision; None for the others."""
+    from tleg_deploy.profile.kit_import import kit_points
+
+    kit, points = kit_points(kit_dir)
+    raw = kit.get("threads")
+    threads = raw if isinstance(raw, int) and raw > 0 else 1
+    pct = plan.budget.percentile
+
+    def recorded(depth: int) -> Measurement | None:
+        pt = points.get((plan.precision, depth))
+        if pt is None:
+            say(f"depth {depth} {plan.precision} was not measured by the kit in {kit_dir} "
+                f"(depths {', '.join(map(str, kit['depths']))})")
+            return None
+        measured = Measurement(depth=depth, precision=plan.precision, p50_ms=pt.p50_ms, p90_ms=pt.p90_ms,
+                               runs=pt.n, threads=threads, batch=int(kit["batch"]))
+        _check_finite(measured, pct)
+        say(f"kit measured depth {depth} on {kit['device']}: {pct} {measured.at(pct):.3g} ms")
+        return measured
+
+    return recorded
+
+
+def _check_finite(m: Measurement, pct: str) -> None:
+    ms = m.at(pct)
+    if not math.isfinite(ms) or ms <= 0:
+        raise BackendError(f"depth {m.depth} {m.precision} measured {pct} {ms} ms, not a latency",
+                           hint="measure again; if it persists, re-measure the profile")
 
 
 def _deeper_allowed(request: FitRequest, plan: Plan, profile: DeviceProfile, depth: int, say: Log) -> bool:

@@ -51,7 +51,9 @@ class FitRequest:
     quantized variants are validated and calibrated on (default: ``finetune_data``, else the data the
     learngene was trained on, where it is still there, else digits). ``measure``: time the artifact where the
     profile was measured on this host, stepping at most ``max_steps`` blocks shallower over budget (or, when the
-    pick fits, deeper while the next depth still measures within budget)."""
+    pick fits, deeper while the next depth still measures within budget). ``kit_results``: a device kit
+    directory whose ``run.sh`` has run on the device (``tleg-deploy kit``): its profile (named ``device``) is
+    solved on and the depths it measured decide the steps instead."""
 
     budget: Budget
     device: str | DeviceProfile
@@ -64,10 +66,13 @@ class FitRequest:
     max_steps: int = MAX_STEPS
     measure: bool = True
     refresh_profile: bool = False
+    kit_results: Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.out_dir, Path):
             object.__setattr__(self, "out_dir", Path(os.fspath(self.out_dir)))
+        if self.kit_results is not None and not isinstance(self.kit_results, Path):
+            object.__setattr__(self, "kit_results", Path(os.fspath(self.kit_results)))
         for name in ("epochs", "max_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "epochs" else 0):
