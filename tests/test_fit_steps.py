@@ -151,3 +151,68 @@ def test_fit_records_the_steps_up_in_plan_json_and_report(
     assert f"stays at depth {d + 1}" in report
     assert next(la for la in report.splitlines() if la.startswith(f"| {d} | int8 |")).endswith("| yes |")
     assert "measured p90 2.5 ms > 2 ms" in next(la for la in report.splitlines() if la.startswith(f"| {d + 2} |"))
+
+
+def _ran_kit(tmp_path: Path, depths: tuple[int, ...], ms_per_block: float) -> Path:
+    """A kit of the demo learngene's model whose run "recorded" ``ms_per_block * depth`` (±4%) per depth."""
+    from tleg_deploy.profile.config import MeasureConfig
+    from tleg_deploy.profile.kit import KitConfig, build_kit
+
+    lg = load_learngene("demo")
+    kit = build_kit(lg.spec, KitConfig("box", MeasureConfig(precisions=("fp32",), depths=depths)), tmp_path / "kit")
+    kit_id = json.loads((kit / "kit.json").read_text())["kit_id"]
+    (kit / "results").mkdir()
+    (kit / "results" / "kit_id").write_text(kit_id)
+    spread = [1 + 0.04 * ((i * 7) % 11 - 5) / 5 for i in range(30)]
+    points = [{"precision": "fp32", "depth": d, "memory_mb": 10.0 + d,
+               "rounds": [[ms_per_block * d * s for s in spread[r::3]] for r in range(3)]} for d in depths]
+    (kit / "results" / "onnxruntime.json").write_text(json.dumps({
+        "format": "tleg-kit-results", "schema_version": 1, "kit_id": kit_id, "points": points,
+        "environment": {"cpu": "test cpu", "cores": 4}, "date": "2026-01-01T00:00:00Z"}))
+    return kit
+
+
+def test_fit_steps_on_the_depths_a_device_kit_measured(tmp_path: Path) -> None:
+    """``fit --kit-results``: solved on the kit's profile; its recorded depths decide the steps (step up while
+    the next depth measured within budget, stop at the first measured over it), in plan.json and REPORT.md."""
+    from typer.testing import CliRunner
+
+    from tleg_deploy.cli.app import app
+    from tleg_deploy.profile.kit_import import kit_points
+
+    kit = _ran_kit(tmp_path, (3, 4, 5, 6, 7), 0.3)
+    _, points = kit_points(kit)
+    # 5 fits when measured, 6 does not; the margin (on predictions only) makes the solver pick shallower
+    limit = (points[("fp32", 5)].p90_ms + points[("fp32", 6)].p90_ms) / 2
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["fit", "--device", "box", "--kit-results", str(kit), "--latency",
+                                   f"{limit:.4f}ms", "--margin", "0.15", "--precision", "fp32", "--max-depth", "12",
+                                   "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "measured on the device (kit results)" in res.output
+    doc = json.loads((out / "plan.json").read_text())
+    solved = doc["plan"]["depth"]
+    assert doc["device"] == "box" and doc["profile_source"] == "measured" and doc["kit_results"] == str(kit)
+    assert solved < 5 and doc["depth"] == 5 and doc["figures"] == "measured"
+    assert doc["measured"]["p90_ms"] == pytest.approx(points[("fp32", 5)].p90_ms)
+    assert doc["measured_over_budget"] == {"6": pytest.approx(points[("fp32", 6)].p90_ms)}
+    assert [s.rsplit(": ", 1)[1] for s in doc["steps"]] == [
+        *(f"stepped up to depth {d}" for d in range(solved + 1, 6)), "stays at depth 5"]
+    assert "stays at depth 5" in (out / "REPORT.md").read_text()
+
+
+def test_fit_kit_results_of_another_model_or_an_unmeasured_depth(tmp_path: Path) -> None:
+    from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.errors import FormatError
+
+    kit = _ran_kit(tmp_path, (1, 2, 9), 0.3)  # the pick (4 or 5) was not measured: predicted, no steps
+    res = fit(FitRequest(Budget(latency_ms=1.5), device="box", out_dir=tmp_path / "out", kit_results=kit,
+                         search=SearchOptions(max_depth=12, precisions=("fp32",))))
+    assert res.measured is None and res.steps == () and res.figures == "predicted"
+    assert any("did not measure depth" in n for n in res.notes)
+
+    doc = json.loads((kit / "kit.json").read_text())
+    doc["spec"]["embed_dim"] *= 2
+    (kit / "kit.json").write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match="measured another model"):
+        fit(FitRequest(Budget(latency_ms=1.5), device="box", out_dir=tmp_path / "out2", kit_results=kit))

@@ -323,7 +323,8 @@ def _result(request: FitRequest, plan: Plan, profile: DeviceProfile, built: _Bui
                      "re-measure with --refresh-profile for a deeper pick")
     return FitResult(plan=plan, pick=pick, out_dir=request.out_dir, files=(), measured=measured, steps=built.steps,
                      finetune=built.finetune, measure_command=profile.measure_command, notes=tuple(notes),
-                     over_budget=dict(built.over_budget))
+                     over_budget=dict(built.over_budget),
+                     kit_results=None if request.kit_results is None else str(request.kit_results))
 
 
 def _write_outputs(d: Path, result: FitResult, profile: DeviceProfile, built: _Built, lg: Learngene,

@@ -93,6 +93,7 @@ class FitResult:
     notes: tuple[str, ...] = field(default=())
     rejected: Mapping[str, str] = field(default_factory=dict)      # precision -> why its validation failed
     over_budget: Mapping[int, float] = field(default_factory=dict)  # depth -> measured latency (ms) over budget
+    kit_results: str | None = None           # the device kit whose recorded run measured it (None: here, if at all)
 
     @property
     def depth(self) -> int:
@@ -119,5 +120,6 @@ class FitResult:
             "steps": list(self.steps), "finetune": dict(self.finetune) if self.finetune else None,
             "measure_command": self.measure_command, "notes": list(self.notes),
             "rejected_precisions": dict(self.rejected),
-            "measured_over_budget": {str(d): ms for d, ms in self.over_budget.items()}, "plan": self.plan.to_dict(),
+            "measured_over_budget": {str(d): ms for d, ms in self.over_budget.items()}, "kit_results": self.kit_results,
+            "plan": self.plan.to_dict(),
         }
