@@ -7,7 +7,9 @@
     3 on a device we can run here (the profile was measured on this host with ``fit_measure``
       ONNX Runtime), time an export of the expansion (Xia et al., AAAI 2024); if it misses the
       latency budget, step one block shallower and say so; if it fits, step one block deeper while
-      that still measures within budget and meets the other budgets (at most ``max_steps`` each way)
+      that still measures within budget and meets the other budgets (at most ``max_steps`` each way).
+      With ``kit_results`` (``fit --kit-results DIR``) the device kit's measured profile is solved on
+      and the depths its run recorded take the place of timing here
     4 fine-tune if data is given (latency does not depend on the weights, so  ``_finetune``
       this runs once, at the final depth, after the measured check)
     5 export the model that will be shipped to ONNX (fp32 + the chosen        ``_export``
