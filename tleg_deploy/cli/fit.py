@@ -45,6 +45,9 @@ def fit(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Directory to write (default fit-DEVICE); "
                                                "a re-run replaces an earlier fit output there.")] = None,
     refresh_profile: Annotated[bool, typer.Option(help="Re-measure the host profile first.")] = False,
+    kit_results: Annotated[Path | None, typer.Option(
+        help="A device kit (tleg-deploy kit) whose run.sh has run on DEVICE: solve on its measured profile "
+             "and step on the depths it measured.", show_default=False)] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -65,11 +68,11 @@ def fit(
     wanted = tuple(p.strip() for p in precision.split(",") if p.strip()) if precision else None
     search = SearchOptions(margin=margin, max_depth=max_depth, precisions=wanted, objective=objective, accuracy=table)
     inputs = [input_file(learngene_path(learngene), "learngene"), accuracy, data_path(finetune_data),
-              data_path(calib_data), device if device.endswith(".json") else None]
+              data_path(calib_data), device if device.endswith(".json") else None, kit_results]
     dest = check_destination(output if output is not None else f"fit-{Path(device).stem}", inputs)
     request = FitRequest(budget, device=device, out_dir=dest, learngene=learngene, search=search,
                          finetune_data=finetune_data, calib_data=calib_data, epochs=epochs,
-                         refresh_profile=refresh_profile)
+                         refresh_profile=refresh_profile, kit_results=kit_results)
     with _progress(quiet or json_) as log:
         result = run_fit(request, quiet=quiet or json_, log=log)
     if json_:
@@ -118,11 +121,12 @@ def render_summary(result: FitResult) -> None:
     for why in result.rejected.values():
         out.print(f"[yellow]precision {why}[/yellow]; picked again without it", highlight=False)
     for step in result.steps:
-        out.print(f"[yellow]why not deeper (measured):[/yellow] {step}", highlight=False)
+        out.print(f"[yellow]measured step:[/yellow] {step}", highlight=False)
     out.print(f"why not deeper{' (solver)' if result.steps else ''}: {plan.why_not_deeper}", highlight=False)
     if result.measured is not None:
         m = result.measured
-        out.print(f"figures: [bold]measured[/bold] here, {pct} {m.at(pct):.3g} ms over {m.runs} runs "
+        where = "on the device (kit results)" if result.kit_results else "here"
+        out.print(f"figures: [bold]measured[/bold] {where}, {pct} {m.at(pct):.3g} ms over {m.runs} runs "
                   f"({m.threads} thread{'s' if m.threads > 1 else ''})")
     else:
         out.print(f"figures: [bold yellow]{result.figures}[/bold yellow] ({plan.device} was not run here); "
@@ -132,7 +136,7 @@ def render_summary(result: FitResult) -> None:
             out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     table = Table("depth", "precision", f"{pct} ms", "upper ms", "memory MB", "fits", box=None, padding=(0, 1))
     for c in plan.candidates:
-        if result.depth - 2 <= c.depth <= plan.depth + 2:
+        if min(result.depth, plan.depth) - 2 <= c.depth <= max(result.depth, plan.depth) + 2:
             key = (c.depth, c.precision)
             over = c.precision == result.precision and c.depth in result.over_budget
             mark = "[bold]pick[/bold]" if key == (result.depth, result.precision) else (

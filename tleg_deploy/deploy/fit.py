@@ -4,9 +4,12 @@
       measured profile of this host is drift-probed (``profile.drift``)
     2 solve: the deepest (or most accurate) depth x precision that fits,      ``_solve``
       with confidence
-    3 on a device we can run here (the profile was measured on this host with ``_measured_check``
+    3 on a device we can run here (the profile was measured on this host with ``fit_measure``
       ONNX Runtime), time an export of the expansion (Xia et al., AAAI 2024); if it misses the
-      latency budget, step one block shallower and say so (at most ``max_steps`` times)
+      latency budget, step one block shallower and say so; if it fits, step one block deeper while
+      that still measures within budget and meets the other budgets (at most ``max_steps`` each way).
+      With ``kit_results`` (``fit --kit-results DIR``) the device kit's measured profile is solved on
+      and the depths its run recorded take the place of timing here
     4 fine-tune if data is given (latency does not depend on the weights, so  ``_finetune``
       this runs once, at the final depth, after the measured check)
     5 export the model that will be shipped to ONNX (fp32 + the chosen        ``_export``
@@ -38,9 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tleg_deploy.deploy.fit_measure import Timer, host_timer, kit_timer, measured_check
 from tleg_deploy.deploy.fit_report import build_engine_script, render_report
 from tleg_deploy.deploy.fit_types import FIT_FORMAT, FitRequest, FitResult
-from tleg_deploy.errors import ExportError, InfeasibleError
+from tleg_deploy.errors import ExportError, FormatError, InfeasibleError
 from tleg_deploy.files.datacard import LABELS_NAME
 from tleg_deploy.files.fileio import sha256_file, write_json_atomic, write_text_atomic
 from tleg_deploy.files.outputs import has_marker, output_dir, staging_dir
@@ -109,6 +113,8 @@ def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> F
 
 
 def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log: Log | None = None) -> DeviceProfile:
+    if request.kit_results is not None:
+        return _kit_profile(request.kit_results, request, spec)
     if not isinstance(request.device, str):
         return request.device
     from tleg_deploy.profile.drift import probe_and_apply
@@ -117,6 +123,22 @@ def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log: Log |
     prof = resolve_profile(request.device, spec=spec, refresh=request.refresh_profile, quiet=quiet)
     # The drift probe (about 1 s): says how fast this host is now against its profile, rescales beyond ±5%.
     return probe_and_apply(prof, log=log) if prof.source == "measured" else prof
+
+
+def _kit_profile(kit_dir: Path, request: FitRequest, spec: ViTSpec) -> DeviceProfile:
+    """The measured profile of a device kit's run (``fit --kit-results``), named after ``--device``; the kit
+    must have measured this learngene's model (its spec) at batch 1."""
+    from tleg_deploy.model.spec import ViTSpec
+    from tleg_deploy.profile.kit import read_kit_json
+    from tleg_deploy.profile.kit_import import import_kit
+
+    kit = read_kit_json(kit_dir)
+    if ViTSpec.from_dict(kit["spec"]) != spec or kit.get("batch") != 1:
+        raise FormatError(f"the kit in {kit_dir} measured another model (or batch {kit.get('batch')}) than the "
+                          "learngene's at batch 1",
+                          hint=f"make the kit with tleg-deploy kit --learngene {request.learngene} --batch 1")
+    name = request.device if isinstance(request.device, str) else request.device.name
+    return import_kit(kit_dir, name=Path(name).stem if name.endswith(".json") else name)
 
 
 def _solve(request: FitRequest, profile: DeviceProfile, spec: ViTSpec, aux_depth: int, say: Log,
@@ -212,9 +234,12 @@ def _build(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngen
     from tleg_deploy.model.expansion import expand
 
     limit = request.budget.latency_ms
-    depth, measured, steps, over = plan.depth, None, (), {}
-    if request.measure and limit is not None and _runs_here(profile):
-        depth, measured, steps, over = _measured_check(request, plan, profile, lg, limit, staging, say)
+    depth, measured = plan.depth, None
+    steps: list[str] = []
+    over: dict[int, float] = {}
+    timer = _timer(request, plan, profile, lg, staging, say)
+    if timer is not None and limit is not None:
+        depth, measured, steps, over = measured_check(request, plan, profile, limit, timer, say)
     metrics: dict[str, Any] | None = None
     if request.finetune_data is not None:
         if depth not in trained:
@@ -230,60 +255,15 @@ def _build(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngen
     return _Built(model, chosen, measured, tuple(steps), metrics, over)
 
 
-def _measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngene, limit: float,
-                    staging: Path, say: Log) -> tuple[int, Measurement, list[str], dict[int, float]]:
-    """Time an export of the planned depth; while it misses the ``limit`` (ms, at the budget's percentile),
-    one block shallower, at most ``request.max_steps`` times. Returns the depth, its measurement, the
-    steps and the depths measured over budget; raises ``InfeasibleError`` if the last depth tried still
-    misses. Latency does not depend on the weights, so this times the expansion, unvalidated."""
-    from tleg_deploy.model.expansion import expand
-    from tleg_deploy.profile.artifact import measure_onnx
-
-    pct = request.budget.percentile
-
-    def timed(depth: int) -> Measurement:
-        say(f"timing depth {depth} {plan.precision} here ...")
-        path = _timing_file(expand(lg, depth).eval(), plan.precision, staging / ".timing")
-        measured = measure_onnx(path, plan.spec, depth=depth, precision=plan.precision, threads=_threads(profile))
-        say(f"measured depth {depth}: {pct} {measured.at(pct):.3g} ms (budget {limit:g} ms)")
-        return measured
-
-    steps: list[str] = []
-    over: dict[int, float] = {}
-    depth = plan.depth
-    measured = timed(depth)
-    while measured.at(pct) > limit and depth > 1 and len(steps) < request.max_steps:
-        over[depth] = measured.at(pct)
-        steps.append(f"depth {depth} measured {pct} {measured.at(pct):.3g} ms > {limit:g} ms: "
-                     f"stepped to depth {depth - 1}")
-        depth -= 1
-        measured = timed(depth)
-    shutil.rmtree(staging / ".timing", ignore_errors=True)
-    if measured.at(pct) > limit:
-        raise InfeasibleError(
-            f"depth {depth} {plan.precision} measured {pct} {measured.at(pct):.3g} ms over the {limit:g} ms "
-            f"budget after {len(steps)} step(s) shallower",
-            hint="the host profile may be stale or the machine busy: re-measure with --refresh-profile "
-                 "or raise the budget")
-    return depth, measured, steps, over
-
-
-def _timing_file(model: ViT, precision: str, out: Path) -> Path:
-    """The ONNX file ONNX Runtime runs ``model`` at ``precision`` from, for timing only (not validated)."""
-    from tleg_deploy.export.onnx import export_onnx
-    from tleg_deploy.export.quantize import convert_fp16, quantize_int8
-
-    out.mkdir(exist_ok=True)
-    fp32 = export_onnx(model, out / "model.onnx")
-    kind = deployed_kind(precision, "onnxruntime")
-    if kind == "int8":
-        return quantize_int8(fp32, out / "model_int8.onnx")
-    return convert_fp16(fp32, out / "model_fp16.onnx") if kind == "fp16" else fp32
-
-
-def _threads(profile: DeviceProfile) -> int:
-    threads = profile.runtime.get("threads", 1)
-    return threads if isinstance(threads, int) and threads > 0 else 1
+def _timer(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngene, staging: Path,
+           say: Log) -> Timer | None:
+    """Where the pick's latency is measured: the device kit's recorded run (``kit_results``), else here when
+    the profile was measured on this host (timing files in ``staging/.timing``, cleared before the export)."""
+    if not request.measure:
+        return None
+    if request.kit_results is not None:
+        return kit_timer(request.kit_results, plan, say)
+    return host_timer(lg, plan, profile, staging / ".timing", say) if _runs_here(profile) else None
 
 
 def _export(model: ViT, *, source: str, lg: Learngene, learngene: str, precision: str, profile: DeviceProfile,
@@ -331,7 +311,12 @@ def _result(request: FitRequest, plan: Plan, profile: DeviceProfile, built: _Bui
     pick = plan.pick if depth == plan.depth else evaluate(
         profile, budget, spec=plan.spec, depth=depth, precision=plan.precision, margin=s.margin, accuracy=s.accuracy)
     notes = list(plan.warnings)
-    if not (request.measure and _runs_here(profile)) and profile.source == "measured":
+    if request.kit_results is not None:
+        notes.append(f"measured on {profile.name} by the device kit run in {request.kit_results}"
+                     if built.measured is not None else
+                     f"the kit in {request.kit_results} did not measure depth {depth} {plan.precision}: "
+                     "figures are predicted from its profile")
+    elif not (request.measure and _runs_here(profile)) and profile.source == "measured":
         notes.append(f"{profile.name} cannot be run here: figures are predicted, not measured")
     measured = built.measured
     if measured is not None and measured.at(budget.percentile) < 0.5 * pick.latency_ms:
@@ -340,7 +325,8 @@ def _result(request: FitRequest, plan: Plan, profile: DeviceProfile, built: _Bui
                      "re-measure with --refresh-profile for a deeper pick")
     return FitResult(plan=plan, pick=pick, out_dir=request.out_dir, files=(), measured=measured, steps=built.steps,
                      finetune=built.finetune, measure_command=profile.measure_command, notes=tuple(notes),
-                     over_budget=dict(built.over_budget))
+                     over_budget=dict(built.over_budget),
+                     kit_results=None if request.kit_results is None else str(request.kit_results))
 
 
 def _write_outputs(d: Path, result: FitResult, profile: DeviceProfile, built: _Built, lg: Learngene,

@@ -92,7 +92,7 @@ def render_report(result: FitResult, profile: DeviceProfile, chosen_file: str,
         over = result.over_budget.get(c.depth) if c.precision == result.precision else None
         mark = "**pick**" if key == (result.depth, result.precision) else (
             f"no: measured {pct} {over:.3g} ms > {budget.latency_ms:g} ms (predicted to fit)" if over is not None else
-            "no: measured over budget" if key == (plan.depth, plan.precision) and result.steps else
+            "no: measured over budget" if key == (plan.depth, plan.precision) and result.depth < plan.depth else
             "yes" if c.fits else "no: " + "; ".join(c.violations))
         lines.append(f"| {c.depth} | {c.precision} | {c.latency_ms:.3g} | {c.latency_upper_ms:.3g} | "
                      f"{c.memory_upper_mb:.1f} | {c.params:,} | {mark} |")

@@ -50,7 +50,10 @@ class FitRequest:
     folder:PATH, npz:PATH) fine-tunes the pick for ``epochs``; ``calib_data`` (same forms) is what the
     quantized variants are validated and calibrated on (default: ``finetune_data``, else the data the
     learngene was trained on, where it is still there, else digits). ``measure``: time the artifact where the
-    profile was measured on this host, stepping at most ``max_steps`` blocks shallower over budget."""
+    profile was measured on this host, stepping at most ``max_steps`` blocks shallower over budget (or, when the
+    pick fits, deeper while the next depth still measures within budget). ``kit_results``: a device kit
+    directory whose ``run.sh`` has run on the device (``tleg-deploy kit``): its profile (named ``device``) is
+    solved on and the depths it measured decide the steps instead."""
 
     budget: Budget
     device: str | DeviceProfile
@@ -63,10 +66,13 @@ class FitRequest:
     max_steps: int = MAX_STEPS
     measure: bool = True
     refresh_profile: bool = False
+    kit_results: Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.out_dir, Path):
             object.__setattr__(self, "out_dir", Path(os.fspath(self.out_dir)))
+        if self.kit_results is not None and not isinstance(self.kit_results, Path):
+            object.__setattr__(self, "kit_results", Path(os.fspath(self.kit_results)))
         for name in ("epochs", "max_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "epochs" else 0):
@@ -76,17 +82,18 @@ class FitRequest:
 
 @dataclass(frozen=True)
 class FitResult:
-    plan: Plan                               # the solver's answer (before any measured step-down)
+    plan: Plan                               # the solver's answer (before any measured step)
     pick: Candidate                          # what was built, with its predicted figures
     out_dir: Path
     files: tuple[str, ...]
     measured: Measurement | None             # None: the target cannot be run here (figures are estimated)
-    steps: tuple[str, ...] = ()              # each step shallower, with the measurement that caused it
+    steps: tuple[str, ...] = ()              # each measured step (down or up), predicted vs measured
     finetune: Mapping[str, Any] | None = None
     measure_command: str = ""
     notes: tuple[str, ...] = field(default=())
     rejected: Mapping[str, str] = field(default_factory=dict)      # precision -> why its validation failed
     over_budget: Mapping[int, float] = field(default_factory=dict)  # depth -> measured latency (ms) over budget
+    kit_results: str | None = None           # the device kit whose recorded run measured it (None: here, if at all)
 
     @property
     def depth(self) -> int:
@@ -113,5 +120,6 @@ class FitResult:
             "steps": list(self.steps), "finetune": dict(self.finetune) if self.finetune else None,
             "measure_command": self.measure_command, "notes": list(self.notes),
             "rejected_precisions": dict(self.rejected),
-            "measured_over_budget": {str(d): ms for d, ms in self.over_budget.items()}, "plan": self.plan.to_dict(),
+            "measured_over_budget": {str(d): ms for d, ms in self.over_budget.items()}, "kit_results": self.kit_results,
+            "plan": self.plan.to_dict(),
         }

@@ -53,25 +53,14 @@ def verify_kit(kit_dir: Path) -> dict[str, Any]:
 def import_kit(kit_dir: str | Path, *, name: str | None = None, aliases: Sequence[str] = ()) -> DeviceProfile:
     """The measured profile of a kit whose ``run.sh`` has run (``results/`` beside ``kit.json``)."""
     kit_path = Path(kit_dir)
-    kit = verify_kit(kit_path)
-    results = kit_path / "results"
-    if not results.is_dir():
-        hint = "the run did not finish; run sh run.sh again" if (kit_path / "results.partial").exists() else \
-            "run sh run.sh on the device, then copy the kit directory (with results/) back"
-        raise FormatError(f"{kit_path} has no results/", hint=hint)
-    _check_kit_id(results, kit)
+    kit, rounds, memory, env, rejected = _read_results(kit_path)
     spec = ViTSpec.from_dict(kit["spec"])
     if kit["backend"] == "onnxruntime":
-        rounds, memory, env, rejected = _ort_results(results, kit)
         runtime = {"backend": "onnxruntime", "versions": env.get("libraries", {}), "threads": kit["threads"]}
-    elif kit["backend"] == "tensorrt":
-        rounds, memory, env = _trt_results(results, kit)
-        rejected = {}
+    else:
         runtime = {"backend": "tensorrt", "versions": {"tensorrt": env.get("tensorrt", "unknown")},
                    "times": "trtexec --exportTimes computeMs (GPU compute)"}
-    else:
-        raise FormatError(f"kit backend {kit['backend']!r} is not one this tleg-deploy reads")
-    env["recorded"] = _recorded(results / "env")
+    env["recorded"] = _recorded(kit_path / "results" / "env")
     load = env.get("load_average")
     cores: int = env["cores"] if isinstance(env.get("cores"), int) else 1
     busy = (isinstance(load, list) and bool(load) and isinstance(load[0], (int, float))
@@ -101,6 +90,31 @@ def import_kit(kit_dir: str | Path, *, name: str | None = None, aliases: Sequenc
         measure_command=command, entries=tuple(entries), hardware=hardware, runtime=runtime, environment=env,
         host_fingerprint=None, date=env.get("date") or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         notes="measured on the device with a tleg-deploy kit" + ("; busy while measured" if busy else ""))
+
+
+def kit_points(kit_dir: str | Path) -> tuple[dict[str, Any], dict[tuple[str, int], Point]]:
+    """``kit.json`` and the points its run measured, per (precision, depth), checked as ``import_kit``
+    checks them (what ``fit --kit-results`` decides its steps on)."""
+    kit, rounds, memory, _env, _rejected = _read_results(Path(kit_dir))
+    return kit, {key: _point(key[1], r, memory[key]) for key, r in rounds.items()}
+
+
+def _read_results(kit_path: Path) -> tuple[dict[str, Any], Rounds, dict[tuple[str, int], float], dict[str, Any],
+                                           dict[str, Any]]:
+    """The verified kit, its per-round times and memory per (precision, depth), environment and rejected
+    sessions; raises ``FormatError`` for anything missing, truncated, tampered or another kit's."""
+    kit = verify_kit(kit_path)
+    results = kit_path / "results"
+    if not results.is_dir():
+        hint = "the run did not finish; run sh run.sh again" if (kit_path / "results.partial").exists() else \
+            "run sh run.sh on the device, then copy the kit directory (with results/) back"
+        raise FormatError(f"{kit_path} has no results/", hint=hint)
+    _check_kit_id(results, kit)
+    if kit["backend"] == "onnxruntime":
+        return (kit, *_ort_results(results, kit))
+    if kit["backend"] == "tensorrt":
+        return (kit, *_trt_results(results, kit), {})
+    raise FormatError(f"kit backend {kit['backend']!r} is not one this tleg-deploy reads")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,218 @@
+"""fit's measured loop (``deploy.fit_measure.measured_check``): steps down over budget, up while the next deeper depth
+still measures within budget and meets the other budgets; bounded. Measurements are injected per depth."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tleg_deploy.deploy import fit as fit_mod
+from tleg_deploy.deploy import fit_measure
+from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
+from tleg_deploy.errors import BackendError, InfeasibleError
+from tleg_deploy.model.resources import load_learngene
+from tleg_deploy.plan.solve import Budget, Plan, evaluate, solve
+from tleg_deploy.profile import artifact
+from tleg_deploy.profile.artifact import Measurement
+from tleg_deploy.profile.registry import resolve_profile
+from tleg_deploy.profile.table import DeviceProfile
+
+LIMIT = 2.0  # ms, the latency budget of every test here (jetson int8 picks depth 5)
+
+
+@pytest.fixture
+def measured(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[int], float]], list[int]]:
+    """Make the loop's timing return ``latency(depth)`` ms (p50 and p90) without exporting; returns the
+    depths measured, in order."""
+
+    def install(latency: Callable[[int], float]) -> list[int]:
+        calls: list[int] = []
+
+        def fake_measure(path: object, spec: object, *, depth: int, precision: str, threads: int = 1,
+                         **_k: object) -> Measurement:
+            calls.append(depth)
+            ms = latency(depth)
+            return Measurement(depth=depth, precision=precision, p50_ms=ms, p90_ms=ms, runs=10, threads=threads)
+
+        monkeypatch.setattr(artifact, "measure_onnx", fake_measure)
+        monkeypatch.setattr(fit_measure, "_timing_file", lambda model, precision, out: out / "model.onnx")
+        return calls
+
+    return install
+
+
+def _setup(budget: Budget, max_depth: int = 12) -> tuple[FitRequest, Plan, DeviceProfile]:
+    lg = load_learngene("demo")
+    prof = resolve_profile("jetson", spec=lg.spec)
+    search = SearchOptions(max_depth=max_depth, precisions=("int8",))
+    plan = solve(prof, budget, spec=lg.spec, max_depth=max_depth, precisions=("int8",))
+    return FitRequest(budget, device=prof, out_dir=Path("unused"), search=search), plan, prof
+
+
+def _check(request: FitRequest, plan: Plan, prof: DeviceProfile, tmp_path: Path,
+           say: Callable[[str], None] = lambda _m: None) -> tuple[int, Measurement | None, list[str], dict[int, float]]:
+    timer = fit_measure.host_timer(load_learngene("demo"), plan, prof, tmp_path, say)
+    return fit_measure.measured_check(request, plan, prof, LIMIT, timer, say)
+
+
+def test_steps_up_while_the_deeper_depth_measures_within_budget(tmp_path: Path, measured: Callable) -> None:
+    request, plan, prof = _setup(Budget(latency_ms=LIMIT))
+    d = plan.depth
+    calls = measured(lambda depth: 0.5 if depth <= d + 2 else 2.4)
+    depth, m, steps, over = _check(request, plan, prof, tmp_path)
+    assert depth == d + 2 and m is not None and m.p90_ms == 0.5 and calls == [d, d + 1, d + 2, d + 3]
+    assert [s.rsplit(": ", 1)[1] for s in steps] == [f"stepped up to depth {d + 1}", f"stepped up to depth {d + 2}",
+                                                     f"stays at depth {d + 2}"]
+    pred = evaluate(prof, request.budget, spec=plan.spec, depth=d + 1, precision="int8")
+    assert steps[0].startswith(f"depth {d + 1} predicted p90 {pred.latency_ms:.3g} ms")
+    assert "measured 0.5 ms <= 2 ms" in steps[0]
+    assert "measured 2.4 ms > 2 ms" in steps[2] and over == {d + 3: 2.4}
+
+
+def test_step_up_is_bounded_by_max_steps_and_max_depth(tmp_path: Path, measured: Callable) -> None:
+    request, plan, prof = _setup(Budget(latency_ms=LIMIT))
+    d = plan.depth
+    calls = measured(lambda _depth: 0.1)  # everything fits when measured
+    depth, _, steps, over = _check(request, plan, prof, tmp_path)
+    assert depth == d + request.max_steps == d + 3 and len(steps) == 3 and over == {}
+    assert calls == [d, d + 1, d + 2, d + 3]
+
+    request, plan, prof = _setup(Budget(latency_ms=LIMIT), max_depth=d + 1)
+    calls = measured(lambda _depth: 0.1)
+    depth, _, steps, _ = _check(request, plan, prof, tmp_path)
+    assert plan.max_depth == d + 1 and depth == d + 1 and calls == [d, d + 1] and len(steps) == 1
+
+
+def test_steps_down_over_budget_and_then_never_up(tmp_path: Path, measured: Callable) -> None:
+    request, plan, prof = _setup(Budget(latency_ms=LIMIT))
+    d = plan.depth
+    calls = measured(lambda depth: 3.0 if depth >= d - 1 else 1.9)
+    depth, m, steps, over = _check(request, plan, prof, tmp_path)
+    assert depth == d - 2 and m is not None and m.p90_ms == 1.9 and calls == [d, d - 1, d - 2]
+    assert steps[0].endswith(f"stepped to depth {d - 1}") and "measured 3 ms > 2 ms" in steps[0]
+    assert over == {d: 3.0, d - 1: 3.0}
+
+    calls = measured(lambda _depth: 5.0)  # still over after max_steps: refused, naming the last depth
+    with pytest.raises(InfeasibleError, match=f"depth {d - 3} int8 measured p90 5 ms over"):
+        _check(request, plan, prof, tmp_path)
+    assert calls == [d, d - 1, d - 2, d - 3]
+
+
+def test_step_up_never_breaks_a_memory_budget(tmp_path: Path, measured: Callable) -> None:
+    lg = load_learngene("demo")
+    prof = resolve_profile("jetson", spec=lg.spec)
+    mem = {d: evaluate(prof, Budget(latency_ms=LIMIT), spec=lg.spec, depth=d, precision="int8").memory_upper_mb
+           for d in (3, 4)}
+    assert mem[3] < mem[4]
+    request, plan, prof = _setup(Budget(latency_ms=1000.0, memory_mb=(mem[3] + mem[4]) / 2))
+    assert plan.depth == 3 and plan.binding == "memory"
+    calls = measured(lambda _depth: 0.01)
+    said: list[str] = []
+    timer = fit_measure.host_timer(lg, plan, prof, tmp_path, said.append)
+    depth, _, steps, _ = fit_measure.measured_check(request, plan, prof, 1000.0, timer, said.append)
+    assert depth == 3 and steps == [] and calls == [3]
+    assert any(m.startswith("not stepping up to depth 4: memory") for m in said)
+
+
+def test_a_non_finite_measurement_is_an_error(tmp_path: Path, measured: Callable) -> None:
+    request, plan, prof = _setup(Budget(latency_ms=LIMIT))
+    measured(lambda _depth: float("nan"))
+    with pytest.raises(BackendError, match="not a latency"):
+        _check(request, plan, prof, tmp_path)
+
+
+def test_fit_records_the_steps_up_in_plan_json_and_report(
+    tmp_path: Path, measured: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end with the loop forced on (a jetson profile, as if it ran here): what was built is the
+    stepped-up depth, and plan.json and REPORT.md say each step, predicted vs measured."""
+    from tleg_deploy.deploy.fit import fit
+
+    monkeypatch.setattr(fit_mod, "_runs_here", lambda _profile: True)
+    monkeypatch.setattr(fit_measure, "_timing_file", lambda model, precision, out: out / "model.onnx")
+    lg = load_learngene("demo")
+    prof = resolve_profile("jetson", spec=lg.spec)
+    plan = solve(prof, Budget(latency_ms=LIMIT), spec=lg.spec, max_depth=12, precisions=("int8",))
+    d = plan.depth
+    measured(lambda depth: 0.5 if depth <= d + 1 else 2.5)
+    out = tmp_path / "out"
+    res = fit(FitRequest(Budget(latency_ms=LIMIT), device=prof, out_dir=out,
+                         search=SearchOptions(max_depth=12, precisions=("int8",))))
+    assert res.depth == d + 1 and res.plan.depth == d and res.figures == "measured"
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["depth"] == d + 1 and doc["measured"]["p90_ms"] == 0.5 and doc["measured_over_budget"] == {
+        str(d + 2): 2.5}
+    assert doc["steps"][0].endswith(f"stepped up to depth {d + 1}") and "predicted p90" in doc["steps"][0]
+    report = (out / "REPORT.md").read_text()
+    assert f"- Measured step: depth {d + 1} predicted" in report and f"stepped up to depth {d + 1}" in report
+    assert f"stays at depth {d + 1}" in report
+    assert next(la for la in report.splitlines() if la.startswith(f"| {d} | int8 |")).endswith("| yes |")
+    assert "measured p90 2.5 ms > 2 ms" in next(la for la in report.splitlines() if la.startswith(f"| {d + 2} |"))
+
+
+def _ran_kit(tmp_path: Path, depths: tuple[int, ...], ms_per_block: float) -> Path:
+    """A kit of the demo learngene's model whose run "recorded" ``ms_per_block * depth`` (±4%) per depth."""
+    from tleg_deploy.profile.config import MeasureConfig
+    from tleg_deploy.profile.kit import KitConfig, build_kit
+
+    lg = load_learngene("demo")
+    kit = build_kit(lg.spec, KitConfig("box", MeasureConfig(precisions=("fp32",), depths=depths)), tmp_path / "kit")
+    kit_id = json.loads((kit / "kit.json").read_text())["kit_id"]
+    (kit / "results").mkdir()
+    (kit / "results" / "kit_id").write_text(kit_id)
+    spread = [1 + 0.04 * ((i * 7) % 11 - 5) / 5 for i in range(30)]
+    points = [{"precision": "fp32", "depth": d, "memory_mb": 10.0 + d,
+               "rounds": [[ms_per_block * d * s for s in spread[r::3]] for r in range(3)]} for d in depths]
+    (kit / "results" / "onnxruntime.json").write_text(json.dumps({
+        "format": "tleg-kit-results", "schema_version": 1, "kit_id": kit_id, "points": points,
+        "environment": {"cpu": "test cpu", "cores": 4}, "date": "2026-01-01T00:00:00Z"}))
+    return kit
+
+
+def test_fit_steps_on_the_depths_a_device_kit_measured(tmp_path: Path) -> None:
+    """``fit --kit-results``: solved on the kit's profile; its recorded depths decide the steps (step up while
+    the next depth measured within budget, stop at the first measured over it), in plan.json and REPORT.md."""
+    from typer.testing import CliRunner
+
+    from tleg_deploy.cli.app import app
+    from tleg_deploy.profile.kit_import import kit_points
+
+    kit = _ran_kit(tmp_path, (3, 4, 5, 6, 7), 0.3)
+    _, points = kit_points(kit)
+    # 5 fits when measured, 6 does not; the margin (on predictions only) makes the solver pick shallower
+    limit = (points[("fp32", 5)].p90_ms + points[("fp32", 6)].p90_ms) / 2
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["fit", "--device", "box", "--kit-results", str(kit), "--latency",
+                                   f"{limit:.4f}ms", "--margin", "0.15", "--precision", "fp32", "--max-depth", "12",
+                                   "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "measured on the device (kit results)" in res.output
+    doc = json.loads((out / "plan.json").read_text())
+    solved = doc["plan"]["depth"]
+    assert doc["device"] == "box" and doc["profile_source"] == "measured" and doc["kit_results"] == str(kit)
+    assert solved < 5 and doc["depth"] == 5 and doc["figures"] == "measured"
+    assert doc["measured"]["p90_ms"] == pytest.approx(points[("fp32", 5)].p90_ms)
+    assert doc["measured_over_budget"] == {"6": pytest.approx(points[("fp32", 6)].p90_ms)}
+    assert [s.rsplit(": ", 1)[1] for s in doc["steps"]] == [
+        *(f"stepped up to depth {d}" for d in range(solved + 1, 6)), "stays at depth 5"]
+    assert "stays at depth 5" in (out / "REPORT.md").read_text()
+
+
+def test_fit_kit_results_of_another_model_or_an_unmeasured_depth(tmp_path: Path) -> None:
+    from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.errors import FormatError
+
+    kit = _ran_kit(tmp_path, (1, 2, 9), 0.3)  # the pick (4 or 5) was not measured: predicted, no steps
+    res = fit(FitRequest(Budget(latency_ms=1.5), device="box", out_dir=tmp_path / "out", kit_results=kit,
+                         search=SearchOptions(max_depth=12, precisions=("fp32",))))
+    assert res.measured is None and res.steps == () and res.figures == "predicted"
+    assert any("did not measure depth" in n for n in res.notes)
+
+    doc = json.loads((kit / "kit.json").read_text())
+    doc["spec"]["embed_dim"] *= 2
+    (kit / "kit.json").write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match="measured another model"):
+        fit(FitRequest(Budget(latency_ms=1.5), device="box", out_dir=tmp_path / "out2", kit_results=kit))

@@ -1,0 +1,158 @@
+"""fit's measured loop (step 3 of ``deploy.fit``): measure the planned depth, step shallower while it misses
+the latency budget, and deeper while the next depth still measures within it and meets every other budget, at
+most ``max_steps`` each way. The measurements come from a timer: ``host_timer`` times unvalidated exports here
+(a profile measured on this host); ``kit_timer`` reads what a device kit's run recorded (``fit --kit-results``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tleg_deploy.errors import BackendError, InfeasibleError
+from tleg_deploy.plan.precisions import deployed_kind
+from tleg_deploy.plan.solve import Plan, evaluate
+from tleg_deploy.profile.artifact import Measurement
+
+if TYPE_CHECKING:
+    from tleg_deploy.deploy.fit_types import FitRequest
+    from tleg_deploy.model.learngene import Learngene
+    from tleg_deploy.model.vit import ViT
+    from tleg_deploy.profile.table import DeviceProfile
+
+Log = Callable[[str], None]
+
+
+Timer = Callable[[int], Measurement | None]  # depth -> its measurement at the plan's precision; None: not measured
+
+
+def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limit: float, timer: Timer,
+                   say: Log) -> tuple[int, Measurement | None, list[str], dict[int, float]]:
+    """Measure the planned depth (``timer``); while it misses the ``limit`` (ms, at the budget's percentile),
+    one block shallower; once it fits (without having stepped down), while the next deeper depth still
+    measures within the limit and meets every other budget (``_deeper_allowed``), one block deeper. Each
+    direction takes at most ``request.max_steps`` steps; a depth the timer has no measurement for ends the
+    stepping (a kit measured only some depths). Returns the depth, its measurement (None: not measured), the
+    steps (predicted vs measured) and the depths measured over budget; raises ``InfeasibleError`` if the last
+    depth measured still misses."""
+    pct = request.budget.percentile
+
+    def step(depth: int, ms: float, outcome: str) -> str:
+        c = evaluate(profile, request.budget, spec=plan.spec, depth=depth, precision=plan.precision)
+        return (f"depth {depth} predicted {pct} {c.latency_ms:.3g} ms (upper {c.latency_upper_ms:.3g}), measured "
+                f"{ms:.3g} ms {'>' if ms > limit else '<='} {limit:g} ms: {outcome}")
+
+    steps: list[str] = []
+    over: dict[int, float] = {}
+    depth = plan.depth
+    measured = timer(depth)
+    while measured is not None and measured.at(pct) > limit and depth > 1 and len(steps) < request.max_steps:
+        over[depth] = measured.at(pct)
+        steps.append(step(depth, measured.at(pct), f"stepped to depth {depth - 1}"))
+        depth -= 1
+        measured = timer(depth)
+    ups, stepped_down = 0, bool(steps)
+    while (not stepped_down and measured is not None and measured.at(pct) <= limit and ups < request.max_steps
+           and _deeper_allowed(request, plan, profile, depth + 1, say)):
+        deeper = timer(depth + 1)
+        if deeper is None:
+            break
+        if deeper.at(pct) > limit:
+            over[depth + 1] = deeper.at(pct)
+            steps.append(step(depth + 1, deeper.at(pct), f"stays at depth {depth}"))
+            break
+        ups += 1
+        steps.append(step(depth + 1, deeper.at(pct), f"stepped up to depth {depth + 1}"))
+        depth, measured = depth + 1, deeper
+    if measured is not None and measured.at(pct) > limit:
+        raise InfeasibleError(
+            f"depth {depth} {plan.precision} measured {pct} {measured.at(pct):.3g} ms over the {limit:g} ms "
+            f"budget after {len(steps)} step(s) shallower",
+            hint="the profile may be stale or the device busy: re-measure it (--refresh-profile on host) "
+                 "or raise the budget")
+    return depth, measured, steps, over
+
+
+def host_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, out: Path, say: Log) -> Timer:
+    """Time an unvalidated export of each depth here with ONNX Runtime, in ``out`` (latency does not depend on
+    the weights, so this times the expansion)."""
+    from tleg_deploy.model.expansion import expand
+    from tleg_deploy.profile.artifact import measure_onnx
+
+    pct = plan.budget.percentile
+
+    def timed(depth: int) -> Measurement:
+        say(f"timing depth {depth} {plan.precision} here ...")
+        path = _timing_file(expand(lg, depth).eval(), plan.precision, out)
+        measured = measure_onnx(path, plan.spec, depth=depth, precision=plan.precision, threads=_threads(profile))
+        _check_finite(measured, pct)
+        say(f"measured depth {depth}: {pct} {measured.at(pct):.3g} ms")
+        return measured
+
+    return timed
+
+
+def kit_timer(kit_dir: Path, plan: Plan, say: Log) -> Timer:
+    """The measurements a device kit's run recorded (``profile.kit_import.kit_points``), for the depths it
+    measured at the plan's precision; None for the others."""
+    from tleg_deploy.profile.kit_import import kit_points
+
+    kit, points = kit_points(kit_dir)
+    raw = kit.get("threads")
+    threads = raw if isinstance(raw, int) and raw > 0 else 1
+    pct = plan.budget.percentile
+
+    def recorded(depth: int) -> Measurement | None:
+        pt = points.get((plan.precision, depth))
+        if pt is None:
+            say(f"depth {depth} {plan.precision} was not measured by the kit in {kit_dir} "
+                f"(depths {', '.join(map(str, kit['depths']))})")
+            return None
+        measured = Measurement(depth=depth, precision=plan.precision, p50_ms=pt.p50_ms, p90_ms=pt.p90_ms,
+                               runs=pt.n, threads=threads, batch=int(kit["batch"]))
+        _check_finite(measured, pct)
+        say(f"kit measured depth {depth} on {kit['device']}: {pct} {measured.at(pct):.3g} ms")
+        return measured
+
+    return recorded
+
+
+def _check_finite(m: Measurement, pct: str) -> None:
+    ms = m.at(pct)
+    if not math.isfinite(ms) or ms <= 0:
+        raise BackendError(f"depth {m.depth} {m.precision} measured {pct} {ms} ms, not a latency",
+                           hint="measure again; if it persists, re-measure the profile")
+
+
+def _deeper_allowed(request: FitRequest, plan: Plan, profile: DeviceProfile, depth: int, say: Log) -> bool:
+    """Whether a measured step up to ``depth`` may be tried: the objective is depth, ``depth`` is within the
+    search's max depth and meets every budget but latency (memory, params, MACs, bytes; predicted, with the
+    margin), which the measurement decides."""
+    if plan.objective != "deepest" or depth > plan.max_depth:
+        return False
+    s = request.search
+    c = evaluate(profile, request.budget, spec=plan.spec, depth=depth, precision=plan.precision, margin=s.margin,
+                 accuracy=s.accuracy)
+    broken = [why for name, why in zip(c.violated, c.violations, strict=True) if name != "latency"]
+    if broken:
+        say(f"not stepping up to depth {depth}: {'; '.join(broken)}")
+    return not broken
+
+
+def _timing_file(model: ViT, precision: str, out: Path) -> Path:
+    """The ONNX file ONNX Runtime runs ``model`` at ``precision`` from, for timing only (not validated)."""
+    from tleg_deploy.export.onnx import export_onnx
+    from tleg_deploy.export.quantize import convert_fp16, quantize_int8
+
+    out.mkdir(exist_ok=True)
+    fp32 = export_onnx(model, out / "model.onnx")
+    kind = deployed_kind(precision, "onnxruntime")
+    if kind == "int8":
+        return quantize_int8(fp32, out / "model_int8.onnx")
+    return convert_fp16(fp32, out / "model_fp16.onnx") if kind == "fp16" else fp32
+
+
+def _threads(profile: DeviceProfile) -> int:
+    threads = profile.runtime.get("threads", 1)
+    return threads if isinstance(threads, int) and threads > 0 else 1
