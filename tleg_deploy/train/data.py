@@ -180,7 +180,8 @@ def _digits_split(split: str, spec: ViTSpec) -> tuple[Tensor, Tensor]:
 
 
 # -- npz ---------------------------------------------------------------------------------------------
-def _npz(path: Path, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays ``x`` and ``y`` of an npz file (no pickles), or a ``DataError`` saying why not."""
     if not path.is_file():
         raise DataError(f"no such npz file: {path}")
     _check_npz_magic(path)
@@ -188,11 +189,15 @@ def _npz(path: Path, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f or "y" not in f:
                 raise DataError(f"{path} must hold arrays 'x' and 'y', found {sorted(f.files)}")
-            x, y = np.asarray(f["x"]), np.asarray(f["y"])
+            return np.asarray(f["x"]), np.asarray(f["y"])
     except DataError:
         raise
     except Exception as e:
         raise DataError(f"{path} is not a readable .npz file: {_first_line(e)}") from None
+
+
+def _npz(path: Path, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
+    x, y = _read_npz(path)
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
@@ -344,18 +349,8 @@ def check_data(source: str, spec: ViTSpec) -> list[str]:
 
 
 def _npz_shape(path: Path) -> DataShape:
-    if not path.is_file():
-        raise DataError(f"no such npz file: {path}")
-    _check_npz_magic(path)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if "x" not in f or "y" not in f:
-                raise DataError(f"{path} must hold arrays 'x' and 'y', found {sorted(f.files)}")
-            x_shape, y = f["x"].shape, np.asarray(f["y"])
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{path} is not a readable .npz file: {_first_line(e)}") from None
+    x, y = _read_npz(path)
+    x_shape = x.shape
     if len(x_shape) not in (3, 4) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or not y.size:
         raise DataError(f"{path}: x must be (N, H, W[, C]) and y (N,) integer labels, got {x_shape} and {y.shape}")
     return DataShape(int(x_shape[1]), int(x_shape[2]), int(x_shape[3]) if len(x_shape) == 4 else 1,
