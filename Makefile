@@ -28,35 +28,32 @@ test: setup lint browser sshd
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
-# Headless Chromium for the report's HTML test (skipped when absent). Best effort, never fails the build:
-# apt-get as root (or passwordless sudo) with time limits, tried once per venv (rm $(BROWSER_STAMP) to retry).
+# Best-effort Debian packages for the tests that need them (each skipped cleanly without): apt-get as root
+# (or passwordless sudo) with time limits, tried once per venv (rm the stamp to retry); never fails the build.
+# $(call apt_best_effort,NAME,PRESENT-TEST,PACKAGES,STAMP,INSTALL-SECONDS,WHAT-IT-IS-FOR)
+define apt_best_effort
+	@if $(2); then exit 0; fi; \
+	if [ -e $(4) ]; then echo "$(1): not installed (tried before); $(6) is skipped"; exit 0; fi; \
+	mkdir -p $(VENV) && touch $(4); \
+	if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "$(1): not root: install $(3) to run $(6); skipped for now"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then echo "$(1): no apt-get: install $(3) by hand"; exit 0; fi; \
+	echo "$(1): installing $(3) with apt-get (best effort, once)"; \
+	{ $$SUDO timeout 180 apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive timeout $(5) \
+	  apt-get install -y -qq $(3); } >/dev/null 2>&1 \
+	  && echo "$(1): $(3) installed" || echo "$(1): install failed; $(6) will be skipped"
+endef
+
+# Headless Chromium for the report's HTML test.
 BROWSER_STAMP := $(VENV)/.browser-tried
 browser:
-	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then exit 0; fi; \
-	if [ -e $(BROWSER_STAMP) ]; then echo "browser: no chromium (install tried before); its test is skipped"; exit 0; fi; \
-	mkdir -p $(VENV) && touch $(BROWSER_STAMP); \
-	if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
-	else echo "browser: not root: install chromium to run the HTML test; skipped for now"; exit 0; fi; \
-	if ! command -v apt-get >/dev/null 2>&1; then echo "browser: no apt-get: install chromium by hand"; exit 0; fi; \
-	echo "browser: installing chromium, chromium-driver with apt-get (best effort, at most ~10 min, once)"; \
-	{ $$SUDO timeout 180 apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive timeout 420 \
-	  apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1 \
-	  && echo "browser: chromium installed" || echo "browser: install failed; the HTML test will be skipped"
+	$(call apt_best_effort,browser,command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1,chromium chromium-driver,$(BROWSER_STAMP),420,the HTML test)
 
-# Debian's OpenSSH server for the end-to-end `profile --ssh` test (tests/test_remote_ssh.py starts its own sshd
-# on 127.0.0.1 at a high port; skipped cleanly without it). Best effort, once per venv, like `browser`.
+# Debian's OpenSSH server for the end-to-end `profile --ssh` test (tests/test_remote_ssh.py starts its own
+# sshd on 127.0.0.1 at a high port).
 SSHD_STAMP := $(VENV)/.sshd-tried
 sshd:
-	@if [ -x /usr/sbin/sshd ]; then exit 0; fi; \
-	if [ -e $(SSHD_STAMP) ]; then echo "sshd: no openssh-server (install tried before); its test is skipped"; exit 0; fi; \
-	mkdir -p $(VENV) && touch $(SSHD_STAMP); \
-	if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
-	else echo "sshd: not root: install openssh-server to run the SSH test; skipped for now"; exit 0; fi; \
-	if ! command -v apt-get >/dev/null 2>&1; then echo "sshd: no apt-get: install openssh-server by hand"; exit 0; fi; \
-	echo "sshd: installing openssh-server with apt-get (best effort, at most ~5 min, once)"; \
-	{ $$SUDO timeout 180 apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive timeout 240 \
-	  apt-get install -y -qq openssh-server; } >/dev/null 2>&1 \
-	  && echo "sshd: openssh-server installed" || echo "sshd: install failed; the SSH test will be skipped"
+	$(call apt_best_effort,sshd,[ -x /usr/sbin/sshd ],openssh-server,$(SSHD_STAMP),240,the SSH test)
 
 demo: setup
 	$(BIN)/tleg-deploy demo -o out/demo

@@ -25,3 +25,14 @@ def tiny_lg(tiny_spec: ViTSpec) -> Learngene:
         for k in d:
             d[k] = d[k] + 0.05 * torch.randn(d[k].shape, generator=g)
     return lg
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """Run in an empty directory with a private profile cache and no $TLEG_DEPLOY_PROFILES."""
+    from tleg_deploy.profile import registry
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(registry.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.delenv(registry.ENV_DIRS, raising=False)
+    return tmp_path

@@ -22,14 +22,6 @@ CUSTOM = parse_spec("digits,img_size=32,patch_size=4,in_chans=3,num_classes=10")
 runner = CliRunner()
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(registry.ENV_CACHE, str(tmp_path / "cache"))
-    monkeypatch.delenv(registry.ENV_DIRS, raising=False)
-    return tmp_path
-
-
 def test_estimated_profile_answers_for_a_custom_spec(isolated: Path) -> None:
     shipped = registry.resolve_profile("jetson")
     assert not shipped.precisions(CUSTOM)

@@ -27,15 +27,6 @@ def _measured(name: str, slope: float, aliases: tuple[str, ...] = (), fingerprin
                          host_fingerprint=fingerprint, date="2026-01-01")
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """Run in an empty directory with a private cache and no $TLEG_DEPLOY_PROFILES."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(registry.ENV_CACHE, str(tmp_path / "cache"))
-    monkeypatch.delenv(registry.ENV_DIRS, raising=False)
-    return tmp_path
-
-
 def test_shipped_names_and_aliases(isolated) -> None:
     nano = registry.resolve_profile("jetson")
     assert nano.name == "jetson-orin-nano" and nano.source == "estimated"
