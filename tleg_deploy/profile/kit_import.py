@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.errors import FormatError, NonFiniteError
+from tleg_deploy.errors import FormatError
 from tleg_deploy.files.fileio import sha256_file
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile import trtexec
@@ -216,10 +216,7 @@ def _check_rounds(value: Any, where: str) -> list[list[float]]:
 
 
 def _value(v: Any, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise FormatError(f"{where} is {v!r}, not a number")
-    if not math.isfinite(v):
-        raise NonFiniteError(f"{where} is {v!r}", hint="a broken measurement is never imported; run the kit again")
+    v = trtexec.number(v, where)
     if v < 0:
         raise FormatError(f"{where} is negative ({v!r})")
     return float(v)

@@ -88,11 +88,11 @@ def compute_times_ms(text: str, where: str = "--exportTimes file") -> list[float
         if "computeMs" in item:
             value = item["computeMs"]
         elif "startComputeMs" in item and "endComputeMs" in item:
-            value = _number(item["endComputeMs"], f"{where}[{i}].endComputeMs") - _number(
+            value = number(item["endComputeMs"], f"{where}[{i}].endComputeMs") - number(
                 item["startComputeMs"], f"{where}[{i}].startComputeMs")
         else:
             continue  # e.g. a {"count": N} header some versions write
-        t = _number(value, f"{where}[{i}].computeMs")
+        t = number(value, f"{where}[{i}].computeMs")
         if t <= 0:
             raise FormatError(f"{where}[{i}].computeMs is {t!r}, not a positive time")
         times.append(t)
@@ -143,7 +143,8 @@ def _finite(text: str, what: str) -> float:
     return value
 
 
-def _number(value: object, where: str) -> float:
+def number(value: object, where: str) -> float:
+    """A finite JSON number from a kit's results (``NonFiniteError`` for NaN/Inf: never imported)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FormatError(f"{where} is {value!r}, not a number")
     if not math.isfinite(value):
