@@ -265,3 +265,25 @@ def test_report_candidates_follow_the_measured_step_down() -> None:
     assert format_metrics({"val_acc": 0.22905027932960895, "epochs": 2}) == "val_acc 22.9%, epochs 2"
     assert "0.229050" not in render_report(dataclasses.replace(res, finetune={"val_acc": 0.22905027932960895}),
                                            prof, "f.onnx")
+
+
+def test_swap_into_place_rechecks_and_restores_the_earlier_output(tmp_path: Path) -> None:
+    """A file a user drops into an earlier fit output while a new fit runs is not deleted by the swap."""
+    from tleg_deploy.deploy.fit import _staged
+    from tleg_deploy.deploy.fit_types import FIT_FORMAT
+    from tleg_deploy.errors import OutputError
+
+    out = tmp_path / "fit-out"
+    out.mkdir()
+    earlier = json.dumps({"format": FIT_FORMAT})
+    (out / "plan.json").write_text(earlier)
+    with pytest.raises(OutputError, match="notes.txt"):
+        with _staged(out) as staging:
+            (staging / "plan.json").write_text(json.dumps({"format": FIT_FORMAT, "new": True}))
+            (out / "notes.txt").write_text("mine")  # the user, meanwhile
+    assert (out / "notes.txt").read_text() == "mine" and (out / "plan.json").read_text() == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit-out"]  # no staging or .old directory left
+    with _staged(out) as staging:  # without the user's file the swap happens
+        (out / "notes.txt").unlink()
+        (staging / "plan.json").write_text("{}")
+    assert (out / "plan.json").read_text() == "{}"

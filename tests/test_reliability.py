@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shlex
 import shutil
@@ -307,15 +306,18 @@ def test_report_rerun_replaces_only_its_own_files(ws: Path, capsys: pytest.Captu
     assert (ws / "rep" / "report.md").read_bytes() != FILES["rep/report.md"]  # --force replaced it
 
 
-def test_json_output_is_valid_json(capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_output_is_valid_json_and_refuses_non_finite(capsys: pytest.CaptureFixture[str]) -> None:
     from tleg_deploy.cli.app import emit_json
+    from tleg_deploy.errors import NonFiniteError
 
-    emit_json({"nan": float("nan"), "inf": [float("inf"), -float("inf")], "ok": 1.5, "path": Path("x"),
-               "nested": {"t": (float("nan"), 2)}})
-    text = capsys.readouterr().out
-    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON output"))
-    assert data == {"nan": None, "inf": [None, None], "ok": 1.5, "path": "x", "nested": {"t": [None, 2]}}
-    assert not any(math.isnan(v) for v in (data["ok"],))
+    emit_json({"ok": 1.5, "path": Path("x"), "nested": {"t": (0.25, 2)}})
+    data = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON output"))
+    assert data == {"ok": 1.5, "path": "x", "nested": {"t": [0.25, 2]}}
+    for bad, where in (({"nan": float("nan")}, "output.nan"), ({"a": [1.0, float("inf")]}, r"output.a\[1\]"),
+                       ({"n": {"t": (-float("inf"), 2)}}, r"output.n.t\[0\]")):
+        with pytest.raises(NonFiniteError, match=where):
+            emit_json(bad)
+        assert capsys.readouterr().out == ""  # nothing printed, not even a partial document
 
 
 @pytest.mark.parametrize("error, line", [

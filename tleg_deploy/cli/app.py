@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tleg_deploy.errors import TlegError
+from tleg_deploy.errors import NonFiniteError, TlegError
 from tleg_deploy.model.spec import MAX_DEPTH, PRESETS
 
 app = typer.Typer(
@@ -91,20 +91,23 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
 
 
 def emit_json(data: Any) -> None:
-    """Print ``data`` as valid JSON: a non-finite float (NaN, inf) becomes ``null``, and
-    ``allow_nan=False`` guards against any that slip through (a bare ``NaN`` is not JSON)."""
+    """Print ``data`` as JSON. A non-finite float (NaN, inf) anywhere in it is an error, never printed
+    (a bare ``NaN`` is not JSON, and a NaN figure must not read as a result); nothing is printed then."""
     sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
 
 
-def _finite(x: Any) -> Any:
+def _finite(x: Any, where: str = "output") -> Any:
     if isinstance(x, float):
-        return x if math.isfinite(x) else None
+        if not math.isfinite(x):
+            raise NonFiniteError(f"{where} is {x!r}", hint="a measurement or weight went non-finite; nothing was "
+                                                          "printed")
+        return x
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: _finite(v, f"{where}.{k}") for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [_finite(v, f"{where}[{i}]") for i, v in enumerate(x)]
     if hasattr(x, "item") and hasattr(x, "dtype"):  # a numpy / torch scalar
-        return _finite(x.item()) if getattr(x, "ndim", 0) == 0 else str(x)
+        return _finite(x.item(), where) if getattr(x, "ndim", 0) == 0 else str(x)
     return x
 
 

@@ -386,9 +386,16 @@ def _staged(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)
+    try:
+        if out.exists():
+            check_destination(out)  # again: a file a user put there during a long fit is not ours to delete
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(staging, out)
+    except BaseException:  # refused or interrupted between the renames: the earlier output goes back
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

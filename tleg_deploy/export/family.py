@@ -180,7 +180,7 @@ def export_family(
             raise ExportError(f"the model given for depth {d} has another spec than the learngene")
         if getattr(m, "depth", None) != d:
             raise ExportError(f"the model given for depth {d} has depth {getattr(m, 'depth', '?')}")
-    check_export_dir(out, force=force)
+    check_export_dir(out, inputs=[learngene_file], force=force)  # library callers too, not only the CLI
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)

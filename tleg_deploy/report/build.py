@@ -195,7 +195,10 @@ def check_report_dir(out: str | os.PathLike[str], *, inputs: Iterable[Any] = (),
 def _check_outputs(cfg: ReportConfig) -> set[str]:
     """Refuse, before any work, to replace a report file we have no record of writing (unless
     ``cfg.force``); the recorded files, which may be replaced."""
-    check_report_dir(cfg.out_dir, force=cfg.force)
+    from tleg_deploy.model.resources import learngene_path
+
+    check_report_dir(cfg.out_dir, inputs=[learngene_path(cfg.learngene), cfg.family, cfg.results_dir, *cfg.fits],
+                     force=cfg.force)
     owned: set[str] = set()
     if has_marker(cfg.out_dir, RECORD, RECORD_FORMAT):
         files = json.loads((cfg.out_dir / RECORD).read_text(encoding="utf-8")).get("files")
