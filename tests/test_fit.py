@@ -277,10 +277,9 @@ def test_swap_into_place_rechecks_and_restores_the_earlier_output(tmp_path: Path
     out.mkdir()
     earlier = json.dumps({"format": FIT_FORMAT})
     (out / "plan.json").write_text(earlier)
-    with pytest.raises(OutputError, match="notes.txt"):
-        with _staged(out) as staging:
-            (staging / "plan.json").write_text(json.dumps({"format": FIT_FORMAT, "new": True}))
-            (out / "notes.txt").write_text("mine")  # the user, meanwhile
+    with pytest.raises(OutputError, match="notes.txt"), _staged(out) as staging:
+        (staging / "plan.json").write_text(json.dumps({"format": FIT_FORMAT, "new": True}))
+        (out / "notes.txt").write_text("mine")  # the user, meanwhile
     assert (out / "notes.txt").read_text() == "mine" and (out / "plan.json").read_text() == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fit-out"]  # no staging or .old directory left
     with _staged(out) as staging:  # without the user's file the swap happens

@@ -121,8 +121,13 @@ def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log: Log |
     from tleg_deploy.profile.registry import resolve_profile
 
     prof = resolve_profile(request.device, spec=spec, refresh=request.refresh_profile, quiet=quiet)
-    # The drift probe (about 1 s): says how fast this host is now against its profile, rescales beyond ±5%.
-    return probe_and_apply(prof, log=log) if prof.source == "measured" else prof
+    if prof.source != "measured" or request.refresh_profile:  # nothing to probe, or measured just now
+        return prof
+    # The drift probe (about 1 s): how fast this host is now against its profile, rescaled beyond ±5%.
+    # Its reading reaches the user once, through the plan's warnings (fit's notes, REPORT.md).
+    if log is not None:
+        log(f"drift probe of {prof.name} ...")
+    return probe_and_apply(prof)
 
 
 def _kit_profile(kit_dir: Path, request: FitRequest, spec: ViTSpec) -> DeviceProfile:

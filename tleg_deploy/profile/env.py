@@ -9,6 +9,7 @@ Stdlib only; library versions come from package metadata, so nothing heavy is im
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -130,6 +131,7 @@ def environment(threads: int | None = None) -> dict[str, Any]:
     return env
 
 
+@functools.cache  # it asks nvidia-smi (a subprocess): once per process is enough
 def host_fingerprint() -> str:
     """Short hash of what makes timings on this machine comparable."""
     facts = {
