@@ -49,11 +49,12 @@ def main() -> None:
                      "median_s": statistics.median(times), "times_s": times})
         print(f"{preset} depth {depth}: best {min(times):.3f} s, median {statistics.median(times):.3f} s")
     base12 = next(r for r in rows if r["spec"] == "deit-base" and r["depth"] == 12)
-    met = base12["best_s"] < TARGET_S
+    met = base12["median_s"] < TARGET_S  # judged on the median: a best-of-N hides a slow machine
     lines = ["## Expansion speed", "",
              f"`benchmarks/expansion_speed.py`: wall time of `expand(lg, depth)` (best and median of {REPEATS} runs "
              f"after one warm-up, torch threads {torch.get_num_threads()}). Target: deit-base at depth 12 under "
-             f"{TARGET_S:.0f} s — **{'met' if met else 'missed'}** ({base12['best_s']:.3f} s best).", "",
+             f"{TARGET_S:.0f} s, judged on the median — **{'met' if met else 'missed'}** ({base12['median_s']:.3f} s median, "
+             f"{base12['best_s']:.3f} s best).", "",
              "| spec | depth | params | best | median |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['spec']} | {r['depth']} | {r['params'] / 1e6:.1f} M | {r['best_s']:.3f} s "
               f"| {r['median_s']:.3f} s |" for r in rows]

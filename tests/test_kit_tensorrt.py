@@ -88,7 +88,9 @@ def test_tensorrt_kit_builds_times_and_imports(trt_kit: Path, tmp_path: Path, ta
         assert "--onnx=models/depth2.onnx" in fp16 and "--fp16" in fp16 and "--int8 --fp16" in int8
     assert "--onnx=models/depth2.qdq.onnx" in int8
     timed = [c.split("--loadEngine=engines/")[1].split(".engine")[0] for c in calls if "--loadEngine" in c]
-    assert len(timed) == 2 * 6 and timed[:6] != timed[6:]  # 2 rounds over 6 engines, order shuffled per round
+    # 2 rounds, each timing all 6 engines once (the order is shuffled per round: two equal orders happen
+    # 1 time in 720, so the test does not demand they differ)
+    assert len(timed) == 2 * 6 and len(set(timed[:6])) == 6 and sorted(timed[:6]) == sorted(timed[6:])
     prof = import_kit(kit)
     assert (prof.backend, prof.kind, prof.source) == ("tensorrt", "gpu", "measured")
     for e in prof.entries:

@@ -24,14 +24,21 @@ def _interval(prof: DeviceProfile, spec: ViTSpec, precision: str, batch: int, de
     return fit.value(depth) - fit.half_width(depth), fit.upper(depth)
 
 
-def test_published_points_are_sourced_and_in_setting_ones_are_covered_by_the_shipped_profiles() -> None:
+def _independent_points() -> list[dict]:
+    """In-setting points other than the one the kernel floor is calibrated on: only these can test the
+    estimate (the calibration point is matched by construction; today it is the only in-setting point,
+    so the coverage checks below hold nothing to account until another public timing is added)."""
+    calibration = load_datasheets()["floor_calibration"]["point"]
+    return [p for p in load_published() if p["in_setting"] and p["id"] != calibration]
+
+
+def test_published_points_are_sourced_and_independent_ones_are_covered_by_the_shipped_profiles() -> None:
     points = load_published()
-    in_setting = [p for p in points if p["in_setting"]]
-    assert in_setting, "nothing to hold the estimates to"
+    assert any(p["in_setting"] for p in points), "nothing to hold the estimates to"
     for p in points:
         assert p["source"]["url"].startswith("https://") and p["source"]["where"].strip(), p["id"]
         assert (SHIPPED_DIR / f"{p['device']}.json").is_file(), p["id"]
-    for p in in_setting:
+    for p in _independent_points():
         assert p["nearest_preset"], f"{p['id']}: an in-setting point names the shipped spec it is checked on"
         prof = DeviceProfile.load(SHIPPED_DIR / f"{p['device']}.json")
         lo, hi = _interval(prof, ViTSpec.preset(p["nearest_preset"]), p["precision"], p["batch"], p["depth"])
@@ -51,14 +58,21 @@ def test_the_kernel_floor_is_calibrated_on_an_in_setting_point_and_shipped() -> 
 
 
 @pytest.mark.slow
-def test_the_estimate_of_each_points_own_architecture_covers_the_in_setting_points() -> None:
+def test_the_estimate_of_each_points_own_architecture_reproduces_or_covers_it() -> None:
     """The point's exact shape (class token, head size) through the estimator, not the nearest preset."""
     from tleg_deploy.profile.estimate import estimate_entry
 
-    for p in (p for p in load_published() if p["in_setting"]):
+    calibration = load_datasheets()["floor_calibration"]["point"]
+    for p in load_published():
+        if not p["in_setting"]:
+            continue
         entry = estimate_entry(p["device"], published_spec(p), p["precision"], p["batch"])
         fit = entry.fit.latency_p50
-        assert fit.value(p["depth"]) - fit.half_width(p["depth"]) <= p["latency_ms"] <= fit.upper(p["depth"]), p["id"]
+        if p["id"] == calibration:  # a consistency check: the calibration reproduces its own point
+            assert fit.value(p["depth"]) == pytest.approx(p["latency_ms"], rel=0.01), p["id"]
+        else:
+            assert fit.value(p["depth"]) - fit.half_width(p["depth"]) <= p["latency_ms"] <= fit.upper(p["depth"]), \
+                p["id"]
 
 
 @pytest.mark.parametrize(("edit", "message"), [
