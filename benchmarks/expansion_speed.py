@@ -53,8 +53,8 @@ def main() -> None:
     lines = ["## Expansion speed", "",
              f"`benchmarks/expansion_speed.py`: wall time of `expand(lg, depth)` (best and median of {REPEATS} runs "
              f"after one warm-up, torch threads {torch.get_num_threads()}). Target: deit-base at depth 12 under "
-             f"{TARGET_S:.0f} s, judged on the median — **{'met' if met else 'missed'}** ({base12['median_s']:.3f} s median, "
-             f"{base12['best_s']:.3f} s best).", "",
+             f"{TARGET_S:.0f} s, judged on the median — **{'met' if met else 'missed'}** "
+             f"({base12['median_s']:.3f} s median, {base12['best_s']:.3f} s best).", "",
              "| spec | depth | params | best | median |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['spec']} | {r['depth']} | {r['params'] / 1e6:.1f} M | {r['best_s']:.3f} s "
               f"| {r['median_s']:.3f} s |" for r in rows]
