@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,24 @@ def test_import_needs_no_torch(ran_kit: Path) -> None:
             f"import_kit({str(ran_kit)!r}); sys.exit(1 if 'torch' in sys.modules else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr or "importing a kit's results imported torch"
+
+
+def test_force_never_replaces_a_tarball_or_link_that_is_not_this_kit(tmp_path: Path) -> None:
+    cfg = KitConfig("box", MeasureConfig(depths=(1, 2), **FAST))  # type: ignore[arg-type]
+    (tmp_path / "k.tar.gz").write_bytes(b"my own archive")
+    with pytest.raises(FormatError, match="not this kit's archive"):
+        build_kit(SPEC, cfg, tmp_path / "k", force=True)
+    assert (tmp_path / "k.tar.gz").read_bytes() == b"my own archive" and not (tmp_path / "k").exists()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(FormatError, match="not a directory tleg-deploy wrote"):
+        build_kit(SPEC, cfg, tmp_path / "link", force=True)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real").is_dir()
+    kit = build_kit(SPEC, cfg, tmp_path / "k2")
+    first = json.loads((kit / "kit.json").read_text())["kit_id"]
+    build_kit(SPEC, cfg, tmp_path / "k2", force=True)  # our own kit and archive are replaced together
+    second = json.loads((kit / "kit.json").read_text())["kit_id"]
+    with tarfile.open(tmp_path / "k2.tar.gz") as tar:
+        packed = json.loads(tar.extractfile("k2/kit.json").read())["kit_id"]  # type: ignore[union-attr]
+    assert first != second == packed
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

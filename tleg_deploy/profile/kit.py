@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import tarfile
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 
 from tleg_deploy.errors import FormatError
 from tleg_deploy.files.fileio import atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from tleg_deploy.files.outputs import staging_dir
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile.config import MeasureConfig
 
@@ -82,33 +82,44 @@ def build_kit(spec: ViTSpec, cfg: KitConfig, out_dir: str | os.PathLike[str], *,
     ``out_dir`` is replaced only with ``force`` and only if it is a kit (never a directory we did not write)."""
     out = Path(out_dir)
     tarball = out.with_name(out.name + ".tar.gz")
+    for path in (out, tarball):
+        if path.is_symlink() or (path.exists() and not (path.is_dir() if path is out else path.is_file())):
+            raise FormatError(f"{path} is not a {'directory' if path is out else 'file'} tleg-deploy wrote",
+                              hint="choose another -o")
     if out.exists() or tarball.exists():
         if not force:
             raise FormatError(f"{out if out.exists() else tarball} already exists", hint="pass --force to replace it")
         if out.exists() and not (out / "kit.json").is_file():
             raise FormatError(f"{out} exists and is not a device kit; not replacing it", hint="choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        if tarball.exists() and not _is_kit_tarball(tarball, out.name):
+            raise FormatError(f"{tarball} exists and is not this kit's archive; not replacing it",
+                              hint="choose another -o")
+    tmp = staging_dir(out)  # the umask's mode, not mkdtemp's 0700: a kit is copied and shared
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a kit is copied and shared like any directory
         _write(spec, cfg, tmp, learngene)
-        with atomic_path(tarball) as tmp_tar, tarfile.open(tmp_tar, "w:gz") as tar:
-            tar.add(tmp, arcname=out.name)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            out.rename(old)
-            shutil.rmtree(old)
-        tmp.rename(out)
+        with atomic_path(tarball) as tmp_tar:
+            with tarfile.open(tmp_tar, "w:gz") as tar:
+                tar.add(tmp, arcname=out.name)
+            # The archive always matches the directory: a stale one goes first, the new one lands last.
+            tarball.unlink(missing_ok=True)
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+                out.rename(old)
+                shutil.rmtree(old)
+            tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _is_kit_tarball(path: Path, name: str) -> bool:
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            return any(m.name == f"{name}/kit.json" for m in tar.getmembers())
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+
 
 
 def _write(spec: ViTSpec, cfg: KitConfig, kit: Path, learngene: Any) -> None:
