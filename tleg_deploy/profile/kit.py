@@ -212,6 +212,15 @@ record_env() {
     if [ -r "$f" ]; then printf '%s: %s\n' "$f" "$(tr -d '\000' <"$f")" >>"$R/env/board.txt"; fi
   done
 }
+child=""
+run() {  # command...: in the background and waited for, so Ctrl-C (or the remote kill) reaches the trap at once
+  "$@" &
+  child=$!
+  rc=0; wait "$child" || rc=$?
+  child=""
+  return "$rc"
+}
+trap 'if [ -n "$child" ]; then kill "$child" 2>/dev/null || true; fi; rm -rf "$R"; say "stopped"; exit 130' INT TERM HUP
 finish() {
   echo "$KIT_ID" >"$R/kit_id"
   rm -rf results
@@ -230,16 +239,11 @@ missing=""
 if [ -n "$missing" ]; then
   fail "missing Python packages for $PY:$missing (install them with: $PY -m pip install$missing)"
 fi
-child=""
-trap 'if [ -n "$child" ]; then kill "$child" 2>/dev/null || true; fi; rm -rf "$R"; say "stopped"; exit 130' INT TERM HUP
 rm -rf "$R"
 record_env
 "$PY" -c 'import onnxruntime, sys; print("onnxruntime", onnxruntime.__version__); print("python", sys.version)' \
   >"$R/env/runtime.txt" 2>&1 || true
-"$PY" kit_runner.py . "$R" &
-child=$!
-wait "$child" || fail "the runner failed (see the messages above)"
-child=""
+run "$PY" kit_runner.py . "$R" || fail "the runner failed (see the messages above)"
 finish
 """
 
@@ -260,7 +264,6 @@ fi
 MAJOR=$("$TRTEXEC" --help 2>&1 | sed -n 's/.*\[TensorRT v\([0-9]*\)\].*/\1/p' | head -n 1)
 [ -n "$MAJOR" ] || fail "could not read the TensorRT version from '$TRTEXEC --help'"
 if [ "$MAJOR" -ge 100000 ]; then MAJOR=$((MAJOR / 10000)); else MAJOR=$((MAJOR / 1000)); fi
-trap 'rm -rf "$R"; say "stopped"; exit 130' INT TERM HUP
 rm -rf "$R"
 mkdir -p "$R/trt" engines
 record_env
@@ -269,7 +272,7 @@ say "TensorRT major version $MAJOR"
 build() {  # precision depth onnx flags...
   p=$1; d=$2; onnx=$3; shift 3
   say "building $p depth $d from $onnx"
-  "$TRTEXEC" --onnx="$onnx" --saveEngine="engines/${p}_d$d.engine" --timingCacheFile=engines/timing.cache \
+  run "$TRTEXEC" --onnx="$onnx" --saveEngine="engines/${p}_d$d.engine" --timingCacheFile=engines/timing.cache \
     --minShapes=pixel_values:$SHAPE --optShapes=pixel_values:$SHAPE --maxShapes=pixel_values:$SHAPE \
     --skipInference "$@" >"$R/trt/build_${p}_d$d.log" 2>&1 \
     || fail "trtexec could not build $p depth $d (see $R/trt/build_${p}_d$d.log)"
@@ -277,7 +280,7 @@ build() {  # precision depth onnx flags...
 timed() {  # precision depth round
   n="${1}_d$2"
   say "timing $1 depth $2 (round $3 of $ROUNDS)"
-  "$TRTEXEC" --loadEngine="engines/$n.engine" --shapes=pixel_values:$SHAPE --warmUp=$WARMUP_MS --duration=0 \
+  run "$TRTEXEC" --loadEngine="engines/$n.engine" --shapes=pixel_values:$SHAPE --warmUp=$WARMUP_MS --duration=0 \
     --iterations=$ITERATIONS --useSpinWait --exportTimes="$R/trt/${n}_r$3.times.json" >"$R/trt/${n}_r$3.log" 2>&1 \
     || fail "trtexec could not time $n (see $R/trt/${n}_r$3.log)"
 }
