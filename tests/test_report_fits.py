@@ -90,3 +90,22 @@ def test_default_results_are_used_only_for_their_own_learngene(here: Path) -> No
                   "-o", "rep", "--json")
     assert res.exit_code == 0, res.output
     assert "are left out" not in (here / "rep" / "report.md").read_text()
+
+
+def test_an_interrupted_report_leaves_a_directory_the_next_run_owns(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C after report.md was written but before the end: the rerun needs no --force."""
+    import tleg_deploy.report.html as html
+    from tleg_deploy.report import ReportConfig, build_report
+
+    cfg = ReportConfig(out_dir=tmp_path / "rep", results_dir=None, devices=("jetson",), max_depth=4)
+
+    def interrupted(*_a, **_k):  # the HTML step, after report.md is on disk
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(html, "markdown_to_html", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(cfg)
+    assert (tmp_path / "rep" / "report.md").is_file()
+    monkeypatch.undo()
+    result = build_report(cfg)  # no OutputError: the directory is recognizably ours
+    assert result.html.is_file()

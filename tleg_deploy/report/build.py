@@ -26,7 +26,7 @@ from typing import Any
 
 from tleg_deploy.errors import OutputError, TlegError, UnitError
 from tleg_deploy.files.fileio import write_json_atomic, write_text_atomic
-from tleg_deploy.files.outputs import FORCE_HINT, has_marker, output_dir
+from tleg_deploy.files.outputs import FORCE_HINT, has_marker, make_dir, output_dir
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.report import sections
 from tleg_deploy.report.fits import fits_section, load_fit, results_learngene
@@ -153,6 +153,9 @@ def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: 
             rep.result.warnings.append(f"profile {p.name!r} has no entry for {spec_label(spec)}; measure it with: "
                                        f"{p.measure_command}")
 
+    # Claim every name this build may write before writing any (all inputs are read by now), so an
+    # interrupted build leaves a directory the next run recognizes as ours (narrowed at the end).
+    _write_record(cfg, {*owned, "report.md", "report.html", *(f"{FIGURES}/{n}.png" for n in FIGURE_NAMES)})
     sections.header(rep, lg, results, profiles)
     rep.step("plotting latency vs depth")
     sections.latency_section(rep, covered, spec)
@@ -181,9 +184,13 @@ def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: 
         if stale not in rep.result.figures and _rel(cfg, stale) in owned and stale.is_file():
             stale.unlink()
     written = [rep.result.markdown, rep.result.html, *rep.result.figures]
-    write_json_atomic(cfg.out_dir / RECORD, {"format": RECORD_FORMAT, "schema_version": "1",
-                                             "files": sorted(_rel(cfg, p) for p in written)})
+    _write_record(cfg, {_rel(cfg, p) for p in written})
     return rep.result
+
+
+def _write_record(cfg: ReportConfig, files: set[str]) -> None:
+    make_dir(cfg.out_dir)
+    write_json_atomic(cfg.out_dir / RECORD, {"format": RECORD_FORMAT, "schema_version": "1", "files": sorted(files)})
 
 
 def check_report_dir(out: str | os.PathLike[str], *, inputs: Iterable[Any] = (), force: bool = False) -> Path:
