@@ -231,7 +231,7 @@ def _export_locked(
             raise ExportError(f"{out} holds a family of another learngene ({manifest['learngene'].get('sha256')})",
                               hint="export to another directory, or delete that one")
         if manifest is None:
-            manifest = new_manifest(lg, learngene_file, fmts, batch)
+            manifest = new_manifest(lg, learngene_file, fmts, batch, lg_sha)
         _clean_staging(out)
         todo = []
         for d in depths:
@@ -387,7 +387,7 @@ def _build_member(ctx: _Context, model: Any, stage: Path) -> list[dict[str, Any]
         artifacts.append(entry(precision, "onnx", path, {
             "max_abs_diff": r.max_abs_diff["logits"],
             "max_rel_diff": None if r.max_rel_diff is None else r.max_rel_diff["logits"],
-            "tolerance": _finite(r.tolerance["logits"]),
+            "tolerance": r.to_dict()["tolerance"]["logits"],
             "agreement": r.agreement, "images": r.images, "data": r.data,
             "report": path.stem + ".validation.json", "mode": r.mode,
         }))
@@ -430,9 +430,5 @@ def _latency(ctx: _Context, spec: ViTSpec, depth: int, precision: str, path: Pat
 
         out["measured"] = measure_onnx(path, spec, depth=depth, precision=precision).to_dict()
     return out or None
-
-
-def _finite(x: float) -> float | None:
-    return x if x != float("inf") else None
 
 

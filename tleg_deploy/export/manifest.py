@@ -149,14 +149,16 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def new_manifest(lg: Any, learngene_file: str | os.PathLike[str] | None, fmts: tuple[str, ...], batch: Any) -> dict:
+def new_manifest(lg: Any, learngene_file: str | os.PathLike[str] | None, fmts: tuple[str, ...], batch: Any,
+                 sha256: str | None = None) -> dict:
+    """A fresh manifest; ``sha256``: the learngene's, when the caller already has it (hashing is a full pass)."""
     from tleg_deploy import __version__
 
     file_bytes = Path(learngene_file).stat().st_size if learngene_file and Path(learngene_file).is_file() else None
     return {
         "format": MANIFEST_FORMAT, "schema_version": MANIFEST_VERSION, "tool_version": f"tleg-deploy {__version__}",
         "updated": _now(),
-        "learngene": {"sha256": lg.sha256(), "file": str(learngene_file) if learngene_file else None,
+        "learngene": {"sha256": sha256 or lg.sha256(), "file": str(learngene_file) if learngene_file else None,
                       "file_bytes": file_bytes, "tensor_bytes": lg.nbytes(), "params": lg.num_params(),
                       "aux_depth": lg.aux_depth},
         "spec": lg.spec.to_dict(), "spec_preset": lg.spec.preset_name(), "formats": list(fmts),

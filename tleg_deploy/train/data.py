@@ -65,11 +65,9 @@ def data_card(source: str, spec: ViTSpec) -> DataCard:
             raise DataError(f"no such data folder: {root}")
         names = _classes(root / "train" if all((root / s).is_dir() for s in SPLITS) else root)
     elif kind == "npz" and arg:
-        load_data(source, spec, "train")  # checks the file; its images come back normalised: read the raw range
-        with np.load(Path(arg), allow_pickle=False) as f:
-            raw = np.asarray(f["x"])
+        raw, _ = _read_npz(Path(arg))  # the raw range decides the scale, as when the data is loaded
         names, resize = [str(i) for i in range(spec.num_classes)], "none"
-        scale = 1 / 255 if np.issubdtype(raw.dtype, np.integer) or raw.max(initial=0) > 1.0 else 1.0
+        scale = 1 / _npz_scale(raw)
     else:
         raise DataError(f"unknown data source {source!r}", hint="use digits, folder:PATH or npz:PATH")
     names += [f"unused {i}" for i in range(len(names), spec.num_classes)]  # labels the data never uses
@@ -196,6 +194,11 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path} is not a readable .npz file: {_first_line(e)}") from None
 
 
+def _npz_scale(x: np.ndarray) -> float:
+    """What npz pixels are divided by to reach [0, 1]: 255 for integers or values above 1, else 1."""
+    return 255.0 if np.issubdtype(x.dtype, np.integer) or x.max(initial=0) > 1.0 else 1.0
+
+
 def _npz(path: Path, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
     x, y = _read_npz(path)
     if x.ndim == 3:
@@ -218,7 +221,7 @@ def _npz(path: Path, spec: ViTSpec, split: str) -> tuple[Tensor, Tensor]:
         bad = np.flatnonzero(~finite.reshape(len(x), -1).all(1))
         raise DataError(f"{path}: x holds NaN or infinite values in {len(bad)} of {len(x)} images "
                         f"(first: sample {int(bad[0])})", hint="clean or drop those images")
-    scale = 255.0 if np.issubdtype(x.dtype, np.integer) or x.max(initial=0) > 1.0 else 1.0
+    scale = _npz_scale(x)
     idx = _nonempty(split_indices(y, split), y, split, f"npz:{path}")
     return _finish(x[idx].transpose(0, 3, 1, 2) / scale, y[idx], spec, str(path))
 
