@@ -58,14 +58,10 @@ class MacFloor:
 
 
 def _session(model: Any) -> Any:
-    import onnxruntime as ort
+    """The profiler's own session options (``runners.ort_session``), so the rate is timed as the points are."""
+    from tleg_deploy.profile.runners import ort_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort_session(model.SerializeToString(), threads=1, device="cpu")
 
 
 def _graphs(tokens: int, dim: int, hidden: int) -> tuple[Any, Any]:

@@ -231,11 +231,11 @@ def estimated_for_spec(profile: DeviceProfile, spec: ViTSpec) -> DeviceProfile:
             pass  # a damaged cache is simply recomputed
     calibration = next((dict(e.basis["compute_efficiency"]) for e in profile.entries
                         if e.basis and isinstance(e.basis.get("compute_efficiency"), dict)), None)
+    calibration = calibration or estimate.calibrate_efficiency(sheets)  # once, not per precision
     floor = _shipped_floor(profile, device, sheets)
     macs = (batch * costs.block_macs(spec), batch * costs.fixed_macs(spec))
     entries = tuple(estimate.estimate_entry(device, spec, p, batch, sheets=sheets, macs=macs, floor=floor,
-                                            calibration=calibration or estimate.calibrate_efficiency(sheets))
-                    for p in precisions)
+                                            calibration=calibration) for p in precisions)
     result = dataclasses.replace(
         profile, entries=profile.entries + entries, measure_command=estimate_measure_command(device, spec,
                                                                                              precisions, batch),

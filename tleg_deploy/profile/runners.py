@@ -68,8 +68,8 @@ def build_model(spec: ViTSpec, depth: int, learngene: Any = None) -> Any:
     return init_vit_(ViT(spec, depth), torch.Generator().manual_seed(depth)).eval()
 
 
-def ort_session(path: str | os.PathLike[str], *, threads: int, device: str, ort: Any = None) -> Any:
-    """An ONNX Runtime session with our timing protocol's options."""
+def ort_session(path: str | os.PathLike[str] | bytes, *, threads: int, device: str, ort: Any = None) -> Any:
+    """An ONNX Runtime session with our timing protocol's options (``path``: a file, or a model's bytes)."""
     if ort is None:
         import onnxruntime
 
@@ -86,7 +86,7 @@ def ort_session(path: str | os.PathLike[str], *, threads: int, device: str, ort:
     if device == "cuda":
         have = ort.get_available_providers()
         providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in have] + providers
-    return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=so, providers=providers)
 
 
 def export_artifact(model: Any, precision: str, backend: str, workdir: Path, batch: int = 1) -> Path:
