@@ -141,7 +141,7 @@ def demo(
 
     Example: tleg-deploy demo -o tleg-demo
     """
-    from tleg_deploy.cli.fit import render_summary
+    from tleg_deploy.cli.fit import progress, render_summary
     from tleg_deploy.deploy.fit import check_destination, fit
     from tleg_deploy.deploy.fit_types import FitRequest
     from tleg_deploy.files.outputs import output_dir
@@ -162,9 +162,13 @@ def demo(
     depth6 = min((evaluate(host, probe, spec=spec, depth=6, precision=p) for p in host.precisions(spec)),
                  key=lambda c: c.latency_upper_ms)
     budget = Budget(latency_ms=round(depth6.latency_upper_ms * 1.02, 4))
-    render_summary(fit(FitRequest(budget, device=host, out_dir=root / "host"), quiet=quiet))
+    with progress(quiet) as log:
+        result = fit(FitRequest(budget, device=host, out_dir=root / "host"), quiet=quiet, log=log)
+    render_summary(result)
     out.rule("[bold]2/2 jetson[/bold]: Jetson Orin Nano, TensorRT (estimated profile: nothing is run)")
-    render_summary(fit(FitRequest(jetson_budget, device="jetson", out_dir=root / "jetson"), quiet=quiet))
+    with progress(quiet) as log:
+        result = fit(FitRequest(jetson_budget, device="jetson", out_dir=root / "jetson"), quiet=quiet, log=log)
+    render_summary(result)
 
 
 def _render_info(facts: dict[str, Any]) -> None:

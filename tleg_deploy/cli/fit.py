@@ -73,7 +73,7 @@ def fit(
     request = FitRequest(budget, device=device, out_dir=dest, learngene=learngene, search=search,
                          finetune_data=finetune_data, calib_data=calib_data, epochs=epochs,
                          refresh_profile=refresh_profile, kit_results=kit_results)
-    with _progress(quiet or json_) as log:
+    with progress(quiet or json_) as log:
         result = run_fit(request, quiet=quiet or json_, log=log)
     if json_:
         emit_json(result.to_dict())
@@ -82,7 +82,7 @@ def fit(
 
 
 @contextmanager
-def _progress(off: bool) -> Iterator[Callable[[str], None] | None]:
+def progress(off: bool) -> Iterator[Callable[[str], None] | None]:
     """Each step as a dim line on stderr; on a terminal also a spinner naming the step under way."""
     if off:
         yield None
