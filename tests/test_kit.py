@@ -105,6 +105,9 @@ CASES = {
     "other kit": (lambda k: (k / "results" / "kit_id").write_text("0" * 32), "belongs to another kit"),
     "other kit's file": (lambda k: _edit_results(k, lambda d: d.__setitem__("kit_id", "1" * 32)), "another kit"),
     "missing model": (lambda k: (k / "models" / "depth1.int8.onnx").unlink(), "is missing"),
+    "foreign point": (lambda k: _edit_results(k, lambda d: d["points"][0].__setitem__("depth", "x")),
+                      "which this kit does not measure"),
+    "repeated point": (lambda k: _edit_results(k, lambda d: d["points"].append(d["points"][0])), "repeats"),
 }
 
 

@@ -145,6 +145,10 @@ def _ort_results(results: Path, kit: dict[str, Any]) -> tuple[Rounds, dict[tuple
         if not isinstance(p, dict):
             raise FormatError(f"{where} is not an object")
         key = (p.get("precision"), p.get("depth"))
+        if key not in {(q, d) for q in kit["precisions"] for d in kit["depths"]}:
+            raise FormatError(f"{where} is for {key[0]!r} depth {key[1]!r}, which this kit does not measure")
+        if key in rounds:
+            raise FormatError(f"{where} repeats {key[0]} depth {key[1]}")
         rounds[key] = _check_rounds(p.get("rounds"), where)  # type: ignore[index]
         mem = p.get("memory_mb")
         if mem is None and not kit["protocol"].get("memory", True):
