@@ -109,3 +109,13 @@ def test_an_interrupted_report_leaves_a_directory_the_next_run_owns(tmp_path: Pa
     monkeypatch.undo()
     result = build_report(cfg)  # no OutputError: the directory is recognizably ours
     assert result.html.is_file()
+
+
+def test_a_fit_whose_learngene_is_gone_is_not_reported_as_the_demo(here: Path) -> None:
+    _custom_learngene(here / "mine.safetensors")
+    res = _invoke("fit", "--learngene", "mine.safetensors", "--device", "jetson", "--latency", "1ms",
+                  "--max-depth", "2", "-o", "fit-m", "--quiet")
+    assert res.exit_code == 0, res.output
+    (here / "mine.safetensors").unlink()
+    res = _invoke("report", "--fit", "fit-m", "--device", "jetson", "-o", "rep", "--quiet")
+    assert res.exit_code == 2 and "no longer there" in res.output and not (here / "rep").exists()

@@ -59,7 +59,10 @@ def report(
     fits = [load_fit(d) for d in fit or ()]
     if learngene is None:
         made_from = fits[0].learngene_file if fits else None
-        learngene = made_from if made_from and Path(made_from).is_file() else "demo"
+        if made_from and made_from != "demo" and not Path(made_from).is_file():  # never another learngene, silently
+            raise TlegError(f"the first --fit was made from learngene {made_from}, which is no longer there",
+                            hint="pass --learngene with that learngene's file")
+        learngene = made_from or "demo"
     if results is None and DEFAULT_RESULTS.is_dir():  # the default only for the learngene it was made for
         from tleg_deploy.model.resources import load_learngene
 
