@@ -11,7 +11,12 @@ time them with the profiler's own protocol in interleaved rounds. Counts:
 - *within*: the pick's measured p90 <= its budget (target 20/20);
 - *tight*: the next deeper depth (pick's precision) measured over budget (target >= 18/20);
   also reported for the best precision at that depth;
-- solve time: median / max over 200 calls per budget (target: well under 1 ms).
+- solve time: median / max over 200 calls per budget (target: well under 1 ms);
+- *closed loop* (issue 10): what ``fit`` does on a device it can measure: from the solver's pick, the measured
+  step loop (``deploy.fit_measure.measured_check``: down while over budget, up while the next deeper depth still
+  measures within it, at most 3 steps each way) times each depth in its own session; then the loop's pick and
+  the next deeper depth are timed again, interleaved, independently of the loop's own readings: *within* and
+  *tight* of the closed loop come from that re-measurement (targets 20/20 and >= 18/20).
 
 Timings on a shared machine are noisy; rerun on a quiet one:
     .venv/bin/python benchmarks/solver.py [--budgets-per-spec 10] [--specs deit-tiny,digits]
@@ -140,33 +145,73 @@ def run_spec(name: str, n_budgets: int, max_depth: int, cached: bool) -> list[di
                 "solve_us_median": med_us, "solve_us_p99": max_us,
                 "drift": prof.drift.to_dict() if prof.drift is not None else None,
             }
+            row.update(closed_loop(spec, prof, budget, plan, max_depth, arts, cfg))
             rows.append(row)
+            print(f"[{name}] closed loop: depth {row['loop_depth']} ({len(row['loop_steps'])} step(s)); re-measured "
+                  f"{row['loop_measured_p90_ms']:.4g} ms, deeper {row['loop_deeper_p90_ms']:.4g} ms", flush=True)
             print(f"[{name}] budget {budget.latency_ms:.4g} ms -> depth {d} {p}: measured p90 "
                   f"{stats[0]['p90']:.4g} ms (upper {plan.pick.latency_upper_ms:.4g}); deeper "
                   f"{deeper_all.get(p, math.nan):.4g} ms; solve {med_us:.0f} us", flush=True)
     return rows
 
 
+def closed_loop(spec: Any, prof: Any, budget: Any, plan: Any, max_depth: int, arts: Artifacts,
+                cfg: Any) -> dict[str, Any]:
+    """fit's measured step loop from the solver's pick (each depth timed in its own session), then the loop's
+    pick and the next deeper depth re-timed together (interleaved), independently of the loop's readings."""
+    from tleg_deploy.deploy.fit_measure import measured_check
+    from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
+    from tleg_deploy.errors import InfeasibleError
+    from tleg_deploy.profile.artifact import Measurement
+    from tleg_deploy.profile.timing import time_runners
+
+    p = plan.precision
+
+    def timer(depth: int) -> Measurement:
+        st = time_runners({depth: arts.runner(depth, p)}, cfg)[depth]
+        return Measurement(depth=depth, precision=p, p50_ms=st["p50"], p90_ms=st["p90"], runs=int(st["n"]),
+                           threads=1)
+
+    request = FitRequest(budget, device=prof, out_dir=Path("unused"), search=SearchOptions(max_depth=max_depth))
+    try:
+        depth, _m, steps, _over = measured_check(request, plan, prof, budget.latency_ms, timer, lambda _m: None)
+    except InfeasibleError as e:
+        return {"loop_depth": None, "loop_steps": [str(e)], "loop_within": False, "loop_tight": None,
+                "loop_measured_p90_ms": math.nan, "loop_deeper_p90_ms": math.nan}
+    runners = {0: arts.runner(depth, p)} | ({1: arts.runner(depth + 1, p)} if depth < max_depth else {})
+    stats = time_runners(runners, cfg)
+    deeper = stats[1]["p90"] if 1 in stats else math.nan
+    return {"loop_depth": depth, "loop_steps": steps, "loop_measured_p90_ms": stats[0]["p90"],
+            "loop_within": stats[0]["p90"] <= budget.latency_ms, "loop_deeper_p90_ms": deeper,
+            "loop_tight": (deeper > budget.latency_ms) if 1 in stats else None}
+
+
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     lines = [
-        "## Solver: measured fit of the pick (issue 6)",
+        "## Solver and fit's closed loop: measured fit of the pick (issues 6, 10)",
         "",
         "`benchmarks/solver.py`: host profile (ONNX Runtime CPU, 1 intra-op thread, fp32 + int8), 10 p90 "
         "latency budgets per spec spread geometrically over the profile's range; each pick and the next deeper "
-        "depth exported and timed with the profiler's protocol (interleaved rounds). The machine was shared "
-        "with other jobs while this ran, so measured latencies are noisy; rerun on a quiet machine.",
+        "depth exported and timed with the profiler's protocol (interleaved rounds), after the profile's drift "
+        "probe. *Closed loop*: fit's measured step loop from the pick (`deploy.fit_measure.measured_check`, each "
+        "depth timed in its own session, at most 3 steps each way), then its pick and the next deeper depth "
+        "re-timed together, independently of the loop's readings.",
         "",
         f"- load average (1/5/15 min) before {summary['load_average_before']}, after "
         f"{summary['load_average_after']}, on {summary['cores']} cores",
         f"- pick's measured p90 within budget: **{summary['within']}/{summary['n']}** (target: all)",
         f"- next deeper depth (same precision) measured over budget: **{summary['tight']}/{summary['n_tight']}** "
         f"(target: >= 18 of 20); with the fastest precision at that depth: {summary['tight_any']}/{summary['n_tight']}",
+        f"- **closed loop** (fit's measured steps from the pick, then re-measured independently): within budget "
+        f"**{summary['loop_within']}/{summary['n']}**, next deeper over budget **{summary['loop_tight']}/"
+        f"{summary['n_loop_tight']}** (targets 20/20 and >= 18/20); {summary['loop_moved']} pick(s) moved by the "
+        "loop",
         f"- solve time: median {summary['solve_us_median']:.0f} us; worst per-budget p99 "
         f"{summary['solve_us_p99_worst']:.0f} us (target: well under 1 ms)",
         "",
         "| spec | budget ms | pick | predicted p90 (upper) ms | measured p90 ms | within | deeper measured ms | "
-        "tight |",
-        "|---|---|---|---|---|---|---|---|",
+        "tight | closed loop: depth (steps) | re-measured ms | within | deeper ms | tight |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "infeasible" in r:
@@ -177,7 +222,10 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"| {r['spec']} | {r['budget_ms']:.4g} | {r['depth']} {r['precision']}"
             f"{' (extrap.)' if r['extrapolated'] else ''} | {r['predicted_p90_ms']:.4g} "
             f"({r['predicted_p90_upper_ms']:.4g}) | {r['measured_p90_ms']:.4g} | {'yes' if r['within'] else 'NO'} | "
-            f"{deeper} | {'yes' if r['tight'] else ('-' if r['tight'] is None else 'no')} |")
+            f"{deeper} | {'yes' if r['tight'] else ('-' if r['tight'] is None else 'no')} | "
+            f"{r['loop_depth']} ({len(r['loop_steps'])}) | {r['loop_measured_p90_ms']:.4g} | "
+            f"{'yes' if r['loop_within'] else 'NO'} | {r['loop_deeper_p90_ms']:.4g} | "
+            f"{'yes' if r['loop_tight'] else ('-' if r['loop_tight'] is None else 'no')} |")
     return "\n".join(lines)
 
 
@@ -198,6 +246,10 @@ def main() -> None:
         "n": len(done), "within": sum(r["within"] for r in done),
         "n_tight": len(tight), "tight": sum(bool(r["tight"]) for r in tight),
         "tight_any": sum(bool(r["tight_any_precision"]) for r in tight),
+        "loop_within": sum(bool(r["loop_within"]) for r in done),
+        "n_loop_tight": sum(r["loop_tight"] is not None for r in done),
+        "loop_tight": sum(bool(r["loop_tight"]) for r in done),
+        "loop_moved": sum(r["loop_depth"] != r["depth"] for r in done),
         "solve_us_median": statistics.median(r["solve_us_median"] for r in done) if done else math.nan,
         "solve_us_p99_worst": max((r["solve_us_p99"] for r in done), default=math.nan),
         "infeasible": len(rows) - len(done),
@@ -207,7 +259,7 @@ def main() -> None:
     }
     print(summary)
     write_result("solver", {"summary": summary, "rows": rows, "args": vars(args),
-                            "note": "shared, noisy machine: rerun on a quiet one"}, markdown(rows, summary))
+                            "note": "load average before/after in the summary"}, markdown(rows, summary))
 
 
 if __name__ == "__main__":

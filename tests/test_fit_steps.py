@@ -160,11 +160,18 @@ def _ran_kit(tmp_path: Path, depths: tuple[int, ...], ms_per_block: float) -> Pa
 
     lg = load_learngene("demo")
     kit = build_kit(lg.spec, KitConfig("box", MeasureConfig(precisions=("fp32",), depths=depths)), tmp_path / "kit")
+    return _record(kit, ms_per_block)
+
+
+def _record(kit: Path, ms_per_block: float) -> Path:
+    """Write ``results/`` as the kit's ONNX Runtime run would: ``ms_per_block * depth`` (±4%) per depth."""
+    doc = json.loads((kit / "kit.json").read_text())
+    depths, precision = doc["depths"], doc["precisions"][0]
     kit_id = json.loads((kit / "kit.json").read_text())["kit_id"]
     (kit / "results").mkdir()
     (kit / "results" / "kit_id").write_text(kit_id)
     spread = [1 + 0.04 * ((i * 7) % 11 - 5) / 5 for i in range(30)]
-    points = [{"precision": "fp32", "depth": d, "memory_mb": 10.0 + d,
+    points = [{"precision": precision, "depth": d, "memory_mb": 10.0 + d,
                "rounds": [[ms_per_block * d * s for s in spread[r::3]] for r in range(3)]} for d in depths]
     (kit / "results" / "onnxruntime.json").write_text(json.dumps({
         "format": "tleg-kit-results", "schema_version": 1, "kit_id": kit_id, "points": points,
@@ -216,3 +223,35 @@ def test_fit_kit_results_of_another_model_or_an_unmeasured_depth(tmp_path: Path)
     (kit / "kit.json").write_text(json.dumps(doc))
     with pytest.raises(FormatError, match="measured another model"):
         fit(FitRequest(Budget(latency_ms=1.5), device="box", out_dir=tmp_path / "out2", kit_results=kit))
+
+
+def test_fit_kit_writes_a_kit_around_the_pick_and_kit_results_closes_the_loop(tmp_path: Path) -> None:
+    """``fit --kit DIR`` (a device this machine cannot reach): solves, writes a kit measuring the pick and 3 depths
+    either side, and prints the command that reads it back; that command (``--kit-results``) then steps on
+    what the device recorded."""
+    from typer.testing import CliRunner
+
+    from tleg_deploy.cli.app import app
+    from tleg_deploy.profile.kit_import import import_kit
+
+    box = import_kit(_ran_kit(tmp_path, (1, 6, 12), 0.3), name="box").save(tmp_path / "box.json")
+    kit = tmp_path / "kit-box"
+    args = ["fit", "--device", str(box), "--latency", "2.4ms", "--precision", "fp32", "--max-depth", "16"]
+    res = CliRunner().invoke(app, [*args, "--kit", str(kit)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((kit / "kit.json").read_text())
+    solved = doc["depths"][3]
+    assert doc["depths"] == list(range(solved - 3, solved + 4)) and doc["precisions"] == ["fp32"]
+    assert (tmp_path / "kit-box.tar.gz").is_file() and not (tmp_path / "fit-box").exists()
+    again = next(ln for ln in res.output.splitlines() if "--kit-results" in ln).split(":  ", 1)[1].split()
+    assert again[:2] == ["tleg-deploy", "fit"] and "--latency" in again and "--max-depth" in again
+
+    _record(kit, 0.25)  # the device is faster than the profile said: 9 blocks fit 2.4 ms, 10 do not
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [*again[1:], "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["depth"] == 9 and plan["figures"] == "measured" and plan["kit_results"] == str(kit)
+    # a second --kit to the same place is refused without --force (never replaces what is there silently)
+    res = CliRunner().invoke(app, [*args, "--kit", str(kit)])
+    assert res.exit_code != 0 and "already exists" in res.output

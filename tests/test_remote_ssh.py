@@ -6,6 +6,7 @@ which has onnxruntime and numpy. Skipped only where openssh-server is not instal
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import re
 import signal
@@ -148,3 +149,59 @@ def test_targets_are_read_strictly() -> None:
     for bad in ("", "-oProxyCommand=x", "a@b:port", "a@b:0", "a b"):
         with pytest.raises(FormatError):
             SshTarget.parse(bad)
+
+
+def _device_profile(tmp_path: Path, scale: float) -> tuple[Path, dict[int, float]]:
+    """A measured profile of "loop" (another host, as far as fit knows) whose latencies are this machine's,
+    measured in process now, times ``scale``; and the unscaled p90 line per depth 1..16."""
+    import dataclasses
+
+    from tleg_deploy.profile.measure import profile
+    from tleg_deploy.profile.table import make_entry
+
+    spec = ViTSpec.preset("digits")
+    prof = profile(spec, config=MeasureConfig(depths=(1, 6, 12), memory=False), learngene=load_learngene("demo"))
+    e = prof.entries[0]
+    keys = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "p50_se_ms", "p90_se_ms")
+    points = [dataclasses.replace(p, **{k: getattr(p, k) * scale for k in keys}) for p in e.points]
+    loop = dataclasses.replace(prof, name="loop", aliases=(), host_fingerprint="another-host", probe=None,
+                               entries=(make_entry(spec, e.precision, 1, points),))
+    line = {d: prof.predict(d, spec=spec, precision="fp32").latency_p90_ms for d in range(1, 17)}
+    return loop.save(tmp_path / f"loop-{scale}.json"), line
+
+
+@pytest.mark.slow
+def test_fit_over_ssh_steps_down_and_up_on_the_device(sshd: tuple[str, Path], tmp_path: Path) -> None:
+    """``fit --ssh``: the pick and each step are measured on the target by device kits run over SSH. A profile
+    that says the device is faster than it is (x0.6) makes fit step down; one that says it is slower (x1.7), up.
+    The budget lies between depths 8 and 9 as this machine measures them."""
+    from typer.testing import CliRunner
+
+    from tleg_deploy.cli.app import app
+    from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
+    from tleg_deploy.plan.solve import Budget
+    from tleg_deploy.profile.remote import SshRun
+
+    target, config = sshd
+    fast, line = _device_profile(tmp_path, 0.6)
+    budget = Budget(latency_ms=(line[8] + line[9]) / 2)
+    run = SshRun(SshTarget.parse(target), config, sys.executable)
+    down = fit(FitRequest(budget, device=str(fast), out_dir=tmp_path / "down", ssh=run, max_steps=8,
+                          search=SearchOptions(max_depth=16, precisions=("fp32",))))
+    assert down.depth < down.plan.depth and down.figures == "measured" and down.ssh == target
+    assert all("stepped to depth" in s for s in down.steps) and len(down.steps) == down.plan.depth - down.depth
+    assert down.measured is not None and down.measured.p90_ms <= budget.latency_ms
+    assert any("device kits run over SSH" in n for n in down.notes)
+
+    slow, _ = _device_profile(tmp_path, 1.7)
+    out = tmp_path / "up"
+    res = CliRunner().invoke(app, ["fit", "--device", str(slow), "--latency", f"{budget.latency_ms:.4f}ms",
+                                   "--precision", "fp32", "--max-depth", "16", "--ssh", target, "--ssh-config",
+                                   str(config), "--remote-python", sys.executable, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["depth"] > doc["plan"]["depth"] and doc["figures"] == "measured" and doc["ssh"] == target
+    assert "stepped up to depth" in doc["steps"][0] and f"on the device at {target}" in res.output
+    assert doc["measured"]["p90_ms"] <= budget.latency_ms
+    assert "stepped up to depth" in (out / "REPORT.md").read_text()

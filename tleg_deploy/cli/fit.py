@@ -12,7 +12,7 @@ import typer
 from tleg_deploy.cli.app import JsonOpt, LearngeneOpt, QuietOpt, command, data_path, emit_json, err, out
 
 if TYPE_CHECKING:
-    from tleg_deploy.deploy.fit_types import FitResult
+    from tleg_deploy.deploy.fit_types import FitRequest, FitResult
 
 # Where the paper-claims benchmark writes its accuracy table, relative to the working directory
 # (a checkout of this repository); --accuracy names any other file.
@@ -46,15 +46,31 @@ def fit(
                                                "a re-run replaces an earlier fit output there.")] = None,
     refresh_profile: Annotated[bool, typer.Option(help="Re-measure the host profile first.")] = False,
     kit_results: Annotated[Path | None, typer.Option(
-        help="A device kit (tleg-deploy kit) whose run.sh has run on DEVICE: solve on its measured profile "
-             "and step on the depths it measured.", show_default=False)] = None,
+        help="A device kit (fit --kit, or tleg-deploy kit) whose run.sh has run on DEVICE: solve on its measured "
+             "profile and step on the depths it measured.", show_default=False)] = None,
+    kit: Annotated[Path | None, typer.Option(
+        "--kit", help="For a device this machine cannot reach: solve, then write a kit (DIR and DIR.tar.gz) that "
+                      "measures the pick and 3 depths either side on DEVICE, and stop; run it there, then fit "
+                      "again with --kit-results DIR.", show_default=False)] = None,
+    ssh: Annotated[str | None, typer.Option(
+        help="Measure on DEVICE at user@host[:port] over SSH: device kits time the pick and each step there "
+             "(a DEVICE without a profile is profiled there first).", show_default=False)] = None,
+    ssh_config: Annotated[Path | None, typer.Option(help="ssh -F file (default: ~/.ssh/config).",
+                                                    show_default=False)] = None,
+    remote_python: Annotated[str | None, typer.Option(help="The target's python with onnxruntime and numpy "
+                                                           "(default python3).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --kit: replace an existing kit at DIR.")] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Pick the deepest expansion that fits the budget on DEVICE, build, export, validate and (on this host)
     measure it; write weights, ONNX, plan, manifest, build_engine.sh and REPORT.md to a directory.
 
-    Example: tleg-deploy fit --latency 5ms --memory 256MB --device jetson -o fit-jetson
+    Examples:
+      tleg-deploy fit --latency 5ms --memory 256MB --device jetson -o fit-jetson
+      tleg-deploy fit --latency 20ms --device pi --ssh me@pi.local    (measured on the device)
+      tleg-deploy fit --latency 5ms --device orin --kit kit-orin      (run kit-orin/run.sh there, then:)
+      tleg-deploy fit --latency 5ms --device orin --kit-results kit-orin
     """
     from tleg_deploy.deploy.fit import check_destination
     from tleg_deploy.deploy.fit import fit as run_fit
@@ -62,23 +78,60 @@ def fit(
     from tleg_deploy.files.outputs import input_file
     from tleg_deploy.model.resources import learngene_path
     from tleg_deploy.plan.solve import Budget, load_accuracy_table
+    from tleg_deploy.profile.remote import SshRun, SshTarget
 
+    run = None if ssh is None else SshRun(SshTarget.parse(ssh), ssh_config, remote_python)
     budget = Budget.from_strings(latency=latency, memory=memory, params=params, percentile=percentile)
     table = load_accuracy_table(accuracy or DEFAULT_ACCURACY) if objective == "accuracy" or accuracy else None
     wanted = tuple(p.strip() for p in precision.split(",") if p.strip()) if precision else None
     search = SearchOptions(margin=margin, max_depth=max_depth, precisions=wanted, objective=objective, accuracy=table)
     inputs = [input_file(learngene_path(learngene), "learngene"), accuracy, data_path(finetune_data),
               data_path(calib_data), device if device.endswith(".json") else None, kit_results]
-    dest = check_destination(output if output is not None else f"fit-{Path(device).stem}", inputs)
+    dest = Path(output if output is not None else f"fit-{Path(device).stem}")
+    if kit is None:
+        dest = check_destination(dest, inputs)
     request = FitRequest(budget, device=device, out_dir=dest, learngene=learngene, search=search,
                          finetune_data=finetune_data, calib_data=calib_data, epochs=epochs,
-                         refresh_profile=refresh_profile, kit_results=kit_results)
+                         refresh_profile=refresh_profile, kit_results=kit_results, ssh=run)
+    if kit is not None:
+        flags = {"--latency": latency, "--memory": memory, "--params": params,
+                 "--percentile": None if percentile == "p90" else percentile, "--margin": margin or None,
+                 "--max-depth": max_depth, "--precision": precision, "--learngene": learngene}
+        again = " ".join(f"{k} {v}" for k, v in flags.items() if v is not None)
+        _write_kit(request, kit, again, force=force, json_=json_, quiet=quiet)
+        return
     with progress(quiet or json_) as log:
         result = run_fit(request, quiet=quiet or json_, log=log)
     if json_:
         emit_json(result.to_dict())
     else:
         render_summary(result)
+
+
+def _write_kit(request: FitRequest, kit: Path, again: str, *, force: bool, json_: bool, quiet: bool) -> None:
+    from tleg_deploy.deploy.fit import fit_kit
+
+    with progress(quiet or json_) as log:
+        plan, written = fit_kit(request, kit, force=force, log=log)
+    tarball = written.with_name(written.name + ".tar.gz")
+    if json_:
+        emit_json({"kit": str(written), "tarball": str(tarball), "device": plan.device, "depth": plan.depth,
+                   "precision": plan.precision, "plan": plan.to_dict()})
+        return
+    device = request.device if isinstance(request.device, str) else plan.device
+    out.print(f"solved on {plan.device} ({plan.source} profile): depth {plan.depth} {plan.precision}, predicted "
+              f"{plan.budget.percentile} {plan.pick.latency_ms:.3g} ms\n"
+              f"wrote {written} and {tarball}: it measures depths "
+              f"{', '.join(map(str, _kit_depths(written)))} on the device\n"
+              f"on the device:  tar xzf {tarball.name} && sh {written.name}/run.sh\n"
+              f"then, here, with {written.name}/results copied back:  tleg-deploy fit --device {device} {again} "
+              f"--kit-results {written}", highlight=False, soft_wrap=True)
+
+
+def _kit_depths(kit_dir: Path) -> list[int]:
+    from tleg_deploy.profile.kit import read_kit_json
+
+    return [int(d) for d in read_kit_json(kit_dir)["depths"]]
 
 
 @contextmanager
@@ -125,7 +178,8 @@ def render_summary(result: FitResult) -> None:
     out.print(f"why not deeper{' (solver)' if result.steps else ''}: {plan.why_not_deeper}", highlight=False)
     if result.measured is not None:
         m = result.measured
-        where = "on the device (kit results)" if result.kit_results else "here"
+        where = ("on the device (kit results)" if result.kit_results else
+                 f"on the device at {result.ssh} (over SSH)" if result.ssh else "here")
         out.print(f"figures: [bold]measured[/bold] {where}, {pct} {m.at(pct):.3g} ms over {m.runs} runs "
                   f"({m.threads} thread{'s' if m.threads > 1 else ''})")
     else:

@@ -123,13 +123,10 @@ def kit_profile(*, device: str, backend: str, precision: str | None, depths: str
     """``profile --from-kit DIR`` (import) or ``profile --ssh user@host`` (make a kit, run it there,
     import it): the measured profile, written to ``output`` (default ``profiles/DEVICE.json``).
     ``memory``/``clock``: as ``MeasureConfig`` (the tests time CPU time on a shared machine)."""
-    import tempfile
-
     from tleg_deploy.errors import TlegError
-    from tleg_deploy.profile.kit import build_kit
     from tleg_deploy.profile.kit_import import import_kit
     from tleg_deploy.profile.registry import HOST
-    from tleg_deploy.profile.remote import SshTarget, run_kit_over_ssh
+    from tleg_deploy.profile.remote import SshRun, SshTarget, profile_over_ssh
 
     if from_kit is not None:
         if ssh is not None:
@@ -138,15 +135,11 @@ def kit_profile(*, device: str, backend: str, precision: str | None, depths: str
     else:
         if device == HOST:
             raise TlegError("--ssh measures another machine: name it", hint="e.g. --device orin --ssh user@orin")
-        target = SshTarget.parse(ssh or "")
+        run = SshRun(SshTarget.parse(ssh or ""), ssh_config, remote_python)
         arch, lg = spec_and_learngene(spec, None)
         cfg = kit_config(device, backend, precision, depths, batch, threads, None, not memory, clock)
         say = (lambda line: None) if quiet else (lambda line: err.print(line, highlight=False, markup=False))
-        with tempfile.TemporaryDirectory(prefix="tleg-kit.") as tmp:
-            say(f"making the {backend} kit")
-            kit_dir = build_kit(arch, cfg, Path(tmp) / f"kit-{device}", learngene=lg)
-            run_kit_over_ssh(kit_dir, target, config=ssh_config, remote_python=remote_python, progress=say)
-            result = import_kit(kit_dir, name=device)
+        result = profile_over_ssh(arch, cfg, run, learngene=lg, progress=say)
     output = output or Path("profiles") / f"{result.name}.json"
     result = merge_into(result, output)
     result.save(output)

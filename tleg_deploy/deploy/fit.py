@@ -9,7 +9,9 @@
       latency budget, step one block shallower and say so; if it fits, step one block deeper while
       that still measures within budget and meets the other budgets (at most ``max_steps`` each way).
       With ``kit_results`` (``fit --kit-results DIR``) the device kit's measured profile is solved on
-      and the depths its run recorded take the place of timing here
+      and the depths its run recorded take the place of timing here; with ``ssh`` (``fit --ssh``) device
+      kits run on the target over SSH measure the pick and each step (a device without a profile is
+      profiled there first)
     4 fine-tune if data is given (latency does not depend on the weights, so  ``_finetune``
       this runs once, at the final depth, after the measured check)
     5 export the model that will be shipped to ONNX (fp32 + the chosen        ``_export``
@@ -41,10 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tleg_deploy.deploy.fit_measure import Timer, host_timer, kit_timer, measured_check
+from tleg_deploy.deploy.fit_measure import Timer, host_timer, kit_timer, measured_check, ssh_timer
 from tleg_deploy.deploy.fit_report import build_engine_script, render_report
 from tleg_deploy.deploy.fit_types import FIT_FORMAT, FitRequest, FitResult
-from tleg_deploy.errors import ExportError, FormatError, InfeasibleError
+from tleg_deploy.errors import DeviceError, ExportError, FormatError, InfeasibleError, TlegError
 from tleg_deploy.files.datacard import LABELS_NAME
 from tleg_deploy.files.fileio import sha256_file, write_json_atomic, write_text_atomic
 from tleg_deploy.files.outputs import has_marker, output_dir, staging_dir
@@ -108,6 +110,34 @@ def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> F
     return dataclasses.replace(result, files=files)
 
 
+def fit_kit(request: FitRequest, kit_dir: str | os.PathLike[str], *, force: bool = False,
+            log: Log | None = None) -> tuple[Plan, Path]:
+    """Steps 1-2, then a device kit instead of the build (``fit --kit DIR``), for a device that cannot be
+    reached from here: the kit measures the planned depth and ``request.max_steps`` depths either side at the
+    plan's precision on the profile's backend. Run its ``run.sh`` on the device, then ``fit --kit-results DIR``
+    solves on what it measured and steps on those depths. Returns the plan and the kit directory."""
+    say = log or (lambda _msg: None)
+    from tleg_deploy.model.resources import learngene_aux_depth, learngene_spec, load_learngene
+    from tleg_deploy.profile.config import MeasureConfig
+    from tleg_deploy.profile.kit import KIT_BACKENDS, KitConfig, build_kit
+
+    if request.kit_results is not None or request.ssh is not None:
+        raise TlegError("--kit writes a kit for a later run; it goes without --kit-results and --ssh")
+    spec = learngene_spec(request.learngene)
+    profile = _resolve_profile(request, spec, True, say)
+    plan = _solve(request, profile, spec, learngene_aux_depth(request.learngene), say)
+    backend = profile.backend if profile.backend in KIT_BACKENDS else "onnxruntime"
+    n = max(request.max_steps, 1)
+    depths = tuple(range(max(1, plan.depth - n), plan.depth + n + 1))
+    threads = profile.runtime.get("threads", 1)
+    cfg = KitConfig(device=Path(plan.device).stem, measure=MeasureConfig(
+        backend=backend, precisions=(plan.precision,), depths=depths, batch=1,
+        threads=threads if isinstance(threads, int) and threads > 0 else 1,
+        device="cuda" if backend == "tensorrt" else "cpu", rounds=3 if backend == "tensorrt" else 5))
+    say(f"writing a {backend} kit for depths {depths[0]}-{depths[-1]} {plan.precision} to {kit_dir} ...")
+    return plan, build_kit(spec, cfg, kit_dir, learngene=load_learngene(request.learngene), force=force)
+
+
 # ---------------------------------------------------------------------------------------------
 # Steps 1-2: torch-free
 
@@ -117,6 +147,8 @@ def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log: Log |
         return _kit_profile(request.kit_results, request, spec)
     if not isinstance(request.device, str):
         return request.device
+    if request.ssh is not None:
+        return _ssh_profile(request, spec, log)
     from tleg_deploy.profile.drift import probe_and_apply
     from tleg_deploy.profile.registry import resolve_profile
 
@@ -128,6 +160,39 @@ def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log: Log |
     if log is not None:
         log(f"drift probe of {prof.name} ...")
     return probe_and_apply(prof)
+
+
+def _ssh_profile(request: FitRequest, spec: ViTSpec, log: Log | None) -> DeviceProfile:
+    """The profile of the device reached over SSH: the one ``--device`` names (a remote device's profile is
+    never drift-probed here: the measured steps on the device stand in for it), else one measured there now
+    with a device kit (ONNX Runtime, fp32 + int8 at depths 1, 6, 12)."""
+    from tleg_deploy.profile.registry import HOST, resolve_profile
+
+    assert isinstance(request.device, str) and request.ssh is not None
+    if request.device == HOST:
+        raise TlegError("--ssh measures another machine: name it", hint="e.g. --device orin --ssh user@orin")
+    try:
+        prof = resolve_profile(request.device, spec=spec)
+    except DeviceError as e:
+        if not e.message.startswith("unknown device"):
+            raise
+    else:
+        if prof.source == "measured" and _runs_here(prof):
+            raise TlegError(f"{request.device} is a profile of this host, not of {request.ssh.describe()}",
+                            hint="name the remote device (a new name is profiled over SSH first)")
+        return prof
+    from tleg_deploy.model.resources import load_learngene
+    from tleg_deploy.profile.config import MeasureConfig
+    from tleg_deploy.profile.kit import KitConfig
+    from tleg_deploy.profile.registry import host_precisions
+    from tleg_deploy.profile.remote import profile_over_ssh
+
+    name = Path(request.device).stem
+    if log is not None:
+        log(f"no profile of {name} yet: measuring one on {request.ssh.describe()} with a device kit ...")
+    cfg = KitConfig(device=name, measure=MeasureConfig(precisions=host_precisions(), depths=(1, 6, 12),
+                                                       memory=True))
+    return profile_over_ssh(spec, cfg, request.ssh, learngene=load_learngene(request.learngene), progress=log)
 
 
 def _kit_profile(kit_dir: Path, request: FitRequest, spec: ViTSpec) -> DeviceProfile:
@@ -268,6 +333,8 @@ def _timer(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngen
         return None
     if request.kit_results is not None:
         return kit_timer(request.kit_results, plan, say)
+    if request.ssh is not None:
+        return ssh_timer(lg, plan, profile, request.ssh, say)
     return host_timer(lg, plan, profile, staging / ".timing", say) if _runs_here(profile) else None
 
 
@@ -321,6 +388,9 @@ def _result(request: FitRequest, plan: Plan, profile: DeviceProfile, built: _Bui
                      if built.measured is not None else
                      f"the kit in {request.kit_results} did not measure depth {depth} {plan.precision}: "
                      "figures are predicted from its profile")
+    elif request.ssh is not None:
+        if built.measured is not None:
+            notes.append(f"measured on {profile.name} at {request.ssh.describe()} with device kits run over SSH")
     elif not (request.measure and _runs_here(profile)) and profile.source == "measured":
         notes.append(f"{profile.name} cannot be run here: figures are predicted, not measured")
     measured = built.measured
@@ -331,7 +401,8 @@ def _result(request: FitRequest, plan: Plan, profile: DeviceProfile, built: _Bui
     return FitResult(plan=plan, pick=pick, out_dir=request.out_dir, files=(), measured=measured, steps=built.steps,
                      finetune=built.finetune, measure_command=profile.measure_command, notes=tuple(notes),
                      over_budget=dict(built.over_budget),
-                     kit_results=None if request.kit_results is None else str(request.kit_results))
+                     kit_results=None if request.kit_results is None else str(request.kit_results),
+                     ssh=None if request.ssh is None else request.ssh.describe())
 
 
 def _write_outputs(d: Path, result: FitResult, profile: DeviceProfile, built: _Built, lg: Learngene,

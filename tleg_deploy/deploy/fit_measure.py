@@ -1,7 +1,8 @@
 """fit's measured loop (step 3 of ``deploy.fit``): measure the planned depth, step shallower while it misses
 the latency budget, and deeper while the next depth still measures within it and meets every other budget, at
 most ``max_steps`` each way. The measurements come from a timer: ``host_timer`` times unvalidated exports here
-(a profile measured on this host); ``kit_timer`` reads what a device kit's run recorded (``fit --kit-results``)."""
+(a profile measured on this host); ``ssh_timer`` runs device kits on the target over SSH (``fit --ssh``);
+``kit_timer`` reads what a device kit's run recorded (``fit --kit-results``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
     from tleg_deploy.deploy.fit_types import FitRequest
     from tleg_deploy.model.learngene import Learngene
     from tleg_deploy.model.vit import ViT
-    from tleg_deploy.profile.table import DeviceProfile
+    from tleg_deploy.profile.remote import SshRun
+    from tleg_deploy.profile.table import DeviceProfile, Point
 
 Log = Callable[[str], None]
 
@@ -88,6 +90,47 @@ def host_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, out: Path, say
         measured = measure_onnx(path, plan.spec, depth=depth, precision=plan.precision, threads=_threads(profile))
         _check_finite(measured, pct)
         say(f"measured depth {depth}: {pct} {measured.at(pct):.3g} ms")
+        return measured
+
+    return timed
+
+
+def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, say: Log) -> Timer:
+    """Measure depths on the target over SSH with device kits (``profile.remote.points_over_ssh``) on the
+    profile's backend. The first depth asked for is measured with both neighbours in one interleaved session
+    (one kit run, as a profiling session measures 3 depths); a depth not measured yet is measured with its next
+    neighbour in the same direction, so each step up or down costs one kit run at most every other step."""
+    from tleg_deploy.profile.config import MeasureConfig
+    from tleg_deploy.profile.kit import KitConfig
+    from tleg_deploy.profile.remote import points_over_ssh
+
+    pct = plan.budget.percentile
+    backend = profile.backend if profile.backend in ("onnxruntime", "tensorrt") else "onnxruntime"
+    seen: dict[int, Point] = {}
+
+    def depths_for(depth: int) -> tuple[int, ...]:
+        # first: both neighbours; later: the next one in the direction of the step
+        wanted = [depth - 1, depth, depth + 1] if not seen else [depth, depth + 1 if depth > max(seen) else depth - 1]
+        picked = sorted({d for d in wanted if 1 <= d <= plan.max_depth + 1} - set(seen) | {depth})
+        return tuple(picked) if len(picked) > 1 else (depth, depth + 1)  # a kit times at least two depths
+
+    def timed(depth: int) -> Measurement:
+        if depth not in seen:
+            cfg = KitConfig(device=plan.device, measure=MeasureConfig(
+                backend=backend, precisions=(plan.precision,), depths=depths_for(depth), batch=1,
+                threads=_threads(profile), device="cuda" if backend == "tensorrt" else "cpu",
+                rounds=3 if backend == "tensorrt" else 5, memory=False))
+            say(f"measuring depth(s) {', '.join(map(str, cfg.measure.depths))} {plan.precision} on "
+                f"{run.describe()} ({backend}) ...")
+            _kit, points = points_over_ssh(plan.spec, cfg, run, learngene=lg, progress=say)
+            seen.update({d: pt for (prec, d), pt in points.items() if prec == plan.precision})
+            if depth not in seen:
+                raise BackendError(f"the kit run on {run.describe()} returned no measurement of depth {depth}")
+        pt = seen[depth]
+        measured = Measurement(depth=depth, precision=plan.precision, p50_ms=pt.p50_ms, p90_ms=pt.p90_ms,
+                               runs=pt.n, threads=_threads(profile), batch=1)
+        _check_finite(measured, pct)
+        say(f"measured depth {depth} on {run.describe()}: {pct} {measured.at(pct):.3g} ms")
         return measured
 
     return timed

@@ -16,6 +16,7 @@ from tleg_deploy.plan.solve import Budget, Candidate, Plan, check_options
 from tleg_deploy.profile.artifact import Measurement
 
 if TYPE_CHECKING:
+    from tleg_deploy.profile.remote import SshRun
     from tleg_deploy.profile.table import DeviceProfile
 
 FIT_FORMAT = "tleg-fit"
@@ -53,7 +54,9 @@ class FitRequest:
     profile was measured on this host, stepping at most ``max_steps`` blocks shallower over budget (or, when the
     pick fits, deeper while the next depth still measures within budget). ``kit_results``: a device kit
     directory whose ``run.sh`` has run on the device (``tleg-deploy kit``): its profile (named ``device``) is
-    solved on and the depths it measured decide the steps instead."""
+    solved on and the depths it measured decide the steps instead. ``ssh``: the device is reached over SSH
+    (``profile.remote``): device kits run there measure the pick and each step; a device without a profile is
+    profiled there first (ONNX Runtime, fp32 + int8)."""
 
     budget: Budget
     device: str | DeviceProfile
@@ -67,6 +70,7 @@ class FitRequest:
     measure: bool = True
     refresh_profile: bool = False
     kit_results: Path | None = None
+    ssh: SshRun | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.out_dir, Path):
@@ -94,6 +98,7 @@ class FitResult:
     rejected: Mapping[str, str] = field(default_factory=dict)      # precision -> why its validation failed
     over_budget: Mapping[int, float] = field(default_factory=dict)  # depth -> measured latency (ms) over budget
     kit_results: str | None = None           # the device kit whose recorded run measured it (None: here, if at all)
+    ssh: str | None = None                   # the SSH target whose kit runs measured it
 
     @property
     def depth(self) -> int:
@@ -121,5 +126,6 @@ class FitResult:
             "measure_command": self.measure_command, "notes": list(self.notes),
             "rejected_precisions": dict(self.rejected),
             "measured_over_budget": {str(d): ms for d, ms in self.over_budget.items()}, "kit_results": self.kit_results,
+            "ssh": self.ssh,
             "plan": self.plan.to_dict(),
         }

@@ -8,6 +8,9 @@ complete) and remove the remote working directory. Ctrl-C (``KeyboardInterrupt``
 ``run.sh`` (its pid is kept in the working directory; the script stops its runner and removes its
 partial results), removes the working directory and leaves no ``results/`` locally.
 
+``profile_over_ssh`` (``profile --ssh``) and ``points_over_ssh`` (``fit --ssh``'s measured steps) make a kit
+in a temporary directory, run it there and read it back.
+
 A hand-written client (paramiko, asyncssh) would not read the user's OpenSSH configuration and
 agents the same way; the OpenSSH binaries are on every machine that can reach a device by SSH.
 """
@@ -20,11 +23,17 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tleg_deploy.errors import BackendError, FormatError
+
+if TYPE_CHECKING:
+    from tleg_deploy.model.spec import ViTSpec
+    from tleg_deploy.profile.kit import KitConfig
+    from tleg_deploy.profile.table import DeviceProfile, Point
 
 _SAFE = re.compile(r"^[A-Za-z0-9._/+-]+$")
 CONNECT_TIMEOUT_S = 30
@@ -49,6 +58,19 @@ class SshTarget:
                 raise FormatError(f"SSH port {port!r} in {text!r} is not a port number", hint="e.g. user@host:2222")
             return cls(dest, int(port))
         return cls(dest)
+
+
+@dataclass(frozen=True)
+class SshRun:
+    """Where and how kits run over SSH: the target, an ``ssh -F`` file (None: the user's
+    ``~/.ssh/config``) and the target's interpreter for ONNX Runtime kits (None: its ``python3``)."""
+
+    target: SshTarget
+    config: Path | None = None
+    remote_python: str | None = None
+
+    def describe(self) -> str:
+        return self.target.destination + (f":{self.target.port}" if self.target.port else "")
 
 
 class SshClient:
@@ -143,3 +165,39 @@ def _run_remote(client: SshClient, workdir: str, name: str, remote_python: str |
 
 def _last(text: str) -> str:
     return (text.strip().splitlines() or ["(no output)"])[-1]
+
+
+@contextlib.contextmanager
+def _ran_kit(spec: ViTSpec, cfg: KitConfig, run: SshRun, learngene: Any,
+             progress: Callable[[str], None] | None) -> Iterator[Path]:
+    """A kit for ``cfg`` made in a temporary directory and run on ``run.target``; yields its directory
+    (with ``results/``), removed afterwards."""
+    from tleg_deploy.profile.kit import build_kit
+
+    say = progress or (lambda line: None)
+    with tempfile.TemporaryDirectory(prefix="tleg-kit.") as tmp:
+        say(f"making the {cfg.measure.backend} kit (depths {', '.join(map(str, cfg.measure.depths))}, "
+            f"{', '.join(cfg.measure.precisions)})")
+        kit_dir = build_kit(spec, cfg, Path(tmp) / f"kit-{cfg.device}", learngene=learngene)
+        run_kit_over_ssh(kit_dir, run.target, config=run.config, remote_python=run.remote_python, progress=say)
+        yield kit_dir
+
+
+def profile_over_ssh(spec: ViTSpec, cfg: KitConfig, run: SshRun, *, learngene: Any = None,
+                     progress: Callable[[str], None] | None = None) -> DeviceProfile:
+    """The measured profile (named ``cfg.device``) of a kit run on the target (``profile --ssh``)."""
+    from tleg_deploy.profile.kit_import import import_kit
+
+    with _ran_kit(spec, cfg, run, learngene, progress) as kit_dir:
+        return import_kit(kit_dir, name=cfg.device)
+
+
+def points_over_ssh(spec: ViTSpec, cfg: KitConfig, run: SshRun, *, learngene: Any = None,
+                    progress: Callable[[str], None] | None = None
+                    ) -> tuple[dict[str, Any], dict[tuple[str, int], Point]]:
+    """``kit.json`` and the measured points per (precision, depth) of a kit run on the target, checked as an
+    import checks them (``kit_import.kit_points``): what ``fit --ssh`` steps on."""
+    from tleg_deploy.profile.kit_import import kit_points
+
+    with _ran_kit(spec, cfg, run, learngene, progress) as kit_dir:
+        return kit_points(kit_dir)
