@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["paper_claims", "predictor_accuracy", "export_family", "export_speed", "solver", "expansion_speed",
-         "estimate_vs_published"]
+ORDER = ["paper_claims", "predictor_accuracy", "export_family", "export_speed", "solver", "kit_prediction",
+         "expansion_speed", "estimate_vs_published"]
 
 
 def build() -> Path:

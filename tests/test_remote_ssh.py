@@ -26,6 +26,7 @@ from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile.config import MeasureConfig
 from tleg_deploy.profile.kit import KitConfig, build_kit
 from tleg_deploy.profile.remote import SshTarget, run_kit_over_ssh
+from tleg_deploy.profile.table import DeviceProfile
 
 SSHD = Path("/usr/sbin/sshd")
 
@@ -151,30 +152,35 @@ def test_targets_are_read_strictly() -> None:
             SshTarget.parse(bad)
 
 
-def _device_profile(tmp_path: Path, scale: float) -> tuple[Path, dict[int, float]]:
-    """A measured profile of "loop" (another host, as far as fit knows) whose latencies are this machine's,
-    measured in process now, times ``scale``; and the unscaled p90 line per depth 1..16."""
+@pytest.fixture(scope="module")
+def host_digits() -> DeviceProfile:
+    """This machine's profile of the demo learngene's model (fp32, depths 1, 6, 12), measured in process now."""
+    from tleg_deploy.profile.measure import profile
+
+    return profile(ViTSpec.preset("digits"), config=MeasureConfig(depths=(1, 6, 12), memory=False),
+                   learngene=load_learngene("demo"))
+
+
+def _device_profile(prof: DeviceProfile, tmp_path: Path, scale: float) -> Path:
+    """A measured profile of "loop" (another host, as far as fit knows) with ``prof``'s latencies x ``scale``."""
     import dataclasses
 
-    from tleg_deploy.profile.measure import profile
     from tleg_deploy.profile.table import make_entry
 
-    spec = ViTSpec.preset("digits")
-    prof = profile(spec, config=MeasureConfig(depths=(1, 6, 12), memory=False), learngene=load_learngene("demo"))
     e = prof.entries[0]
     keys = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "p50_se_ms", "p90_se_ms")
     points = [dataclasses.replace(p, **{k: getattr(p, k) * scale for k in keys}) for p in e.points]
     loop = dataclasses.replace(prof, name="loop", aliases=(), host_fingerprint="another-host", probe=None,
-                               entries=(make_entry(spec, e.precision, 1, points),))
-    line = {d: prof.predict(d, spec=spec, precision="fp32").latency_p90_ms for d in range(1, 17)}
-    return loop.save(tmp_path / f"loop-{scale}.json"), line
+                               entries=(make_entry(e.spec, e.precision, 1, points),))
+    return loop.save(tmp_path / f"loop-{scale}.json")
 
 
 @pytest.mark.slow
-def test_fit_over_ssh_steps_down_and_up_on_the_device(sshd: tuple[str, Path], tmp_path: Path) -> None:
+def test_fit_over_ssh_steps_down_and_up_on_the_device(sshd: tuple[str, Path], host_digits: DeviceProfile,
+                                                      tmp_path: Path) -> None:
     """``fit --ssh``: the pick and each step are measured on the target by device kits run over SSH. A profile
-    that says the device is faster than it is (x0.6) makes fit step down; one that says it is slower (x1.7), up.
-    The budget lies between depths 8 and 9 as this machine measures them."""
+    that says the device is faster than it is (x0.7) makes fit step down; one that says it is slower (x1.5), up.
+    The budget lies between depths 8 and 9 as this machine measured them."""
     from typer.testing import CliRunner
 
     from tleg_deploy.cli.app import app
@@ -184,21 +190,22 @@ def test_fit_over_ssh_steps_down_and_up_on_the_device(sshd: tuple[str, Path], tm
     from tleg_deploy.profile.remote import SshRun
 
     target, config = sshd
-    fast, line = _device_profile(tmp_path, 0.6)
+    spec = ViTSpec.preset("digits")
+    line = {d: host_digits.predict(d, spec=spec, precision="fp32").latency_p90_ms for d in (8, 9)}
     budget = Budget(latency_ms=(line[8] + line[9]) / 2)
     run = SshRun(SshTarget.parse(target), config, sys.executable)
-    down = fit(FitRequest(budget, device=str(fast), out_dir=tmp_path / "down", ssh=run, max_steps=8,
-                          search=SearchOptions(max_depth=16, precisions=("fp32",))))
+    down = fit(FitRequest(budget, device=str(_device_profile(host_digits, tmp_path, 0.7)), out_dir=tmp_path / "down",
+                          ssh=run, max_steps=6, search=SearchOptions(max_depth=16, precisions=("fp32",))))
     assert down.depth < down.plan.depth and down.figures == "measured" and down.ssh == target
     assert all("stepped to depth" in s for s in down.steps) and len(down.steps) == down.plan.depth - down.depth
     assert down.measured is not None and down.measured.p90_ms <= budget.latency_ms
     assert any("device kits run over SSH" in n for n in down.notes)
 
-    slow, _ = _device_profile(tmp_path, 1.7)
     out = tmp_path / "up"
-    res = CliRunner().invoke(app, ["fit", "--device", str(slow), "--latency", f"{budget.latency_ms:.4f}ms",
-                                   "--precision", "fp32", "--max-depth", "16", "--ssh", target, "--ssh-config",
-                                   str(config), "--remote-python", sys.executable, "-o", str(out)])
+    res = CliRunner().invoke(app, ["fit", "--device", str(_device_profile(host_digits, tmp_path, 1.5)), "--latency",
+                                   f"{budget.latency_ms:.4f}ms", "--precision", "fp32", "--max-depth", "16", "--ssh",
+                                   target, "--ssh-config", str(config), "--remote-python", sys.executable, "-o",
+                                   str(out)])
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "plan.json").read_text())
     assert doc["depth"] > doc["plan"]["depth"] and doc["figures"] == "measured" and doc["ssh"] == target
