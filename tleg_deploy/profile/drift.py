@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from tleg_deploy.errors import FormatError, SpecError, TlegError
@@ -84,11 +85,12 @@ class ProbeInfo:
     history: tuple[ProbeSample, ...]
     round_rel_std: float  # std of the reference depth's per-round p50 in its profiling session / its p50
 
-    @property
+    # Cached: every latency prediction of a probed profile reads both (the solver makes hundreds per solve).
+    @cached_property
     def reference_p50_ms(self) -> float:
         return statistics.median(s.p50_ms for s in self.history)
 
-    @property
+    @cached_property
     def variation_rel(self) -> float:
         """Relative standard deviation of the machine's speed over the profiling time: the larger of the
         spread of the probes (log ratios to their median) and of the per-round p50s; at least
