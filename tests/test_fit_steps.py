@@ -255,3 +255,17 @@ def test_fit_kit_writes_a_kit_around_the_pick_and_kit_results_closes_the_loop(tm
     # a second --kit to the same place is refused without --force (never replaces what is there silently)
     res = CliRunner().invoke(app, [*args, "--kit", str(kit)])
     assert res.exit_code != 0 and "already exists" in res.output
+
+
+def test_a_reading_near_the_budget_is_timed_again_and_the_median_decides(tmp_path: Path, measured: Callable) -> None:
+    """One reading within 5% of the budget is as likely noise as a verdict: that depth is timed 3 times and the
+    median decides (here: 1.97 once, then 2.06 and 2.08: over); readings far from the budget are timed once."""
+    request, plan, prof = _setup(Budget(latency_ms=LIMIT))
+    d = plan.depth
+    readings = {d + 1: iter([1.97, 2.06, 2.08])}
+    calls = measured(lambda depth: next(readings[depth]) if depth in readings else 0.5)
+    said: list[str] = []
+    depth, m, steps, over = _check(request, plan, prof, tmp_path, said.append)
+    assert depth == d and calls == [d, d + 1, d + 1, d + 1]
+    assert over == {d + 1: 2.06} and steps[-1].endswith(f"stays at depth {d}")
+    assert any("within 5% of the 2 ms budget" in s for s in said)

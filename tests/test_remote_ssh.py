@@ -101,16 +101,15 @@ def test_ssh_profile_agrees_with_an_in_process_host_profile(sshd: tuple[str, Pat
     target, config = sshd
     spec = ViTSpec.preset("digits")
     host, remote = [_host_p50(spec)], []
-    # The issue asks for +-15%; on this shared 2-core VM that failed in 2 of 7 suite runs (ratios 0.64-0.88,
-    # passing alone), so the suite holds the SSH path to the same order of magnitude (0.5-2x) and the
-    # closer agreement stays an open target of issue 10, not a flaky gate.
-    for i in range(3):  # interleaved (host, ssh, host, ...); more pairs only while the medians disagree
+    # Issue 10's gate: +-15% per depth. On this shared 2-core VM one pair can disagree by up to 2x (other jobs,
+    # seconds apart), so pairs are added, interleaved, while the medians disagree: at most 5.
+    for i in range(5):  # interleaved (host, ssh, host, ...)
         remote.append(_ssh_p50(target, config, tmp_path / f"loop{i}.json"))
         host.append(_host_p50(spec))
         ratios = {d: statistics.median(r[d] for r in remote) / statistics.median(h[d] for h in host) for d in host[0]}
         if all(0.85 <= r <= 1.15 for r in ratios.values()):
             break
-    assert all(0.5 <= r <= 2.0 for r in ratios.values()), ratios
+    assert all(0.85 <= r <= 1.15 for r in ratios.values()), (ratios, remote, host)
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("tleg-kit.*/kit-loop"))  # remote dir removed
 
 

@@ -28,6 +28,11 @@ Log = Callable[[str], None]
 
 Timer = Callable[[int], Measurement | None]  # depth -> its measurement at the plan's precision; None: not measured
 
+# A reading within NEAR_REL of the budget is as likely noise as a verdict (one ONNX file's latency moves by 5-10%
+# between sessions on a shared machine): the depth is timed CONFIRM times in all and the median decides.
+NEAR_REL = 0.05
+CONFIRM = 3
+
 
 def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limit: float, timer: Timer,
                    say: Log) -> tuple[int, Measurement | None, list[str], dict[int, float]]:
@@ -45,19 +50,28 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
         return (f"depth {depth} predicted {pct} {c.latency_ms:.3g} ms (upper {c.latency_upper_ms:.3g}), measured "
                 f"{ms:.3g} ms {'>' if ms > limit else '<='} {limit:g} ms: {outcome}")
 
+    def timed(depth: int) -> Measurement | None:
+        first = timer(depth)
+        if first is None or abs(first.at(pct) - limit) > NEAR_REL * limit:
+            return first
+        say(f"depth {depth} measured {first.at(pct):.3g} ms, within {NEAR_REL:.0%} of the {limit:g} ms budget: "
+            f"timing it {CONFIRM - 1} more time(s), the median decides")
+        runs = [first, *(m for m in (timer(depth) for _ in range(CONFIRM - 1)) if m is not None)]
+        return sorted(runs, key=lambda m: m.at(pct))[len(runs) // 2]
+
     steps: list[str] = []
     over: dict[int, float] = {}
     depth = plan.depth
-    measured = timer(depth)
+    measured = timed(depth)
     while measured is not None and measured.at(pct) > limit and depth > 1 and len(steps) < request.max_steps:
         over[depth] = measured.at(pct)
         steps.append(step(depth, measured.at(pct), f"stepped to depth {depth - 1}"))
         depth -= 1
-        measured = timer(depth)
+        measured = timed(depth)
     ups, stepped_down = 0, bool(steps)
     while (not stepped_down and measured is not None and measured.at(pct) <= limit and ups < request.max_steps
            and _deeper_allowed(request, plan, profile, depth + 1, say)):
-        deeper = timer(depth + 1)
+        deeper = timed(depth + 1)
         if deeper is None:
             break
         if deeper.at(pct) > limit:
@@ -78,15 +92,19 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
 
 def host_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, out: Path, say: Log) -> Timer:
     """Time an unvalidated export of each depth here with ONNX Runtime, in ``out`` (latency does not depend on
-    the weights, so this times the expansion)."""
+    the weights, so this times the expansion); each depth is exported once, however often it is timed."""
     from tleg_deploy.model.expansion import expand
     from tleg_deploy.profile.artifact import measure_onnx
 
     pct = plan.budget.percentile
 
+    files: dict[int, Path] = {}
+
     def timed(depth: int) -> Measurement:
         say(f"timing depth {depth} {plan.precision} here ...")
-        path = _timing_file(expand(lg, depth).eval(), plan.precision, out)
+        if depth not in files:
+            files[depth] = _timing_file(expand(lg, depth).eval(), plan.precision, out / f"depth_{depth:02d}")
+        path = files[depth]
         measured = measure_onnx(path, plan.spec, depth=depth, precision=plan.precision, threads=_threads(profile))
         _check_finite(measured, pct)
         say(f"measured depth {depth}: {pct} {measured.at(pct):.3g} ms")
@@ -188,7 +206,7 @@ def _timing_file(model: ViT, precision: str, out: Path) -> Path:
     from tleg_deploy.export.onnx import export_onnx
     from tleg_deploy.export.quantize import convert_fp16, quantize_int8
 
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     fp32 = export_onnx(model, out / "model.onnx")
     kind = deployed_kind(precision, "onnxruntime")
     if kind == "int8":
