@@ -196,7 +196,7 @@ def test_fit_over_ssh_steps_down_and_up_on_the_device(sshd: tuple[str, Path], ho
     down = fit(FitRequest(budget, device=str(_device_profile(host_digits, tmp_path, 0.7)), out_dir=tmp_path / "down",
                           ssh=run, max_steps=6, search=SearchOptions(max_depth=16, precisions=("fp32",))))
     assert down.depth < down.plan.depth and down.figures == "measured" and down.ssh == target
-    assert all("stepped to depth" in s for s in down.steps) and len(down.steps) == down.plan.depth - down.depth
+    assert "stepped to depth" in down.steps[0] and all(int(k) > down.depth for k in down.over_budget)
     assert down.measured is not None and down.measured.p90_ms <= budget.latency_ms
     assert any("device kits run over SSH" in n for n in down.notes)
 
@@ -208,6 +208,6 @@ def test_fit_over_ssh_steps_down_and_up_on_the_device(sshd: tuple[str, Path], ho
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "plan.json").read_text())
     assert doc["depth"] > doc["plan"]["depth"] and doc["figures"] == "measured" and doc["ssh"] == target
-    assert "stepped up to depth" in doc["steps"][0] and f"on the device at {target}" in res.output
+    assert any("stepped up to depth" in s for s in doc["steps"]) and f"on the device at {target}" in res.output
     assert doc["measured"]["p90_ms"] <= budget.latency_ms
     assert "stepped up to depth" in (out / "REPORT.md").read_text()

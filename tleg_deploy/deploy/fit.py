@@ -6,8 +6,9 @@
       with confidence
     3 on a device we can run here (the profile was measured on this host with ``fit_measure``
       ONNX Runtime), time an export of the expansion (Xia et al., AAAI 2024); if it misses the
-      latency budget, step one block shallower and say so; if it fits, step one block deeper while
-      that still measures within budget and meets the other budgets (at most ``max_steps`` each way).
+      latency budget, search shallower, else deeper while that still measures within budget and meets
+      the other budgets, each next depth where the profile scaled by the last measured / predicted ratio
+      says the boundary is (at most ``2 * max_steps`` measurements after the first; ``fit_measure``).
       With ``kit_results`` (``fit --kit-results DIR``) the device kit's measured profile is solved on
       and the depths its run recorded take the place of timing here; with ``ssh`` (``fit --ssh``) device
       kits run on the target over SSH measure the pick and each step (a device without a profile is

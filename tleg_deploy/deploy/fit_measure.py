@@ -1,8 +1,10 @@
-"""fit's measured loop (step 3 of ``deploy.fit``): measure the planned depth, step shallower while it misses
-the latency budget, and deeper while the next depth still measures within it and meets every other budget, at
-most ``max_steps`` each way. The measurements come from a timer: ``host_timer`` times unvalidated exports here
-(a profile measured on this host); ``ssh_timer`` runs device kits on the target over SSH (``fit --ssh``);
-``kit_timer`` reads what a device kit's run recorded (``fit --kit-results``)."""
+"""fit's measured loop (step 3 of ``deploy.fit``): measure the planned depth, then search, measuring, for the
+deepest depth within the latency budget that meets every other budget: each next depth is the one the latest
+measurement points to (the profile scaled by measured / predicted), kept between the deepest depth measured
+within and the shallowest measured over, at most ``2 * max_steps`` measurements after the first. The
+measurements come from a timer: ``host_timer`` times unvalidated exports here (a profile measured on this
+host); ``ssh_timer`` runs device kits on the target over SSH (``fit --ssh``); ``kit_timer`` reads what a
+device kit's run recorded (``fit --kit-results``)."""
 
 from __future__ import annotations
 
@@ -36,14 +38,22 @@ CONFIRM = 3
 
 def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limit: float, timer: Timer,
                    say: Log) -> tuple[int, Measurement | None, list[str], dict[int, float]]:
-    """Measure the planned depth (``timer``); while it misses the ``limit`` (ms, at the budget's percentile),
-    one block shallower; once it fits (without having stepped down), while the next deeper depth still
-    measures within the limit and meets every other budget (``_deeper_allowed``), one block deeper. Each
-    direction takes at most ``request.max_steps`` steps; a depth the timer has no measurement for ends the
-    stepping (a kit measured only some depths). Returns the depth, its measurement (None: not measured), the
-    steps (predicted vs measured) and the depths measured over budget; raises ``InfeasibleError`` if the last
-    depth measured still misses."""
+    """Measure the planned depth (``timer``), then search for the deepest depth that measures within the
+    ``limit`` (ms, at the budget's percentile) and meets every other budget (``_allowed``): keep the deepest
+    depth measured within (``lo``) and the shallowest measured over (``hi``), and measure next the depth the
+    latest measurement points to: the deepest whose prediction, scaled by that measurement's measured /
+    predicted ratio, fits, kept strictly between ``lo`` and ``hi``. With a profile off by a constant factor
+    (a stale host profile, a roofline estimate of a real device) that lands next to the boundary in one jump;
+    with a good one it is one block at a time. It stops when ``hi == lo + 1``, at depth 1 or the search's max
+    depth, after ``2 * request.max_steps`` measurements beyond the first, or at a depth the timer has no
+    measurement for (a kit measured only some depths). A reading within ``NEAR_REL`` of the limit is timed
+    ``CONFIRM`` times and the median decides. Returns the depth, its measurement (None: not measured), the steps
+    (predicted vs measured, one per measurement that moved the search) and the depths measured over budget;
+    raises ``InfeasibleError`` if no depth measured within the limit."""
     pct = request.budget.percentile
+
+    def predicted(depth: int) -> float:
+        return evaluate(profile, request.budget, spec=plan.spec, depth=depth, precision=plan.precision).latency_ms
 
     def step(depth: int, ms: float, outcome: str) -> str:
         c = evaluate(profile, request.budget, spec=plan.spec, depth=depth, precision=plan.precision)
@@ -59,35 +69,76 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
         runs = [first, *(m for m in (timer(depth) for _ in range(CONFIRM - 1)) if m is not None)]
         return sorted(runs, key=lambda m: m.at(pct))[len(runs) // 2]
 
+    allowed = _allowed_below(request, plan, profile)  # deeper depths than this break another budget (or the max)
+
+    def next_depth(lo: int | None, hi: int | None, ratio: float) -> int | None:
+        """The depth to measure next (None: the search is over)."""
+        low, high = (lo or 0) + 1, (hi - 1 if hi is not None else allowed)
+        if lo is not None and hi is None and lo + 1 > allowed:
+            if lo + 1 <= plan.max_depth and plan.objective == "deepest":
+                _deeper_allowed(request, plan, profile, lo + 1, say)  # says which budget stops it
+            return None
+        if low > high:
+            return None
+        # the deepest depth in [low, high] whose scaled prediction fits (predictions rise with depth)
+        a, b = low, high
+        while a < b:
+            mid = (a + b + 1) // 2
+            a, b = (mid, b) if predicted(mid) * ratio <= limit else (a, mid - 1)
+        return a
+
     steps: list[str] = []
     over: dict[int, float] = {}
     depth = plan.depth
     measured = timed(depth)
-    while measured is not None and measured.at(pct) > limit and depth > 1 and len(steps) < request.max_steps:
-        over[depth] = measured.at(pct)
-        steps.append(step(depth, measured.at(pct), f"stepped to depth {depth - 1}"))
-        depth -= 1
-        measured = timed(depth)
-    ups, stepped_down = 0, bool(steps)
-    while (not stepped_down and measured is not None and measured.at(pct) <= limit and ups < request.max_steps
-           and _deeper_allowed(request, plan, profile, depth + 1, say)):
-        deeper = timed(depth + 1)
-        if deeper is None:
+    if measured is None:
+        return depth, None, steps, over
+    lo: int | None = None
+    hi: int | None = None
+    best: Measurement | None = None
+    extra = 0
+    while True:
+        ms = measured.at(pct)
+        first = depth == plan.depth and not steps and lo is None and hi is None
+        grew = came_down = False
+        if ms > limit:
+            over[depth] = ms
+            hi = depth
+        else:
+            grew = lo is None or depth > lo
+            came_down = lo is None and hi is not None
+            lo, best = depth, measured
+        ratio = ms / max(predicted(depth), 1e-12)
+        nxt = next_depth(lo, hi, ratio) if extra < 2 * request.max_steps else None
+        if ms > limit:
+            steps.append(step(depth, ms, f"stepped to depth {nxt}" if nxt is not None else
+                              (f"stays at depth {lo}" if lo is not None else "no shallower depth left to measure")))
+        elif not first and grew and not came_down:
+            steps.append(step(depth, ms, f"stepped up to depth {depth}"))
+        elif came_down and nxt is not None:
+            steps.append(step(depth, ms, f"fits; trying depth {nxt}"))
+        if nxt is None:
             break
-        if deeper.at(pct) > limit:
-            over[depth + 1] = deeper.at(pct)
-            steps.append(step(depth + 1, deeper.at(pct), f"stays at depth {depth}"))
-            break
-        ups += 1
-        steps.append(step(depth + 1, deeper.at(pct), f"stepped up to depth {depth + 1}"))
-        depth, measured = depth + 1, deeper
-    if measured is not None and measured.at(pct) > limit:
+        following = timed(nxt)
+        extra += 1
+        if following is None:  # the timer has no measurement there: try one block instead of a jump
+            single = (lo + 1) if (lo is not None and nxt > lo) else (hi - 1 if hi is not None else None)
+            if single is None or single == nxt or (lo is not None and single <= lo) or \
+                    (hi is not None and single >= hi) or single < 1:
+                break
+            following, nxt = timed(single), single
+            extra += 1
+            if following is None:
+                break
+        depth, measured = nxt, following
+    if lo is None or best is None:
+        last = min(over)
         raise InfeasibleError(
-            f"depth {depth} {plan.precision} measured {pct} {measured.at(pct):.3g} ms over the {limit:g} ms "
-            f"budget after {len(steps)} step(s) shallower",
+            f"depth {last} {plan.precision} measured {pct} {over[last]:.3g} ms over the {limit:g} ms "
+            f"budget after {len(steps)} measured step(s)",
             hint="the profile may be stale or the device busy: re-measure it (--refresh-profile on host) "
                  "or raise the budget")
-    return depth, measured, steps, over
+    return lo, best, steps, over
 
 
 def host_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, out: Path, say: Log) -> Timer:
@@ -186,16 +237,31 @@ def _check_finite(m: Measurement, pct: str) -> None:
                            hint="measure again; if it persists, re-measure the profile")
 
 
-def _deeper_allowed(request: FitRequest, plan: Plan, profile: DeviceProfile, depth: int, say: Log) -> bool:
-    """Whether a measured step up to ``depth`` may be tried: the objective is depth, ``depth`` is within the
-    search's max depth and meets every budget but latency (memory, params, MACs, bytes; predicted, with the
-    margin), which the measurement decides."""
-    if plan.objective != "deepest" or depth > plan.max_depth:
-        return False
+def _allowed_below(request: FitRequest, plan: Plan, profile: DeviceProfile) -> int:
+    """The deepest depth the measured search may go to: the plan's depth unless the objective is depth, else
+    the deepest up to the search's max depth that meets every budget but latency (memory, params, MACs, bytes;
+    predicted, with the margin), which the measurements decide. Those budgets rise with depth: a bisection."""
+    if plan.objective != "deepest":
+        return plan.depth
+    a, b = plan.depth, plan.max_depth
+    while a < b:
+        mid = (a + b + 1) // 2
+        a, b = (mid, b) if not _other_budgets_broken(request, plan, profile, mid) else (a, mid - 1)
+    return a
+
+
+def _other_budgets_broken(request: FitRequest, plan: Plan, profile: DeviceProfile, depth: int) -> list[str]:
     s = request.search
     c = evaluate(profile, request.budget, spec=plan.spec, depth=depth, precision=plan.precision, margin=s.margin,
                  accuracy=s.accuracy)
-    broken = [why for name, why in zip(c.violated, c.violations, strict=True) if name != "latency"]
+    return [why for name, why in zip(c.violated, c.violations, strict=True) if name != "latency"]
+
+
+def _deeper_allowed(request: FitRequest, plan: Plan, profile: DeviceProfile, depth: int, say: Log) -> bool:
+    """Whether a measured step up to ``depth`` may be tried (see ``_allowed_below``); says why not."""
+    if plan.objective != "deepest" or depth > plan.max_depth:
+        return False
+    broken = _other_budgets_broken(request, plan, profile, depth)
     if broken:
         say(f"not stepping up to depth {depth}: {'; '.join(broken)}")
     return not broken

@@ -51,8 +51,8 @@ class FitRequest:
     folder:PATH, npz:PATH) fine-tunes the pick for ``epochs``; ``calib_data`` (same forms) is what the
     quantized variants are validated and calibrated on (default: ``finetune_data``, else the data the
     learngene was trained on, where it is still there, else digits). ``measure``: time the artifact where the
-    profile was measured on this host, stepping at most ``max_steps`` blocks shallower over budget (or, when the
-    pick fits, deeper while the next depth still measures within budget). ``kit_results``: a device kit
+    profile was measured on this host and search, measuring, for the deepest depth within budget (at most
+    ``2 * max_steps`` measurements after the pick's; ``deploy.fit_measure``). ``kit_results``: a device kit
     directory whose ``run.sh`` has run on the device (``tleg-deploy kit``): its profile (named ``device``) is
     solved on and the depths it measured decide the steps instead. ``ssh``: the device is reached over SSH
     (``profile.remote``): device kits run there measure the pick and each step; a device without a profile is
