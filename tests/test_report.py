@@ -269,3 +269,27 @@ def test_custom_spec_without_profiles_says_how_to_measure(tiny_lg: Any, tmp_path
     est = build_report(ReportConfig(out_dir=tmp_path / "out2", devices=("jetson",), learngene=str(path),
                                     results_dir=tmp_path / "results", max_depth=4))
     assert not est.warnings and "No device profile covers" not in est.markdown.read_text()
+
+
+def test_a_measured_profile_of_this_host_is_probed_for_drift(tmp_path: Path, no_host_cache: None) -> None:
+    """``report`` probes a cached measured profile of this host before using it, as fit and solve do, and says the
+    drift in the report; another host's or an estimated profile is used as it is."""
+    import dataclasses
+
+    from tleg_deploy.model.resources import load_learngene
+    from tleg_deploy.model.spec import ViTSpec
+    from tleg_deploy.profile.config import MeasureConfig
+    from tleg_deploy.profile.measure import profile
+
+    prof = profile(ViTSpec.preset("digits"), name="mybox", config=MeasureConfig(depths=(1, 2), rounds=2,
+                                                                                 memory=False),
+                   learngene=load_learngene("demo"))
+    assert prof.probe is not None
+    prof.save(tmp_path / "profiles" / "mybox.json")
+    dataclasses.replace(prof, name="otherbox", host_fingerprint="elsewhere").save(tmp_path / "profiles" /
+                                                                                  "otherbox.json")
+    res = build_report(ReportConfig(out_dir=tmp_path / "out", devices=("mybox", "otherbox", "jetson"),
+                                    results_dir=None, max_depth=12))
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "drift probe of mybox" in text and "drift probe of otherbox" not in text
+    assert any(w.startswith("drift probe of mybox") for w in res.warnings)

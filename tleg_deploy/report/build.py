@@ -127,6 +127,19 @@ def _profiles(cfg: ReportConfig, spec: ViTSpec, quiet: bool) -> list[Any]:
     return [for_spec(p, spec) for p in list_profiles()]
 
 
+def _probed(rep: Report, profile: Any) -> Any:
+    """A cached measured profile of this host, probed for drift (about a second; ``profile.drift``) as fit and
+    solve probe it: the report says the drift, and beyond the threshold its predictions are rescaled."""
+    from tleg_deploy.profile import drift
+
+    if drift.check_probe(profile) is not None:  # estimated, another host's, or without a reference: as it is
+        return profile
+    rep.step(f"drift probe of {profile.name}")
+    reading = drift.probe(profile)
+    rep.result.warnings.append(reading.message)
+    return drift.apply(profile, reading)
+
+
 def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: bool = True) -> ReportResult:
     """Build the report into ``cfg.out_dir`` (see the module docstring). ``progress`` is told each step;
     ``quiet=False`` shows the progress bars of a host measurement, if one is needed."""
@@ -146,7 +159,7 @@ def build_report(cfg: ReportConfig, *, progress: Progress | None = None, quiet: 
     if cfg.results_dir is None:
         rep.result.warnings.append(f"{OMITTED} (--results DIR adds results made for it)")
     rep.step("resolving device profiles")
-    profiles = _profiles(cfg, spec, quiet)
+    profiles = [_probed(rep, p) for p in _profiles(cfg, spec, quiet)]
     covered = [p for p in profiles if p.precisions(spec)]
     for p in profiles:
         if not p.precisions(spec):
