@@ -6,7 +6,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["paper_claims", "predictor_accuracy", "export_family", "export_speed", "solver", "kit_prediction",
-         "expansion_speed", "estimate_vs_published"]
+         "expansion_speed", "estimate_vs_published", "test_suite_time"]
 
 
 def build() -> Path:
