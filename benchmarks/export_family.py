@@ -153,8 +153,8 @@ def main() -> None:
         f"vs the {storage['members']} fp32 ONNX members {storage['family_fp32_onnx_bytes'] / 1e6:.1f} MB "
         f"({storage['fp32_bytes_ratio']}x) / {storage['family_params']:,} params ({storage['params_ratio']}x).",
         "",
-        "Caveat: measured on a 2-core machine shared with other jobs running at the same time; wall times are "
-        "noisy, the ratio less so (interleaved rounds).",
+        "Wall times on this shared machine move between runs (the CPU model changes too); the ratios come from "
+        "one interleaved run and are what to compare.",
     ]
     write_result("export_family", data, "\n".join(md))
     print("\n".join(md))
