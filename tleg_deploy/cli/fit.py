@@ -44,7 +44,8 @@ def fit(
                                                        "(default: benchmarks/results/paper_claims.json).")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Directory to write (default fit-DEVICE); "
                                                "a re-run replaces an earlier fit output there.")] = None,
-    refresh_profile: Annotated[bool, typer.Option(help="Re-measure the host profile first.")] = False,
+    refresh_profile: Annotated[bool, typer.Option(help="Re-measure the host profile first (with --ssh: the "
+                                                       "device's, over SSH).")] = False,
     kit_results: Annotated[Path | None, typer.Option(
         help="A device kit (fit --kit, or tleg-deploy kit) whose run.sh has run on DEVICE: solve on its measured "
              "profile and step on the depths it measured.", show_default=False)] = None,

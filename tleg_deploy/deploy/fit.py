@@ -165,8 +165,9 @@ def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log: Log |
 
 def _ssh_profile(request: FitRequest, spec: ViTSpec, log: Log | None) -> DeviceProfile:
     """The profile of the device reached over SSH: the one ``--device`` names (a remote device's profile is
-    never drift-probed here: the measured steps on the device stand in for it), else one measured there now
-    with a device kit (ONNX Runtime, fp32 + int8 at depths 1, 6, 12)."""
+    never drift-probed here: the measured steps on the device stand in for it), else (or with
+    ``refresh_profile``) one measured there now with a device kit (ONNX Runtime at depths 1, 6, 12: the
+    precisions asked for, else fp32 + int8; peak memory only under a memory budget)."""
     from tleg_deploy.profile.registry import HOST, resolve_profile
 
     assert isinstance(request.device, str) and request.ssh is not None
@@ -178,10 +179,11 @@ def _ssh_profile(request: FitRequest, spec: ViTSpec, log: Log | None) -> DeviceP
         if not e.message.startswith("unknown device"):
             raise
     else:
-        if prof.source == "measured" and _runs_here(prof):
-            raise TlegError(f"{request.device} is a profile of this host, not of {request.ssh.describe()}",
-                            hint="name the remote device (a new name is profiled over SSH first)")
-        return prof
+        if not request.refresh_profile:  # else: measured again on the device below
+            if prof.source == "measured" and _runs_here(prof):
+                raise TlegError(f"{request.device} is a profile of this host, not of {request.ssh.describe()}",
+                                hint="name the remote device (a new name is profiled over SSH first)")
+            return prof
     from tleg_deploy.model.resources import load_learngene
     from tleg_deploy.profile.config import MeasureConfig
     from tleg_deploy.profile.kit import KitConfig
@@ -190,9 +192,12 @@ def _ssh_profile(request: FitRequest, spec: ViTSpec, log: Log | None) -> DeviceP
 
     name = Path(request.device).stem
     if log is not None:
-        log(f"no profile of {name} yet: measuring one on {request.ssh.describe()} with a device kit ...")
-    cfg = KitConfig(device=name, measure=MeasureConfig(precisions=host_precisions(), depths=(1, 6, 12),
-                                                       memory=True))
+        log(f"{'re-measuring the profile' if request.refresh_profile else 'no profile'} of {name}"
+            f"{'' if request.refresh_profile else ' yet'}: measuring one on {request.ssh.describe()} with a device "
+            "kit ...")
+    precisions = tuple(p for p in (request.search.precisions or host_precisions()) if p in host_precisions())
+    cfg = KitConfig(device=name, measure=MeasureConfig(precisions=precisions or host_precisions(), depths=(1, 6, 12),
+                                                       memory=request.budget.memory_mb is not None))
     return profile_over_ssh(spec, cfg, request.ssh, learngene=load_learngene(request.learngene), progress=log)
 
 
