@@ -25,7 +25,7 @@ TARGET_S = 60.0
 def main() -> None:
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10"],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--durations=10"],
                           cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     out = proc.stdout
@@ -34,6 +34,7 @@ def main() -> None:
     slowest = re.findall(r"^([\d.]+)s (?:call|setup|teardown)\s+(\S+)$", out, flags=re.M)[:10]
     data = {"wall_seconds": wall, "returncode": proc.returncode, "counts": counts, "summary": summary,
             "slowest": [{"seconds": float(s), "test": t} for s, t in slowest],
+            "failed": re.findall(r"^FAILED (\S+)", out, flags=re.M),
             "load_average": [round(load, 2), round(os.getloadavg()[0], 2)], "target_seconds": TARGET_S}
     lines = [
         "## Test suite duration (issue 13)",
@@ -47,7 +48,11 @@ def main() -> None:
         f"- the 10 slowest: {sum(float(s) for s, _ in slowest):.0f} s together: "
         + "; ".join(f"{t.split('::')[-1]} {float(s):.0f} s" for s, t in slowest),
     ]
+    if data["failed"]:
+        lines.append(f"- failed: {', '.join(data['failed'])}")
     print("\n".join(lines))
+    if proc.returncode != 0:
+        print(out[-6000:])
     write_result("test_suite_time", data, "\n".join(lines))
     sys.exit(0 if proc.returncode == 0 else 1)
 

@@ -88,9 +88,9 @@ def fit(
     search = SearchOptions(margin=margin, max_depth=max_depth, precisions=wanted, objective=objective, accuracy=table)
     inputs = [input_file(learngene_path(learngene), "learngene"), accuracy, data_path(finetune_data),
               data_path(calib_data), device if device.endswith(".json") else None, kit_results]
-    dest = Path(output if output is not None else f"fit-{Path(device).stem}")
-    if kit is None:
-        dest = check_destination(dest, inputs)
+    target = output if output is not None else f"fit-{Path(device).stem}"
+    # --kit writes the kit only (build_kit checks its own destination); a fit writes -o
+    dest = check_destination(target, inputs) if kit is None else Path(target or ".")
     request = FitRequest(budget, device=device, out_dir=dest, learngene=learngene, search=search,
                          finetune_data=finetune_data, calib_data=calib_data, epochs=epochs,
                          refresh_profile=refresh_profile, kit_results=kit_results, ssh=run)
