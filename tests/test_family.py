@@ -178,3 +178,33 @@ def test_structurally_corrupted_manifest(tiny_lg, tmp_path, edit):
     with pytest.raises(ExportError, match="manifest.json"):
         export_family(tiny_lg, [1, 2], out, "onnx", data=None)
     assert not (out / "depth_02").exists()
+
+
+def test_members_built_in_parallel_are_the_same_files_committed_in_order(tiny_lg, tmp_path):
+    """workers=3: after the proving member, members are built and validated in threads; the directory and the
+    manifest are what one worker writes (same files, same bytes, same order)."""
+    one = export_family(tiny_lg, range(1, 8), tmp_path / "one", "onnx", data=None, workers=1)
+    many = export_family(tiny_lg, range(1, 8), tmp_path / "many", "onnx", data=None, workers=3)
+    assert [a["sha256"] for a in many["artifacts"]] == [a["sha256"] for a in one["artifacts"]]
+    assert [sorted(m["files"]) for m in many["members"].values()] == [
+        sorted(m["files"]) for m in one["members"].values()]
+    onnx = [{k: v for k, v in m["files"].items() if k.endswith(".onnx")} for m in one["members"].values()]
+    assert [{k: v for k, v in m["files"].items() if k.endswith(".onnx")} for m in many["members"].values()] == onnx
+    assert [a["parity"]["mode"] for a in many["artifacts"]] == [a["parity"]["mode"] for a in one["artifacts"]]
+    with pytest.raises(ExportError, match="workers"):
+        export_family(tiny_lg, [1], tmp_path / "zero", "onnx", data=None, workers=0)
+
+
+def test_ctrl_c_while_members_build_in_parallel_leaves_only_committed_members(tiny_lg, tmp_path):
+    """Ctrl-C in member 5 while 3-6 build in threads: the members before it are committed, the others are
+    cancelled or removed (no staging directory, no claim in the manifest), and a re-run completes the family."""
+    out = tmp_path / "fam"
+    model5 = expand(tiny_lg, 5).eval()
+    model5.register_forward_hook(lambda module, args, output: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        export_family(tiny_lg, range(1, 7), out, "onnx", data=None, models={5: model5}, workers=2)
+    m = _claims_are_intact(out)
+    assert set(m["members"]) <= {"1", "2", "3", "4"} and {"1", "2"} <= set(m["members"])
+    assert not list(out.glob(".depth_*")) and not (out / "depth_05").exists() and not (out / "depth_06").exists()
+    export_family(tiny_lg, range(1, 7), out, "onnx", data=None, workers=2)
+    assert sorted(_claims_are_intact(out)["members"], key=int) == ["1", "2", "3", "4", "5", "6"]

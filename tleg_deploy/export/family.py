@@ -28,7 +28,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,7 @@ def export_family(
     force: bool = False,
     card: Any = None,
     skip_precisions: Iterable[str] = (),
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Export and validate ``depths`` of ``lg`` into ``out_dir``; returns the manifest.
 
@@ -164,6 +165,10 @@ def export_family(
     works with either. ``card`` (a ``files.datacard.DataCard``; default: the learngene's) goes into
     every ONNX file's metadata and ``labels.json``, which every export directory holds. Variants that
     compute in one of ``skip_precisions`` (e.g. ``int8`` after it failed validation) are not written.
+    ``workers``: members built and validated at once, in threads (default: up to 4, one per core); the
+    first member that proves the template (full validation) runs alone first, and members are committed
+    to the directory and the manifest one at a time in depth order, exactly as with one worker. One worker
+    when TensorRT engines are built (they share a timing cache) or latencies are measured.
     """
     from tleg_deploy.export.onnx import EXPORTERS
     from tleg_deploy.export.tensorrt import BatchRange
@@ -197,7 +202,8 @@ def export_family(
     try:
         return _export_locked(lg, depths, out, fmts, batch, data, learngene_file, models, source, profile,
                               measure_latency, use_template, progress, exporter,
-                              card if card is not None else getattr(lg, "data", None), frozenset(skip_precisions))
+                              card if card is not None else getattr(lg, "data", None), frozenset(skip_precisions),
+                              workers)
     except BaseException:
         if created:  # a directory this call made and that holds nothing but the (released) lock: leave no trace
             with contextlib.suppress(OSError):
@@ -222,7 +228,7 @@ def _export_locked(
     lg: Any, depths: list[int], out: Path, fmts: tuple[str, ...], batch: Any, data: str | None,
     learngene_file: str | os.PathLike[str] | None, models: Mapping[int, Any] | None, source: str, profile: Any,
     measure_latency: bool, use_template: bool, progress: Progress | None, exporter: str = "auto",
-    card: Any = None, skip: frozenset[str] = frozenset(),
+    card: Any = None, skip: frozenset[str] = frozenset(), workers: int | None = None,
 ) -> dict[str, Any]:
     lg_sha = lg.sha256()
     with directory_lock(out):
@@ -251,16 +257,73 @@ def _export_locked(
         done = len(depths) - len(todo)
         if progress:
             progress(f"{done} of {len(depths)} members already exported", done, len(depths))
-        for d in todo:
+
+        def member(d: int) -> Any:
+            return models[d] if models and d in models else _expand(lg, d)
+
+        n_workers = _workers(workers, fmts, measure_latency)
+        queue = list(todo)
+        # Alone first: every member until one has proven the template (the others' validation cites it).
+        while queue and (n_workers == 1 or (ctx.template is not None and ctx.proven_by is None)):
+            d = queue.pop(0)
             if progress:
                 progress(f"depth {d}", done, len(depths))
-            model = models[d] if models and d in models else _expand(lg, d)
-            _export_member(ctx, manifest, model, source)
+            _commit_member(ctx, manifest, *_stage_member(ctx, member(d)), source)
             done += 1
             if progress:
                 progress(f"depth {d} done", done, len(depths))
+        if queue:
+            _prefetch(ctx, lg.spec)  # the lazily loaded images, once, before threads share them
+            # closing(): the pool is shut down and uncommitted staging removed before the lock is released
+            with contextlib.closing(_staged_in_parallel(ctx, queue, member, n_workers)) as staged_members:
+                for d, staged in staged_members:
+                    _commit_member(ctx, manifest, *staged, source)
+                    done += 1
+                    if progress:
+                        progress(f"depth {d} done", done, len(depths))
         _write_labels(out, card, lg.spec)
         return manifest
+
+
+def _workers(workers: int | None, fmts: tuple[str, ...], measure_latency: bool) -> int:
+    if "tensorrt" in fmts or measure_latency:
+        return 1  # engines share a timing cache; latencies are timed alone
+    if workers is None:
+        return max(1, min(4, os.cpu_count() or 1))
+    if workers < 1:
+        raise ExportError(f"workers must be >= 1, got {workers}")
+    return workers
+
+
+def _prefetch(ctx: _Context, spec: ViTSpec) -> None:
+    if ctx.data is None:
+        return  # a variant that needs images fails in its member, naming the missing data
+    if ({"int8", "fp16", "tensorrt"} & set(ctx.formats)) - ctx.skip:
+        ctx.images(spec)
+    if "tensorrt" in ctx.formats:
+        ctx.calibration(spec)
+
+
+def _staged_in_parallel(ctx: _Context, depths: list[int], member: Callable[[int], Any],
+                        n_workers: int) -> Iterator[tuple[int, tuple[int, Path, list[dict[str, Any]]]]]:
+    """Build and validate ``depths`` (``_stage_member``) in ``n_workers`` threads; yield them in depth order as
+    each is ready. On an error or Ctrl-C the members not started are cancelled, the running ones finish,
+    and every staging directory not yet committed is removed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="tleg-export")
+    futures = [pool.submit(lambda d=d: _stage_member(ctx, member(d))) for d in depths]
+    committed = 0
+    try:
+        for d, fut in zip(depths, futures, strict=True):
+            yield d, fut.result()
+            committed += 1
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for d, fut in zip(depths[committed:], futures[committed:], strict=True):
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                shutil.rmtree(fut.result()[1], ignore_errors=True)
+            shutil.rmtree(ctx.out_dir / f".{_member_dir(d)}.partial", ignore_errors=True)
 
 
 def _write_labels(out: Path, card: Any, spec: ViTSpec) -> None:
@@ -305,15 +368,26 @@ def _clean_staging(out: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _export_member(ctx: _Context, manifest: dict[str, Any], model: Any, source: str) -> None:
+def _stage_member(ctx: _Context, model: Any) -> tuple[int, Path, list[dict[str, Any]]]:
+    """Build and validate one member into its hidden staging directory (thread-safe: nothing shared is
+    written); returns its depth, the staging directory and its artifact entries."""
     depth = model.depth
-    name = _member_dir(depth)
-    final = ctx.out_dir / name
-    stage = ctx.out_dir / f".{name}.partial"
+    stage = ctx.out_dir / f".{_member_dir(depth)}.partial"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
-        artifacts = _build_member(ctx, model, stage)
+        return depth, stage, _build_member(ctx, model, stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _commit_member(ctx: _Context, manifest: dict[str, Any], depth: int, stage: Path,
+                   artifacts: list[dict[str, Any]], source: str) -> None:
+    """Move a staged member into ``depth_NN/`` and record it in the manifest (one member at a time)."""
+    name = _member_dir(depth)
+    final = ctx.out_dir / name
+    try:
         # Forget the old member first, so the manifest never claims files that are being replaced.
         if str(depth) in manifest["members"]:
             _drop_member(manifest, depth)
