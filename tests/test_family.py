@@ -208,3 +208,9 @@ def test_ctrl_c_while_members_build_in_parallel_leaves_only_committed_members(ti
     assert not list(out.glob(".depth_*")) and not (out / "depth_05").exists() and not (out / "depth_06").exists()
     export_family(tiny_lg, range(1, 7), out, "onnx", data=None, workers=2)
     assert sorted(_claims_are_intact(out)["members"], key=int) == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_members_exported_one_by_one_never_run_in_threads(tiny_lg, tmp_path):
+    """Without the template every member calls torch.onnx.export, which keeps global state: one at a time."""
+    m = export_family(tiny_lg, range(1, 5), tmp_path / "naive", "onnx", data=None, use_template=False, workers=4)
+    assert sorted(m["members"], key=int) == ["1", "2", "3", "4"]

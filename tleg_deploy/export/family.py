@@ -168,7 +168,8 @@ def export_family(
     ``workers``: members built and validated at once, in threads (default: up to 4, one per core); the
     first member that proves the template (full validation) runs alone first, and members are committed
     to the directory and the manifest one at a time in depth order, exactly as with one worker. One worker
-    when TensorRT engines are built (they share a timing cache) or latencies are measured.
+    when TensorRT engines are built (they share a timing cache), latencies are measured, or members are
+    exported one by one (no template: torch's exporter is not thread-safe).
     """
     from tleg_deploy.export.onnx import EXPORTERS
     from tleg_deploy.export.tensorrt import BatchRange
@@ -261,7 +262,8 @@ def _export_locked(
         def member(d: int) -> Any:
             return models[d] if models and d in models else _expand(lg, d)
 
-        n_workers = _workers(workers, fmts, measure_latency)
+        # torch.onnx.export keeps global state: members run in threads only when the template builds them
+        n_workers = _workers(workers, fmts, measure_latency) if template is not None else 1
         queue = list(todo)
         # Alone first: every member until one has proven the template (the others' validation cites it).
         while queue and (n_workers == 1 or (ctx.template is not None and ctx.proven_by is None)):
