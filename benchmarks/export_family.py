@@ -149,8 +149,8 @@ def main() -> None:
         f"{med['family_1worker'] / deepest:.2f}x: a member is one process's work, the family spreads over the "
         "cores, which one member alone cannot); naive per-member export "
         f"{med['family_naive'] / deepest:.2f}x; vs deepest alone with torch's default dynamo exporter "
-        f"{med['family'] / med['deepest_dynamo']:.2f}x. The unchecked lower bound alone is "
-        f"{med['family_floor'] / deepest:.2f}x: with one ONNX Runtime run per member, 3x leaves "
+        f"{med['family'] / med['deepest_dynamo']:.2f}x. The unchecked lower bound, one member after another "
+        f"(1 worker), is {med['family_floor'] / deepest:.2f}x: on one core, 3x would leave "
         f"{3 * deepest - med['family_floor']:.2f} s for all the checks, reports and the manifest.",
         f"- End to end from the CLI (start-up and imports included), family / deepest = **{ratio_cli:.2f}x** "
         f"(target <= 3x: {'met' if ratio_cli <= 3.0 else 'NOT met'}).",
