@@ -167,8 +167,8 @@ def host_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, out: Path, say
 def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, say: Log) -> Timer:
     """Measure depths on the target over SSH with device kits (``profile.remote.points_over_ssh``) on the
     profile's backend. The first depth asked for is measured with both neighbours in one interleaved session
-    (one kit run, as a profiling session measures 3 depths); a depth not measured yet is measured with its next
-    neighbour in the same direction, so each step up or down costs one kit run at most every other step."""
+    (one kit run, as a profiling session measures 3 depths); a depth not measured yet is measured with one
+    neighbour (deeper if it is beyond every depth measured so far, else shallower): one kit run per new pair."""
     from tleg_deploy.profile.config import MeasureConfig
     from tleg_deploy.profile.kit import KitConfig
     from tleg_deploy.profile.remote import points_over_ssh
