@@ -153,7 +153,7 @@ def test_fit_records_the_steps_up_in_plan_json_and_report(
     stepped-up depth, and plan.json and REPORT.md say each step, predicted vs measured."""
     from tleg_deploy.deploy.fit import fit
 
-    monkeypatch.setattr(fit_mod, "_runs_here", lambda _profile: True)
+    monkeypatch.setattr(fit_mod, "runs_here", lambda _profile: True)
     monkeypatch.setattr(fit_measure, "_timing_file", lambda model, precision, out: out / "model.onnx")
     lg = load_learngene("demo")
     prof = resolve_profile("jetson", spec=lg.spec)

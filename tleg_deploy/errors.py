@@ -70,6 +70,10 @@ class DeviceError(TlegError, LookupError):
     """An unknown device or a profile that does not apply."""
 
 
+class UnknownDeviceError(DeviceError):
+    """No profile of that name anywhere profiles are looked up (``fit --ssh`` then measures one)."""
+
+
 class BackendError(TlegError, RuntimeError):
     """A runtime backend that is unknown or whose package is missing."""
 

@@ -1,6 +1,6 @@
 """``fit(FitRequest(budget, device=...))``: the main job, from a learngene to a deployable directory.
 
-    1 resolve the device profile (``host`` is measured on first use); a      ``_resolve_profile``
+    1 resolve the device profile (``host`` is measured on first use); a      ``fit_profile``
       measured profile of this host is drift-probed (``profile.drift``)
     2 solve: the deepest (or most accurate) depth x precision that fits,      ``_solve``
       with confidence
@@ -45,9 +45,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tleg_deploy.deploy.fit_measure import Timer, host_timer, kit_timer, measured_check, ssh_timer
+from tleg_deploy.deploy.fit_profile import resolve_device_profile, runs_here
 from tleg_deploy.deploy.fit_report import build_engine_script, render_report
 from tleg_deploy.deploy.fit_types import FIT_FORMAT, FitRequest, FitResult
-from tleg_deploy.errors import DeviceError, ExportError, FormatError, InfeasibleError, TlegError
+from tleg_deploy.errors import ExportError, InfeasibleError, TlegError
 from tleg_deploy.files.datacard import LABELS_NAME
 from tleg_deploy.files.fileio import sha256_file, write_json_atomic, write_text_atomic
 from tleg_deploy.files.outputs import has_marker, output_dir, staging_dir
@@ -86,7 +87,7 @@ def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> F
 
     spec = learngene_spec(request.learngene)
     aux_depth = learngene_aux_depth(request.learngene)
-    profile = _resolve_profile(request, spec, quiet, say)
+    profile = resolve_device_profile(request, spec, quiet, say)
     plan = _solve(request, profile, spec, aux_depth, say)
 
     # -- torch from here on ---------------------------------------------------------------------
@@ -125,7 +126,7 @@ def fit_kit(request: FitRequest, kit_dir: str | os.PathLike[str], *, force: bool
     if request.kit_results is not None or request.ssh is not None:
         raise TlegError("--kit writes a kit for a later run; it goes without --kit-results and --ssh")
     spec = learngene_spec(request.learngene)
-    profile = _resolve_profile(request, spec, True, say)
+    profile = resolve_device_profile(request, spec, True, say)
     plan = _solve(request, profile, spec, learngene_aux_depth(request.learngene), say)
     backend = profile.backend if profile.backend in KIT_BACKENDS else "onnxruntime"
     n = max(request.max_steps, 1)
@@ -141,80 +142,6 @@ def fit_kit(request: FitRequest, kit_dir: str | os.PathLike[str], *, force: bool
 
 # ---------------------------------------------------------------------------------------------
 # Steps 1-2: torch-free
-
-
-def _resolve_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log: Log | None = None) -> DeviceProfile:
-    if request.kit_results is not None:
-        return _kit_profile(request.kit_results, request, spec)
-    if not isinstance(request.device, str):
-        return request.device
-    if request.ssh is not None:
-        return _ssh_profile(request, spec, log)
-    from tleg_deploy.profile.drift import probe_and_apply
-    from tleg_deploy.profile.registry import resolve_profile
-
-    prof = resolve_profile(request.device, spec=spec, refresh=request.refresh_profile, quiet=quiet)
-    if prof.source != "measured" or request.refresh_profile:  # nothing to probe, or measured just now
-        return prof
-    # The drift probe (about 1 s): how fast this host is now against its profile, rescaled beyond ±5%.
-    # Its reading reaches the user once, through the plan's warnings (fit's notes, REPORT.md).
-    if log is not None:
-        log(f"drift probe of {prof.name} ...")
-    return probe_and_apply(prof)
-
-
-def _ssh_profile(request: FitRequest, spec: ViTSpec, log: Log | None) -> DeviceProfile:
-    """The profile of the device reached over SSH: the one ``--device`` names (a remote device's profile is
-    never drift-probed here: the measured steps on the device stand in for it), else (or with
-    ``refresh_profile``) one measured there now with a device kit (ONNX Runtime at depths 1, 6, 12: the
-    precisions asked for, else fp32 + int8; peak memory only under a memory budget)."""
-    from tleg_deploy.profile.registry import HOST, resolve_profile
-
-    assert isinstance(request.device, str) and request.ssh is not None
-    if request.device == HOST:
-        raise TlegError("--ssh measures another machine: name it", hint="e.g. --device orin --ssh user@orin")
-    try:
-        prof = resolve_profile(request.device, spec=spec)
-    except DeviceError as e:
-        if not e.message.startswith("unknown device"):
-            raise
-    else:
-        if not request.refresh_profile:  # else: measured again on the device below
-            if prof.source == "measured" and _runs_here(prof):
-                raise TlegError(f"{request.device} is a profile of this host, not of {request.ssh.describe()}",
-                                hint="name the remote device (a new name is profiled over SSH first)")
-            return prof
-    from tleg_deploy.model.resources import load_learngene
-    from tleg_deploy.profile.config import MeasureConfig
-    from tleg_deploy.profile.kit import KitConfig
-    from tleg_deploy.profile.registry import host_precisions
-    from tleg_deploy.profile.remote import profile_over_ssh
-
-    name = Path(request.device).stem
-    if log is not None:
-        log(f"{'re-measuring the profile' if request.refresh_profile else 'no profile'} of {name}"
-            f"{'' if request.refresh_profile else ' yet'}: measuring one on {request.ssh.describe()} with a device "
-            "kit ...")
-    precisions = tuple(p for p in (request.search.precisions or host_precisions()) if p in host_precisions())
-    cfg = KitConfig(device=name, measure=MeasureConfig(precisions=precisions or host_precisions(), depths=(1, 6, 12),
-                                                       memory=request.budget.memory_mb is not None))
-    return profile_over_ssh(spec, cfg, request.ssh, learngene=load_learngene(request.learngene), progress=log)
-
-
-def _kit_profile(kit_dir: Path, request: FitRequest, spec: ViTSpec) -> DeviceProfile:
-    """The measured profile of a device kit's run (``fit --kit-results``), named after ``--device``; the kit
-    must have measured this learngene's model (its spec) at batch 1."""
-    from tleg_deploy.model.spec import ViTSpec
-    from tleg_deploy.profile.kit import read_kit_json
-    from tleg_deploy.profile.kit_import import import_kit
-
-    kit = read_kit_json(kit_dir)
-    if ViTSpec.from_dict(kit["spec"]) != spec or kit.get("batch") != 1:
-        raise FormatError(f"the kit in {kit_dir} measured another model (or batch {kit.get('batch')}) than the "
-                          "learngene's at batch 1",
-                          hint=f"make the kit with tleg-deploy kit --learngene {request.learngene} --batch 1")
-    name = request.device if isinstance(request.device, str) else request.device.name
-    return import_kit(kit_dir, name=Path(name).stem if name.endswith(".json") else name)
 
 
 def _solve(request: FitRequest, profile: DeviceProfile, spec: ViTSpec, aux_depth: int, say: Log,
@@ -238,15 +165,6 @@ def _solve(request: FitRequest, profile: DeviceProfile, spec: ViTSpec, aux_depth
     say(f"solved on {profile.name} ({profile.source} profile): depth {plan.depth} {plan.precision} "
         f"({plan.binding} binds)")
     return plan
-
-
-def _runs_here(profile: DeviceProfile) -> bool:
-    """A measured ONNX Runtime CPU profile of this very host: we can time the artifact ourselves."""
-    if profile.source != "measured" or profile.backend != "onnxruntime" or profile.kind != "cpu":
-        return False
-    from tleg_deploy.profile.env import host_fingerprint
-
-    return profile.host_fingerprint == host_fingerprint()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +259,7 @@ def _timer(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngen
         return kit_timer(request.kit_results, plan, say)
     if request.ssh is not None:
         return ssh_timer(lg, plan, profile, request.ssh, say)
-    return host_timer(lg, plan, profile, staging / ".timing", say) if _runs_here(profile) else None
+    return host_timer(lg, plan, profile, staging / ".timing", say) if runs_here(profile) else None
 
 
 def _export(model: ViT, *, source: str, lg: Learngene, learngene: str, precision: str, profile: DeviceProfile,
@@ -397,7 +315,7 @@ def _result(request: FitRequest, plan: Plan, profile: DeviceProfile, built: _Bui
     elif request.ssh is not None:
         if built.measured is not None:
             notes.append(f"measured on {profile.name} at {request.ssh.describe()} with device kits run over SSH")
-    elif not (request.measure and _runs_here(profile)) and profile.source == "measured":
+    elif not (request.measure and runs_here(profile)) and profile.source == "measured":
         notes.append(f"{profile.name} cannot be run here: figures are predicted, not measured")
     measured = built.measured
     if measured is not None and measured.at(budget.percentile) < 0.5 * pick.latency_ms:
@@ -449,7 +367,7 @@ _FIT_FILE = re.compile(r"plan\.json|manifest\.json|labels\.json|REPORT\.md|build
 def _fit_owns(rel: str, is_dir: bool) -> bool:
     """A path (relative to a fit directory) that fit writes: its top-level files, ``depth_NN/`` and
     the member files export writes in there."""
-    from tleg_deploy.export.family import is_member_file
+    from tleg_deploy.export.member import is_member_file
 
     head, _, rest = rel.partition("/")
     if re.fullmatch(r"depth_\d+", head):

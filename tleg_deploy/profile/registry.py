@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tleg_deploy.errors import DeviceError, TlegError
+from tleg_deploy.errors import DeviceError, TlegError, UnknownDeviceError
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile.table import DeviceProfile
 
@@ -120,7 +120,7 @@ def resolve_profile(name_or_path: str, *, spec: ViTSpec | None = None, refresh: 
     hint = f"known devices: {', '.join(known)}; or give a path to a profile .json"
     if scan.problems:
         hint += f" ({len(scan.problems)} unreadable profile file(s): {scan.problems[0]})"
-    raise DeviceError(f"unknown device {name!r}", hint=hint)
+    raise UnknownDeviceError(f"unknown device {name!r}", hint=hint)
 
 
 # ---------------------------------------------------------------------------------------------
