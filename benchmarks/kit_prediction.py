@@ -45,7 +45,7 @@ def fresh_python(path: str | None) -> tuple[str, list[str]]:
     if path is None:
         py = VENV / "bin" / "python"
         if not py.exists():
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
+            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
             subprocess.run([str(py), "-m", "pip", "install", "-q", f"onnxruntime=={onnxruntime.__version__}",
                             f"numpy=={numpy.__version__}"], check=True)
         path = str(py)

@@ -291,3 +291,16 @@ def test_a_reading_near_the_budget_is_timed_again_and_the_median_decides(tmp_pat
     assert depth == d and calls.count(d + 1) == 3 and all(calls.count(k) == 1 for k in calls if k != d + 1)
     assert over[d + 1] == 2.06 and steps[-1].endswith(f"stays at depth {d}")
     assert any("within 5% of the 2 ms budget" in s for s in said)
+
+
+def test_a_replayed_reading_near_the_budget_is_not_reported_as_timed_again(tmp_path: Path,
+                                                                            measured: Callable) -> None:
+    """A timer that replays one recorded reading (a kit's run) gives the same value again: fit says nothing
+    about timing it more and decides on that one reading."""
+    request, plan, prof = _setup(Budget(latency_ms=LIMIT))
+    d = plan.depth
+    measured(lambda depth: 1.98 if depth == d + 1 else (0.5 if depth <= d else 2.4))
+    said: list[str] = []
+    depth, m, _steps, _over = _check(request, plan, prof, tmp_path, said.append)
+    assert depth == d + 1 and m is not None and m.p90_ms == 1.98
+    assert not any("more time" in s for s in said)

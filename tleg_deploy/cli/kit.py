@@ -20,14 +20,11 @@ def kit_config(device: str, backend: str, precision: str | None, depths: str, ba
                rounds: int | None, no_memory: bool, clock: str = "wall") -> KitConfig:
     from tleg_deploy.cli.profile import _csv
     from tleg_deploy.export.family import parse_depths
-    from tleg_deploy.profile.config import MeasureConfig
     from tleg_deploy.profile.kit import KitConfig
 
     precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
-    measure = MeasureConfig(backend=backend, precisions=precisions, depths=tuple(parse_depths(depths)), batch=batch,
-                            threads=threads, device="cuda" if backend == "tensorrt" else "cpu",
-                            rounds=rounds or (3 if backend == "tensorrt" else 5), memory=not no_memory, clock=clock)
-    return KitConfig(device=device, measure=measure)
+    return KitConfig.for_backend(device, backend, precisions, tuple(parse_depths(depths)), batch=batch,
+                                 threads=threads, rounds=rounds, memory=not no_memory, clock=clock)
 
 
 def spec_and_learngene(spec: str | None, learngene: str | None) -> tuple[ViTSpec, Any]:

@@ -44,7 +44,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tleg_deploy.deploy.fit_measure import Timer, host_timer, kit_timer, measured_check, ssh_timer
+from tleg_deploy.deploy.fit_measure import (
+    Timer,
+    host_timer,
+    kit_backend,
+    kit_timer,
+    measured_check,
+    profile_threads,
+    ssh_timer,
+)
 from tleg_deploy.deploy.fit_profile import resolve_device_profile, runs_here
 from tleg_deploy.deploy.fit_report import build_engine_script, render_report
 from tleg_deploy.deploy.fit_types import FIT_FORMAT, FitRequest, FitResult
@@ -120,22 +128,18 @@ def fit_kit(request: FitRequest, kit_dir: str | os.PathLike[str], *, force: bool
     solves on what it measured and steps on those depths. Returns the plan and the kit directory."""
     say = log or (lambda _msg: None)
     from tleg_deploy.model.resources import learngene_aux_depth, learngene_spec, load_learngene
-    from tleg_deploy.profile.config import MeasureConfig
-    from tleg_deploy.profile.kit import KIT_BACKENDS, KitConfig, build_kit
+    from tleg_deploy.profile.kit import KitConfig, build_kit
 
     if request.kit_results is not None or request.ssh is not None:
         raise TlegError("--kit writes a kit for a later run; it goes without --kit-results and --ssh")
     spec = learngene_spec(request.learngene)
     profile = resolve_device_profile(request, spec, True, say)
     plan = _solve(request, profile, spec, learngene_aux_depth(request.learngene), say)
-    backend = profile.backend if profile.backend in KIT_BACKENDS else "onnxruntime"
+    backend = kit_backend(profile)
     n = max(request.max_steps, 1)
     depths = tuple(range(max(1, plan.depth - n), plan.depth + n + 1))
-    threads = profile.runtime.get("threads", 1)
-    cfg = KitConfig(device=Path(plan.device).stem, measure=MeasureConfig(
-        backend=backend, precisions=(plan.precision,), depths=depths, batch=1,
-        threads=threads if isinstance(threads, int) and threads > 0 else 1,
-        device="cuda" if backend == "tensorrt" else "cpu", rounds=3 if backend == "tensorrt" else 5))
+    cfg = KitConfig.for_backend(Path(plan.device).stem, backend, (plan.precision,), depths,
+                                threads=profile_threads(profile))
     say(f"writing a {backend} kit for depths {depths[0]}-{depths[-1]} {plan.precision} to {kit_dir} ...")
     return plan, build_kit(spec, cfg, kit_dir, learngene=load_learngene(request.learngene), force=force)
 

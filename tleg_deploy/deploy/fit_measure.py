@@ -64,9 +64,12 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
         first = timer(depth)
         if first is None or abs(first.at(pct) - limit) > NEAR_REL * limit:
             return first
+        again = [m for m in (timer(depth) for _ in range(CONFIRM - 1)) if m is not None and m != first]
+        if not again:  # the timer replays what was recorded (a kit's run): one reading is all there is
+            return first
         say(f"depth {depth} measured {first.at(pct):.3g} ms, within {NEAR_REL:.0%} of the {limit:g} ms budget: "
-            f"timing it {CONFIRM - 1} more time(s), the median decides")
-        runs = [first, *(m for m in (timer(depth) for _ in range(CONFIRM - 1)) if m is not None)]
+            f"timed {len(again)} more time(s), the median decides")
+        runs = [first, *again]
         return sorted(runs, key=lambda m: m.at(pct))[len(runs) // 2]
 
     allowed = _allowed_below(request, plan, profile)  # deeper depths than this break another budget (or the max)
@@ -156,7 +159,8 @@ def host_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, out: Path, say
         if depth not in files:
             files[depth] = _timing_file(expand(lg, depth).eval(), plan.precision, out / f"depth_{depth:02d}")
         path = files[depth]
-        measured = measure_onnx(path, plan.spec, depth=depth, precision=plan.precision, threads=_threads(profile))
+        measured = measure_onnx(path, plan.spec, depth=depth, precision=plan.precision,
+                                threads=profile_threads(profile))
         _check_finite(measured, pct)
         say(f"measured depth {depth}: {pct} {measured.at(pct):.3g} ms")
         return measured
@@ -169,12 +173,11 @@ def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, sa
     profile's backend. The first depth asked for is measured with both neighbours in one interleaved session
     (one kit run, as a profiling session measures 3 depths); a depth not measured yet is measured with one
     neighbour (deeper if it is beyond every depth measured so far, else shallower): one kit run per new pair."""
-    from tleg_deploy.profile.config import MeasureConfig
     from tleg_deploy.profile.kit import KitConfig
     from tleg_deploy.profile.remote import points_over_ssh
 
     pct = plan.budget.percentile
-    backend = profile.backend if profile.backend in ("onnxruntime", "tensorrt") else "onnxruntime"
+    backend = kit_backend(profile)
     seen: dict[int, Point] = {}
 
     def depths_for(depth: int) -> tuple[int, ...]:
@@ -185,10 +188,8 @@ def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, sa
 
     def timed(depth: int) -> Measurement:
         if depth not in seen:
-            cfg = KitConfig(device=plan.device, measure=MeasureConfig(
-                backend=backend, precisions=(plan.precision,), depths=depths_for(depth), batch=1,
-                threads=_threads(profile), device="cuda" if backend == "tensorrt" else "cpu",
-                rounds=3 if backend == "tensorrt" else 5, memory=False))
+            cfg = KitConfig.for_backend(plan.device, backend, (plan.precision,), depths_for(depth),
+                                        threads=profile_threads(profile), memory=False)
             say(f"measuring depth(s) {', '.join(map(str, cfg.measure.depths))} {plan.precision} on "
                 f"{run.describe()} ({backend}) ...")
             _kit, points = points_over_ssh(plan.spec, cfg, run, learngene=lg, progress=say)
@@ -197,7 +198,7 @@ def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, sa
                 raise BackendError(f"the kit run on {run.describe()} returned no measurement of depth {depth}")
         pt = seen[depth]
         measured = Measurement(depth=depth, precision=plan.precision, p50_ms=pt.p50_ms, p90_ms=pt.p90_ms,
-                               runs=pt.n, threads=_threads(profile), batch=1)
+                               runs=pt.n, threads=profile_threads(profile), batch=1)
         _check_finite(measured, pct)
         say(f"measured depth {depth} on {run.describe()}: {pct} {measured.at(pct):.3g} ms")
         return measured
@@ -280,6 +281,14 @@ def _timing_file(model: ViT, precision: str, out: Path) -> Path:
     return convert_fp16(fp32, out / "model_fp16.onnx") if kind == "fp16" else fp32
 
 
-def _threads(profile: DeviceProfile) -> int:
+def kit_backend(profile: DeviceProfile) -> str:
+    """The backend a device kit measures ``profile``'s device with: the profile's own, else ONNX Runtime."""
+    from tleg_deploy.profile.kit import KIT_BACKENDS
+
+    return profile.backend if profile.backend in KIT_BACKENDS else "onnxruntime"
+
+
+def profile_threads(profile: DeviceProfile) -> int:
+    """The intra-op threads ``profile`` was measured with (1 if it does not say)."""
     threads = profile.runtime.get("threads", 1)
     return threads if isinstance(threads, int) and threads > 0 else 1
