@@ -105,3 +105,36 @@ def test_static_int8_does_not_depend_on_the_rest_of_the_batch(tiny_lg, tmp_path)
         worst[mode] = float(np.abs(alone[0] - batched[0]).max())
     assert worst["qdq"] < 1e-5
     assert worst["dynamic"] > 1e-3  # the check can tell the two apart
+
+
+def test_int8_weight_scales_per_weight_by_channel_spread(tiny_lg, tmp_path):
+    """Per-tensor scales where a weight's output channels span similar ranges (faster in ORT), per-channel
+    where one channel is far wider than the rest and for the head; forcing a scheme covers every weight."""
+    model = expand(tiny_lg, 2).eval()
+    g = torch.Generator().manual_seed(0)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for lin in linears:  # every output channel spans the same range (spread 1.0) ...
+            lin.weight.copy_(0.2 * torch.randn(lin.weight.shape, generator=g).sign())
+        model.blocks[1].mlp.fc1.weight[3] *= 12.0  # ... but one channel of one weight
+    fp32 = export_onnx(model, tmp_path / "m.onnx")
+    n = len(linears)
+    auto = quantize_int8(fp32, tmp_path / "auto.onnx")
+    assert read_metadata(auto)["int8_weight_scales"] == f"per-channel 2, per-tensor {n - 2}"  # fc1 and the head
+    pc = quantize_int8(fp32, tmp_path / "pc.onnx", per_channel=True)
+    pt = quantize_int8(fp32, tmp_path / "pt.onnx", per_channel=False)
+    assert read_metadata(pc)["int8_weight_scales"] == f"per-channel {n}"
+    assert read_metadata(pt)["int8_weight_scales"] == f"per-tensor {n}"
+    for path in (auto, pc, pt):
+        graph = onnx.load(str(path)).graph
+        inits = {i.name for i in graph.initializer}
+        assert not [nd.name for nd in graph.node if nd.op_type in ("MatMul", "Gemm") and nd.input[1] in inits]
+        assert [nd.op_type for nd in graph.node].count("MatMulInteger") == n  # every weight product, once
+    x = torch.randn(64, 3, 8, 8, generator=g)
+    errs = {}
+    for name in ("auto", "pc", "pt"):
+        report = validate_onnx(tmp_path / f"{name}.onnx", model, precision="int8", images=x, min_agreement=0.0,
+                               tolerance=1e9, save=False)
+        errs[name] = report.max_abs_diff["logits"]
+    # the outlier channel costs the all-per-tensor file most; the mixed file stays near the all-per-channel one
+    assert errs["auto"] < errs["pt"] and errs["auto"] < 2 * errs["pc"], errs

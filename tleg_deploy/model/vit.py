@@ -98,6 +98,10 @@ class Attention(nn.Module):
     Shape/Gather/Unsqueeze/Concat chains before every Reshape and a Shape/Slice/Cast/Sqrt/Div scale,
     which stop ONNX Runtime's fusions (FusedMatMul with the scale folded in): 281 nodes after ORT's
     optimizer for digits at depth 6 instead of 161. The numbers PyTorch computes are identical.
+    q, k and v come from one transpose of the qkv output to (B, 3·heads, N, head_dim) and a split
+    along the head axis, not timm's 5-D permute + unbind: unbind exports as Split + 3 Squeeze per
+    block, which ORT does not remove (digits depth 12: 311 → 275 nodes after ORT's optimizer, 2.2%
+    faster fp32 and 2.5% int8 in one interleaved 1-thread run; deit-tiny unchanged within 0.2%).
     """
 
     def __init__(self, spec: ViTSpec) -> None:
@@ -110,8 +114,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         N, H, hd = self.num_tokens, self.num_heads, self.head_dim
-        qkv = self.qkv(x).reshape(-1, N, 3, H, hd)  # (B, N, 3, heads, head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        qkv = self.qkv(x).reshape(-1, N, 3 * H, hd).transpose(1, 2)  # (B, 3·heads, N, head_dim)
+        q, k, v = qkv.split(H, dim=1)  # each (B, heads, N, head_dim)
         x = F.scaled_dot_product_attention(q, k, v, scale=hd**-0.5)
         return self.proj(x.transpose(1, 2).reshape(-1, N, H * hd))
 
