@@ -1,17 +1,15 @@
 """README "Your own data": the shell block runs as written on a folder of 32x32 RGB PNGs.
 
 The block is read from README.md (so the README cannot drift from what works); the only changes are
-``T=`` pointing at this interpreter's entry point and every ``--epochs N`` set to 1 to keep it fast.
+``$T`` running the CLI app in this process (typer's runner: the same commands and options, without a
+2 s interpreter + torch start-up per command) and every ``--epochs N`` set to 1 to keep it fast.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,17 +54,21 @@ def _shapes(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_readme_own_data_walkthrough(tmp_path: Path) -> None:
+def test_readme_own_data_walkthrough(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from tleg_deploy.cli.app import app
+
     commands = _block()
     assert not any("--spec" in c for cmd in commands for c in cmd), "the walk-through types no spec"
     _shapes(tmp_path / "shapes")
-    env = {**os.environ, "PYTHONPATH": str(README.parent), "TLEG_DEPLOY_CACHE_DIR": str(tmp_path / "cache")}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TLEG_DEPLOY_CACHE_DIR", str(tmp_path / "cache"))
     for cmd in commands:
-        proc = subprocess.run([sys.executable, "-m", "tleg_deploy", *cmd], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=600, env=env)
-        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}"
+        res = CliRunner().invoke(app, cmd)
+        assert res.exit_code == 0, f"{' '.join(cmd)}\n{res.output[-3000:]}\n{res.exception!r}"
         if cmd[0] == "train-teacher":
-            assert "spec inferred from folder:shapes" in proc.stdout + proc.stderr
+            assert "spec inferred from folder:shapes" in res.output
 
     for fit_dir in ("fit-host", "fit-jetson"):
         labels = json.loads((tmp_path / fit_dir / "labels.json").read_text())

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 _SAFE = re.compile(r"^[A-Za-z0-9._/+-]+$")
 CONNECT_TIMEOUT_S = 30
 COMMAND_TIMEOUT_S = 120
+CONTROL_PERSIST_S = 120  # an orphaned master connection (this process killed) closes after this long idle
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,16 @@ class SshRun:
 
 
 class SshClient:
-    """``ssh``/``scp`` invocations for one target, with the user's configuration (or ``config``)."""
+    """``ssh``/``scp`` invocations for one target, with the user's configuration (or ``config``).
+
+    Used as a context manager it authenticates once: a master connection (``ssh -o ControlMaster=yes
+    -N -f``, not ``-M``, which after that option means "ask"; its socket in a private temporary
+    directory) that every later ``ssh``/``scp`` of this client reuses, closed
+    with ``ssh -O exit`` on leaving (and by itself after ``ControlPersist`` seconds idle should this
+    process die first). A kit run makes five connections (mkdir, copy, run, fetch, clean up); on
+    loopback each fresh one cost about 0.25 s of handshake, over a device's Wi-Fi more. Where the
+    master cannot start (no control sockets on this system) every call connects on its own, as
+    without the context manager."""
 
     def __init__(self, target: SshTarget, config: Path | None = None) -> None:
         for tool in ("ssh", "scp"):
@@ -82,9 +92,40 @@ class SshClient:
                 raise BackendError(f"the OpenSSH client ({tool}) is not installed",
                                    hint="install openssh-client (Debian/Ubuntu: apt-get install openssh-client)")
         self.target = target
-        common = ["-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"] + (["-F", str(config)] if config else [])
-        self.ssh_args = ["ssh", *common] + (["-p", str(target.port)] if target.port else [])
-        self.scp_args = ["scp", "-q", *common] + (["-P", str(target.port)] if target.port else [])
+        self._common = ["-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"] + (["-F", str(config)] if config else [])
+        self._port = ["-p", str(target.port)] if target.port else []
+        self._control: tempfile.TemporaryDirectory[str] | None = None
+        self._set_args([])
+
+    def _set_args(self, mux: list[str]) -> None:
+        self.ssh_args = ["ssh", *self._common, *mux, *self._port]
+        self.scp_args = ["scp", "-q", *self._common, *mux] + (["-P", str(self.target.port)] if self.target.port else [])
+
+    def __enter__(self) -> SshClient:
+        self._control = tempfile.TemporaryDirectory(prefix="tleg-ssh.")  # short: a socket path has ~100 bytes
+        mux = ["-o", f"ControlPath={self._control.name}/cm", "-o", "ControlMaster=no"]
+        master = ["ssh", *self._common, "-o", f"ControlPath={self._control.name}/cm", "-o", "ControlMaster=yes",
+                  "-o", f"ControlPersist={CONTROL_PERSIST_S}", "-N", "-f", *self._port, self.target.destination]
+        try:  # no pipes: the backgrounded master would hold them open
+            started = subprocess.run(master, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, timeout=CONNECT_TIMEOUT_S + 15, check=False)
+        except subprocess.TimeoutExpired:
+            started = None
+        if started is not None and started.returncode == 0 and Path(self._control.name, "cm").exists():
+            self._set_args(mux)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._control is None:
+            return
+        if Path(self._control.name, "cm").exists():
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                subprocess.run([*self.ssh_args, "-O", "exit", self.target.destination], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=15, check=False)
+        self._set_args([])
+        with contextlib.suppress(OSError):
+            self._control.cleanup()
+        self._control = None
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> str:
         proc = subprocess.run([*self.ssh_args, self.target.destination, command], capture_output=True, text=True,
@@ -115,8 +156,14 @@ def run_kit_over_ssh(kit_dir: Path, target: SshTarget, *, config: Path | None = 
         raise FormatError(f"{kit_dir} is not a kit with its .tar.gz beside it", hint="make it with tleg-deploy kit")
     if (kit_dir / "results").exists():
         raise FormatError(f"{kit_dir}/results already exists", hint="import it with --from-kit, or make a new kit")
-    client = SshClient(target, config)
     say(f"connecting to {target.destination}")
+    with SshClient(target, config) as client:
+        return _run_kit(client, kit_dir, tarball, remote_python, say)
+
+
+def _run_kit(client: SshClient, kit_dir: Path, tarball: Path, remote_python: str | None,
+             say: Callable[[str], None]) -> Path:
+    target = client.target
     workdir = client.run('mkdir -p "${TMPDIR:-/tmp}" && mktemp -d "${TMPDIR:-/tmp}/tleg-kit.XXXXXX"').strip()
     if not workdir.startswith("/") or not _SAFE.match(workdir):
         raise BackendError(f"the target made an unexpected working directory {workdir!r}")
