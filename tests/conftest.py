@@ -9,15 +9,13 @@ from tleg_deploy.model.spec import ViTSpec
 torch.set_num_threads(1)
 
 
-@pytest.fixture
-def tiny_spec() -> ViTSpec:
+def make_tiny_spec() -> ViTSpec:
     """A spec small enough for sub-second tests (qkv bias on, no class token)."""
     return ViTSpec(img_size=8, patch_size=4, in_chans=3, embed_dim=16, num_heads=2, mlp_ratio=2.0,
                    num_classes=5)
 
 
-@pytest.fixture
-def tiny_lg(tiny_spec: ViTSpec) -> Learngene:
+def make_tiny_lg(tiny_spec: ViTSpec) -> Learngene:
     lg = Learngene.init(tiny_spec, aux_depth=4, seed=0)
     # Non-trivial slopes for LayerNorm and biases too, so every tensor's expansion is exercised.
     g = torch.Generator().manual_seed(1)
@@ -25,6 +23,16 @@ def tiny_lg(tiny_spec: ViTSpec) -> Learngene:
         for k in d:
             d[k] = d[k] + 0.05 * torch.randn(d[k].shape, generator=g)
     return lg
+
+
+@pytest.fixture
+def tiny_spec() -> ViTSpec:
+    return make_tiny_spec()
+
+
+@pytest.fixture
+def tiny_lg(tiny_spec: ViTSpec) -> Learngene:
+    return make_tiny_lg(tiny_spec)
 
 
 @pytest.fixture

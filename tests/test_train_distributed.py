@@ -1,4 +1,9 @@
-"""Two CPU processes under torchrun take the same step as one process with the same global batch."""
+"""Two CPU processes under torchrun take the same step as one process with the same global batch.
+
+One ``torchrun --nproc_per_node=2`` launch (each launch starts three interpreters that import torch)
+runs, in every rank, the ``tleg-deploy finetune`` CLI and then an Aux-Net training; each test checks
+one of the two against a single-process run.
+"""
 
 from __future__ import annotations
 
@@ -16,26 +21,66 @@ from tleg_deploy.model.learngene import Learngene
 from tleg_deploy.train.finetune import finetune
 from tleg_deploy.train.loop import TrainConfig
 
+_RANK_SCRIPT = """
+import sys, torch
+from tleg_deploy.cli import main
+from tleg_deploy.model.auxnet import AuxNet
+from tleg_deploy.model.learngene import Learngene
+from tleg_deploy.train.distributed import is_main_process
+from tleg_deploy.train.finetune import splits
+from tleg_deploy.train.loop import TrainConfig, run_training
+from tleg_deploy.train.losses import CrossEntropy
 
-@pytest.mark.slow
-def test_two_processes_step_like_one(tiny_lg: Learngene, tmp_path: Path) -> None:
-    lg_path, data = tmp_path / "lg.safetensors", tmp_path / "d.npz"
+lg_path, data, finetuned, aux_out = sys.argv[1:5]
+sys.argv = ["tleg-deploy", "finetune", "--learngene", lg_path, "--depth", "3", "--data", data, "--epochs", "1",
+            "--batch-size", "70", "--warmup", "0", "--lr", "0.01", "--quiet", "--json", "-o", finetuned]
+try:
+    main()
+except SystemExit as e:
+    if e.code:
+        raise
+torch.set_num_threads(1)
+lg = Learngene.load(lg_path)
+train, val, _ = splits(data, lg.spec)
+aux = AuxNet(lg)
+run_training(aux, CrossEntropy(), train, val, TrainConfig(epochs=1, batch_size=70, warmup_epochs=0.0, lr=0.01))
+if is_main_process():
+    aux.to_learngene().save(aux_out)
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Learngene, Path, subprocess.CompletedProcess[str]]:
+    """(the learngene, the run's directory, the torchrun process) of one two-rank launch."""
+    from conftest import make_tiny_lg, make_tiny_spec
+
+    tiny_lg = make_tiny_lg(make_tiny_spec())
+    root = tmp_path_factory.mktemp("ddp")
+    run = root / "run"
+    run.mkdir()
+    lg_path, data, script = root / "lg.safetensors", root / "d.npz", root / "ranks.py"
     tiny_lg.save(lg_path)
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(5), 20)  # 14 train images per class: 70, split 35 + 35 over the ranks
     np.savez(data, x=rng.random((100, 8, 8, 3), dtype=np.float32), y=y)
-    args = ["--learngene", str(lg_path), "--depth", "3", "--data", f"npz:{data}", "--epochs", "1",
-            "--batch-size", "70", "--warmup", "0", "--lr", "0.01", "--quiet", "--json"]
-    cli = Path(sys.executable).with_name("tleg-deploy")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TLEG_DEBUG": "1"}
-    out = tmp_path / "two.safetensors"
+    script.write_text(_RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TLEG_DEBUG": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(cli), "finetune",
-         *args, "-o", str(out)], capture_output=True, text=True, timeout=120, env=env,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         str(lg_path), f"npz:{data}", str(run / "two.safetensors"), str(root / "aux_two.safetensors")],
+        capture_output=True, text=True, timeout=180, env=env,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tiny_lg, root, proc
+
+
+@pytest.mark.slow
+def test_two_processes_step_like_one(ddp: tuple[Learngene, Path, subprocess.CompletedProcess[str]]) -> None:
+    tiny_lg, root, proc = ddp
+    data, out = root / "d.npz", root / "run" / "two.safetensors"
     assert proc.stdout.count('"output"') == 1  # only rank 0 reports
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "lg.safetensors", "two.run", "two.safetensors"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["two.run", "two.safetensors"]
     two, _ = load_descendant(out)
 
     one = finetune(expand(tiny_lg, 3), f"npz:{data}", TrainConfig(epochs=1, batch_size=70, warmup_epochs=0.0,
@@ -52,43 +97,17 @@ def test_two_processes_step_like_one(tiny_lg: Learngene, tmp_path: Path) -> None
     assert moved > 0.9 * len(start)  # the step really changed the parameters
 
 
-_AUX_SCRIPT = """
-import sys, torch
-from tleg_deploy.model.auxnet import AuxNet
-from tleg_deploy.model.learngene import Learngene
-from tleg_deploy.train.distributed import is_main_process
-from tleg_deploy.train.finetune import splits
-from tleg_deploy.train.loop import TrainConfig, run_training
-from tleg_deploy.train.losses import CrossEntropy
-
-torch.set_num_threads(1)
-lg = Learngene.load(sys.argv[1])
-train, val, _ = splits(sys.argv[2], lg.spec)
-aux = AuxNet(lg)
-run_training(aux, CrossEntropy(), train, val, TrainConfig(epochs=1, batch_size=70, warmup_epochs=0.0, lr=0.01))
-if is_main_process():
-    aux.to_learngene().save(sys.argv[3])
-"""
-
-
-def test_aux_net_under_ddp_steps_like_one_process(tiny_lg: Learngene, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_aux_net_under_ddp_steps_like_one_process(ddp: tuple[Learngene, Path, subprocess.CompletedProcess[str]]
+                                                  ) -> None:
     """The Aux-Net (functional_call over meta templates) trains under DDP with no special option."""
     from tleg_deploy.model.auxnet import AuxNet
     from tleg_deploy.train.finetune import splits
     from tleg_deploy.train.loop import TrainConfig, run_training
     from tleg_deploy.train.losses import CrossEntropy
 
-    lg_path, data, script, out = (tmp_path / n for n in ("lg.safetensors", "d.npz", "aux.py", "two.safetensors"))
-    tiny_lg.save(lg_path)
-    rng = np.random.default_rng(0)
-    np.savez(data, x=rng.random((100, 8, 8, 3), dtype=np.float32), y=np.repeat(np.arange(5), 20))
-    script.write_text(_AUX_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-         str(lg_path), f"npz:{data}", str(out)], capture_output=True, text=True, timeout=120, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    tiny_lg, root, _ = ddp
+    lg_path, data, out = root / "lg.safetensors", root / "d.npz", root / "aux_two.safetensors"
     two = Learngene.load(out)
 
     aux = AuxNet(Learngene.load(lg_path))
