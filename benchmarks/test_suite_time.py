@@ -1,8 +1,9 @@
 """How long does the test suite take on this machine? (issue 13: target <= 60 s on 2 cores)
 
-Runs ``python -m pytest -q -p no:cacheprovider`` (what ``make test`` runs after its setup, lint and
-best-effort packages) once, records the wall time, the pass/skip counts, the slowest tests and the
-load average, and writes the RESULTS.md section.
+Runs ``python -m pytest -p no:cacheprovider`` (what ``make test`` runs after its setup, lint and
+best-effort packages; pyproject's addopts spread it over one pytest-xdist worker per core) once,
+records the wall time, the pass/skip counts, the slowest tests and the load average, and writes the
+RESULTS.md section.
 
     .venv/bin/python benchmarks/test_suite_time.py
 """
@@ -39,13 +40,14 @@ def main() -> None:
     lines = [
         "## Test suite duration (issue 13)",
         "",
-        "`benchmarks/test_suite_time.py`: `python -m pytest -q` (the suite `make test` runs, after setup and lint), "
+        "`benchmarks/test_suite_time.py`: `python -m pytest` (the suite `make test` runs, after setup and lint; "
+        f"`-n auto`: {os.cpu_count()} pytest-xdist workers, one per core), "
         f"one run on this machine, {os.cpu_count()} cores, load average {data['load_average'][0]} / "
         f"{data['load_average'][1]} at start / end.",
         "",
         f"- **{wall:.0f} s** wall ({summary.strip('= ')}); target <= {TARGET_S:.0f} s: "
         f"{'met' if wall <= TARGET_S and proc.returncode == 0 else 'NOT met'}",
-        f"- the 10 slowest: {sum(float(s) for s, _ in slowest):.0f} s together: "
+        f"- the 10 slowest (time inside their worker): {sum(float(s) for s, _ in slowest):.0f} s together: "
         + "; ".join(f"{t.split('::')[-1]} {float(s):.0f} s" for s, t in slowest),
     ]
     if data["failed"]:

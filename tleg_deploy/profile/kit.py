@@ -261,7 +261,8 @@ else:
     print("python", sys.version)
 ' 2>/dev/null) || info="missing: numpy onnxruntime"
 case "$info" in
-  missing:*) fail "missing Python packages for $PY:${info#missing:} (install them with: $PY -m pip install${info#missing:})" ;;
+  missing:*) pkgs=${info#missing:}
+    fail "missing Python packages for $PY:$pkgs (install them with: $PY -m pip install$pkgs)" ;;
 esac
 rm -rf "$R"
 record_env
