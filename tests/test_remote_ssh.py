@@ -186,7 +186,9 @@ def test_fit_over_ssh_steps_down_and_up_on_the_device(sshd: tuple[str, Path], ho
     """``fit --ssh``: the pick and each step are measured on the target by device kits run over SSH. A profile
     that says the device is faster than it is (x0.4) makes fit step down; one that says it is slower (x2.5), up
     (factors beyond this shared machine's drift for a sub-millisecond model, up to 1.5x within a minute). The
-    budget lies between depths 8 and 9 as this machine measured them."""
+    budget lies between depths 6 and 7 as this machine measured them (one block there is ~15% of the latency,
+    so fewer readings land within the search's 5% of the budget, where they are re-timed: each timing is a kit
+    run over SSH, ~2.5 s)."""
     from typer.testing import CliRunner
 
     from tleg_deploy.cli.app import app
@@ -197,8 +199,8 @@ def test_fit_over_ssh_steps_down_and_up_on_the_device(sshd: tuple[str, Path], ho
 
     target, config = sshd
     spec = ViTSpec.preset("digits")
-    line = {d: host_digits.predict(d, spec=spec, precision="fp32").latency_p90_ms for d in (8, 9)}
-    budget = Budget(latency_ms=(line[8] + line[9]) / 2)
+    line = {d: host_digits.predict(d, spec=spec, precision="fp32").latency_p90_ms for d in (6, 7)}
+    budget = Budget(latency_ms=(line[6] + line[7]) / 2)
     run = SshRun(SshTarget.parse(target), config, sys.executable)
     down = fit(FitRequest(budget, device=str(_device_profile(host_digits, tmp_path, 0.4)), out_dir=tmp_path / "down",
                           ssh=run, max_steps=6, search=SearchOptions(max_depth=16, precisions=("fp32",))))
