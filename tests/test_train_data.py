@@ -129,3 +129,21 @@ def test_files_that_are_not_npz_say_what_they_are(tmp_path: Path, grey_spec: ViT
     (tmp_path / "empty.npz").write_bytes(b"")
     with pytest.raises(DataError, match="is empty"):
         load_data(f"npz:{tmp_path / 'empty.npz'}", grey_spec, "train")
+
+
+def test_digits_read_without_importing_sklearn_are_load_digits() -> None:
+    """The loader reads scikit-learn's shipped CSV directly (no 1 s sklearn import); the arrays are the same."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from tleg_deploy.train import data
+
+    images, labels = data._digits_raw()
+    d = load_digits()
+    np.testing.assert_array_equal(images, (d.images / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(labels, d.target)
+    code = "import sys; from tleg_deploy.train import data; data._digits_raw(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
