@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -82,8 +83,39 @@ def test_drift_beyond_threshold_rescales_latency_only() -> None:
     assert after.latency_p90_ms == pytest.approx(1.3 * before.latency_p90_ms)
     assert after.latency_p50_upper_ms > before.latency_p50_upper_ms
     assert after.memory_mb == before.memory_mb and after.memory_upper_mb == before.memory_upper_mb
-    # The stored profile is not changed by a reading: saving keeps the measured numbers.
-    assert fixed.to_dict() == prof.to_dict()
+    # A reading changes no measured number: saving keeps them, with the reading recorded as a use.
+    saved, measured = fixed.to_dict(), prof.to_dict()
+    uses = saved["probe"].pop("uses")
+    assert [u["p50_ms"] for u in uses] == [1.3] and measured["probe"].pop("uses") == []
+    for d in (saved, measured):
+        d["probe"].pop("variation_rel")
+    assert saved == measured
+
+
+def test_uses_that_find_the_machine_moving_widen_the_intervals_and_are_saved(tmp_path) -> None:
+    """The profiling-time variation is what 15 quiet seconds showed; probes at later uses that find the machine
+    moved (±8% from one use to the next here) widen every interval from then on, and travel with the file."""
+    prof = _profile(probe=_info())
+    quiet = prof.probe.variation_rel
+    for ratio in (1.0, 1.08, 1.0, 1.08):
+        prof = drift.apply(prof, drift.probe(prof, prober=lambda info, r=ratio: (r * info.reference_p50_ms, 0.0)))
+    info = prof.probe
+    assert len(info.uses) == 4 and info.reference_p50_ms == _info().reference_p50_ms  # the reference stays
+    # successive log ratios 0, L, -L, L from the reference: rms = L·√(3/4), one probe's share / √2
+    assert info.use_variation_rel == pytest.approx(math.log(1.08) * math.sqrt(3 / 8), rel=1e-9)
+    assert info.variation_rel == info.use_variation_rel > quiet
+    steady = _profile(probe=_info())
+    for _ in range(4):  # a machine as fast at every use as when profiled: nothing widens
+        steady = drift.apply(steady, drift.probe(steady, prober=lambda info: (info.reference_p50_ms, 0.0)))
+    assert steady.probe.variation_rel == quiet
+    wide = prof.predict(9, spec=SPEC, precision="fp32")
+    narrow = steady.predict(9, spec=SPEC, precision="fp32")
+    assert wide.latency_p50_upper_ms - wide.latency_p50_ms > narrow.latency_p50_upper_ms - narrow.latency_p50_ms
+    loaded = DeviceProfile.load(prof.save(tmp_path / "p.json"))
+    assert loaded.probe == info and loaded.probe.variation_rel == info.variation_rel
+    for _ in range(drift.MAX_USES + 5):
+        prof = drift.apply(prof, drift.probe(prof, prober=lambda info: (info.reference_p50_ms, 0.0)))
+    assert len(prof.probe.uses) == drift.MAX_USES
 
 
 def test_drift_within_threshold_is_stated_not_applied_but_widens() -> None:
@@ -155,3 +187,23 @@ def test_measured_profile_records_probe_history_and_can_be_probed(tiny_spec: ViT
     assert reading.status in ("rescaled", "within") and reading.ratio is not None and reading.ratio > 0
     off = profile(tiny_spec, name="testhost", config=dataclasses.replace(cfg, probe=False))
     assert off.probe is None
+
+
+def test_uses_are_kept_in_the_host_cache_and_never_in_a_users_file(isolated) -> None:
+    from tleg_deploy.profile import registry
+
+    cached = _profile(probe=_info())
+    cache_file = cached.save(registry._host_path())
+    users = cached.save(isolated / "my-host.json")
+    before = users.read_bytes()
+    used = drift.apply(cached, drift.probe(cached, prober=lambda info: (1.2, 0.0)))
+    registry.remember_probe(used)
+    assert [u.p50_ms for u in DeviceProfile.load(cache_file).probe.uses] == [1.2]
+    assert users.read_bytes() == before  # the same measurement in a file of the user's: untouched
+    # a cache re-measured since the profile was read (another date) is not overwritten with old uses
+    dataclasses.replace(cached, date="2026-02-02").save(cache_file)
+    registry.remember_probe(drift.apply(used, drift.probe(used, prober=lambda info: (1.3, 0.0))))
+    assert DeviceProfile.load(cache_file).probe.uses == ()
+    other = dataclasses.replace(used, name="lab-box")  # not the host cache's profile
+    registry.remember_probe(other)
+    assert DeviceProfile.load(cache_file).probe.uses == ()

@@ -96,6 +96,7 @@ def profile(
             from tleg_deploy.profile.drift import probe_and_apply
 
             result = probe_and_apply(result)
+            registry.remember_probe(result)
     else:
         aliases: tuple[str, ...] = ()
         if device != registry.HOST:
@@ -167,9 +168,11 @@ def render_profile(prof: DeviceProfile, arch: Any) -> None:
     if prof.notes:
         err.print(f"[yellow]note[/yellow]: {prof.notes}", highlight=False)
     if prof.probe is not None:
-        out.print(f"  drift probe reference: {prof.probe.describe()}, p50 {prof.probe.reference_p50_ms:.4g} ms; "
-                  f"variation over the profiling time ±{prof.probe.variation_rel:.1%} "
-                  f"({len(prof.probe.history)} probes), in every latency interval", highlight=False)
+        info = prof.probe
+        uses = (f", between its {len(info.uses)} use(s) since ±{info.use_variation_rel:.1%}" if info.uses else "")
+        out.print(f"  drift probe reference: {info.describe()}, p50 {info.reference_p50_ms:.4g} ms; machine variation "
+                  f"±{info.variation_rel:.1%} in every latency interval ({len(info.history)} probes while profiling"
+                  f"{uses})", highlight=False)
     if prof.drift is not None:
         out.print(prof.drift.message, highlight=False)
 

@@ -30,7 +30,7 @@ def resolve_device_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log:
     if request.ssh is not None:
         return _ssh_profile(request, spec, log)
     from tleg_deploy.profile.drift import probe_and_apply
-    from tleg_deploy.profile.registry import resolve_profile
+    from tleg_deploy.profile.registry import remember_probe, resolve_profile
 
     prof = resolve_profile(request.device, spec=spec, refresh=request.refresh_profile, quiet=quiet)
     if prof.source != "measured" or request.refresh_profile:  # nothing to probe, or measured just now
@@ -39,7 +39,9 @@ def resolve_device_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log:
     # Its reading reaches the user once, through the plan's warnings (fit's notes, REPORT.md).
     if log is not None:
         log(f"drift probe of {prof.name} ...")
-    return probe_and_apply(prof)
+    probed = probe_and_apply(prof)
+    remember_probe(probed)
+    return probed
 
 
 def _ssh_profile(request: FitRequest, spec: ViTSpec, log: Log | None) -> DeviceProfile:

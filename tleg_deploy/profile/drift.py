@@ -12,8 +12,14 @@ Before a cached measured profile of *this* host is used, ``probe(profile)`` re-t
 (about one second: the profiler's protocol, 1 intra-op thread, warm-up, interleaved rounds,
 median) and ``apply`` returns the profile with a ``DriftReading``: the drift (now / then - 1) is
 stated; beyond ``DRIFT_THRESHOLD`` every latency prediction is rescaled by the ratio (and the
-reading says so). Estimated profiles are never probed; a profile measured on another host cannot
-be probed here; an old profile without a reference says the probe is unavailable.
+reading says so). ``apply`` also records the reading in the profile's ``ProbeInfo.uses`` (the last
+``MAX_USES``; saved with the profile where it is saved again, as the host cache is): the machine's
+variation between uses, ``use_variation_rel``, is the typical change from one probe to the next
+(root mean square of successive log ratios, the reference first, / √2), and ``variation_rel`` is the
+larger of it and the profiling-time variation. A profile measured in 15 quiet seconds claims little
+variation; the first probes that find the machine moved widen its intervals from then on.
+Estimated profiles are never probed; a profile measured on another host cannot be probed here; an
+old profile without a reference says the probe is unavailable.
 
 The records are stdlib-only (``table`` stores them); only ``probe``/``Prober`` import the runners.
 """
@@ -41,6 +47,7 @@ DRIFT_THRESHOLD = 0.05
 Z95 = 1.959964
 # A relative variation estimated from a few probes is itself uncertain; never claim less than this.
 MIN_VARIATION = 0.02
+MAX_USES = 20  # use-time probe readings kept in a profile (the oldest dropped first)
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ class ProbeInfo:
     protocol: ProbeProtocol
     history: tuple[ProbeSample, ...]
     round_rel_std: float  # std of the reference depth's per-round p50 in its profiling session / its p50
+    uses: tuple[ProbeSample, ...] = ()  # probes taken when the profile was used (phase "use"), oldest first
 
     # Cached: every latency prediction of a probed profile reads both (the solver makes hundreds per solve).
     @cached_property
@@ -92,12 +100,25 @@ class ProbeInfo:
 
     @cached_property
     def variation_rel(self) -> float:
-        """Relative standard deviation of the machine's speed over the profiling time: the larger of the
-        spread of the probes (log ratios to their median) and of the per-round p50s; at least
-        ``MIN_VARIATION``."""
+        """Relative standard deviation of the machine's speed: the larger of the spread of the probes
+        while profiling (log ratios to their median), of the per-round p50s, and of the change between
+        successive uses (``use_variation_rel``); at least ``MIN_VARIATION``."""
         logs = [math.log(s.p50_ms / self.reference_p50_ms) for s in self.history if s.p50_ms > 0]
         spread = statistics.stdev(logs) if len(logs) > 1 else 0.0
-        return max(spread, self.round_rel_std, MIN_VARIATION)
+        return max(spread, self.round_rel_std, self.use_variation_rel, MIN_VARIATION)
+
+    @cached_property
+    def use_variation_rel(self) -> float:
+        """How much the machine's speed changes from one use of the profile to the next: the root mean
+        square of successive differences of log(p50 / reference) over the reference (0) and the use-time
+        probes, / √2 (one probe's share of a difference). 0 without uses."""
+        logs = [0.0] + [math.log(s.p50_ms / self.reference_p50_ms) for s in self.uses if s.p50_ms > 0]
+        diffs = [b - a for a, b in zip(logs, logs[1:], strict=False)]
+        return math.sqrt(sum(d * d for d in diffs) / len(diffs) / 2) if diffs else 0.0
+
+    def with_use(self, sample: ProbeSample) -> ProbeInfo:
+        """This reference with one more use-time probe (the last ``MAX_USES`` kept)."""
+        return replace(self, uses=(*self.uses, sample)[-MAX_USES:])
 
     def describe(self) -> str:
         return (f"{self.spec.preset_name() or 'custom spec'} {self.precision} depth {self.depth}, batch {self.batch} "
@@ -108,12 +129,14 @@ class ProbeInfo:
                 "batch": self.batch, "depth": self.depth, "backend": self.backend, "device": self.device,
                 "protocol": {k: getattr(self.protocol, k) for k in ProbeProtocol.__dataclass_fields__},
                 "reference_p50_ms": self.reference_p50_ms, "variation_rel": self.variation_rel,
-                "round_rel_std": self.round_rel_std, "history": [s.to_dict() for s in self.history]}
+                "round_rel_std": self.round_rel_std, "history": [s.to_dict() for s in self.history],
+                "uses": [s.to_dict() for s in self.uses]}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "probe") -> ProbeInfo:
         d = schema.obj(data, where, {"spec", "spec_name", "precision", "batch", "depth", "backend", "device",
-                                     "protocol", "reference_p50_ms", "variation_rel", "round_rel_std", "history"})
+                                     "protocol", "reference_p50_ms", "variation_rel", "round_rel_std", "history"},
+                       optional={"uses"})  # "uses": written since 2026-12-02; older files have none
         try:
             spec = ViTSpec.from_dict(d["spec"])
         except SpecError as e:
@@ -124,24 +147,17 @@ class ProbeInfo:
                for k in ("threads", "warmup", "rounds", "min_reps")},
             round_seconds=schema.number(p["round_seconds"], f"{where}.protocol.round_seconds", minimum=0.0),
             statistic=schema.string(p["statistic"], f"{where}.protocol.statistic"))
-        history = []
-        for i, s in enumerate(schema.lst(d["history"], f"{where}.history")):
-            sw = f"{where}.history[{i}]"
-            sd = schema.obj(s, sw, {"phase", "elapsed_s", "p50_ms", "se_ms", "conditions"})
-            history.append(ProbeSample(
-                phase=schema.string(sd["phase"], f"{sw}.phase"),
-                elapsed_s=schema.number(sd["elapsed_s"], f"{sw}.elapsed_s", minimum=0.0),
-                p50_ms=schema.number(sd["p50_ms"], f"{sw}.p50_ms", minimum=0.0),
-                se_ms=schema.number(sd["se_ms"], f"{sw}.se_ms", minimum=0.0),
-                conditions=schema.obj(sd["conditions"], f"{sw}.conditions", None)))
-        if not history or not all(s.p50_ms > 0 for s in history):
-            raise FormatError(f"field '{where}.history' needs at least one positive p50")
+        history = _samples(d["history"], f"{where}.history")
+        uses = _samples(d.get("uses", []), f"{where}.uses")
+        if not history or not all(s.p50_ms > 0 for s in (*history, *uses)):
+            raise FormatError(f"field '{where}.history' needs at least one positive p50, and every p50 in "
+                              f"'{where}.history' and '{where}.uses' must be positive")
         info = cls(spec=spec, precision=schema.string(d["precision"], f"{where}.precision"),
                    batch=schema.integer(d["batch"], f"{where}.batch", minimum=1),
                    depth=schema.integer(d["depth"], f"{where}.depth", minimum=1),
                    backend=schema.string(d["backend"], f"{where}.backend"),
                    device=schema.string(d["device"], f"{where}.device"), protocol=protocol,
-                   history=tuple(history),
+                   history=tuple(history), uses=tuple(uses),
                    round_rel_std=schema.number(d["round_rel_std"], f"{where}.round_rel_std", minimum=0.0))
         for key in ("reference_p50_ms", "variation_rel"):  # derived: an edited number is caught
             stored = schema.number(d[key], f"{where}.{key}")
@@ -149,6 +165,20 @@ class ProbeInfo:
                 raise FormatError(f"field '{where}.{key}' is {stored!r} but the history gives {getattr(info, key)!r}",
                                   hint="the file was edited or corrupted; re-measure or restore it")
         return info
+
+
+def _samples(data: Any, where: str) -> list[ProbeSample]:
+    out = []
+    for i, s in enumerate(schema.lst(data, where)):
+        sw = f"{where}[{i}]"
+        sd = schema.obj(s, sw, {"phase", "elapsed_s", "p50_ms", "se_ms", "conditions"})
+        out.append(ProbeSample(
+            phase=schema.string(sd["phase"], f"{sw}.phase"),
+            elapsed_s=schema.number(sd["elapsed_s"], f"{sw}.elapsed_s", minimum=0.0),
+            p50_ms=schema.number(sd["p50_ms"], f"{sw}.p50_ms", minimum=0.0),
+            se_ms=schema.number(sd["se_ms"], f"{sw}.se_ms", minimum=0.0),
+            conditions=schema.obj(sd["conditions"], f"{sw}.conditions", None)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +348,14 @@ def probe(profile: DeviceProfile, *, threshold: float = DRIFT_THRESHOLD,
 
 
 def apply(profile: DeviceProfile, reading: DriftReading) -> DeviceProfile:
-    """``profile`` predicting with ``reading`` (rescaled latencies if it says so; the reading travels with it)."""
-    return replace(profile, drift=reading)
+    """``profile`` predicting with ``reading`` (rescaled latencies if it says so; the reading travels with it),
+    the reading recorded in its reference's ``uses`` when it timed the reference (see the module docstring)."""
+    info = profile.probe
+    if info is not None and reading.probe_ms is not None and reading.probe_ms > 0:
+        sample = ProbeSample(phase="use", elapsed_s=0.0, p50_ms=reading.probe_ms,
+                             se_ms=reading.probe_se_rel * reading.probe_ms, conditions=dict(reading.conditions))
+        info = info.with_use(sample)
+    return replace(profile, probe=info, drift=reading)
 
 
 def probe_and_apply(profile: DeviceProfile, *, threshold: float = DRIFT_THRESHOLD,

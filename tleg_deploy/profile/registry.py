@@ -174,6 +174,22 @@ def host_profile(spec: ViTSpec | None = None, *, refresh: bool = False, quiet: b
     return prof
 
 
+def remember_probe(profile: DeviceProfile) -> None:
+    """Keep the use-time drift probes of a probed host profile (``ProbeInfo.uses``, see ``profile.drift``) in
+    the host cache, so the machine's variation between uses builds up over runs. Only the cache this module
+    wrote, and only while it still holds the same measurement (same date and host): a profile file of the
+    user's is never rewritten."""
+
+    if profile.name != HOST or profile.probe is None or not profile.probe.uses:
+        return
+    cached = _cached_host()
+    if cached is None or cached.probe is None or (cached.date, cached.host_fingerprint) != (
+            profile.date, profile.host_fingerprint):
+        return
+    with contextlib.suppress(OSError):  # a read-only cache costs the record, not the command
+        dataclasses.replace(cached, probe=profile.probe).save(_host_path())
+
+
 def estimate_notice(profile: DeviceProfile) -> str | None:
     """For an estimated profile, the line every command using it prints; ``None`` if measured."""
     if profile.source != "estimated":
