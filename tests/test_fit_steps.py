@@ -280,7 +280,7 @@ def test_fit_kit_writes_a_kit_around_the_pick_and_kit_results_closes_the_loop(tm
 
 
 def test_a_reading_near_the_budget_is_timed_again_and_the_median_decides(tmp_path: Path, measured: Callable) -> None:
-    """One reading within 15% of the budget is as likely noise as a verdict: that depth is timed 3 times and the
+    """One reading within 5% of the budget is as likely noise as a verdict: that depth is timed 3 times and the
     median decides (here: 1.97 once, then 2.06 and 2.08: over); readings far from the budget are timed once."""
     request, plan, prof = _setup(Budget(latency_ms=LIMIT))
     d = plan.depth
@@ -290,7 +290,7 @@ def test_a_reading_near_the_budget_is_timed_again_and_the_median_decides(tmp_pat
     depth, m, steps, over = _check(request, plan, prof, tmp_path, said.append)
     assert depth == d and calls.count(d + 1) == 3 and all(calls.count(k) == 1 for k in calls if k != d + 1)
     assert over[d + 1] == 2.06 and steps[-1].endswith(f"stays at depth {d}")
-    assert any("within 15% of the 2 ms budget" in s for s in said)
+    assert any("within 5% of the 2 ms budget" in s for s in said)
 
 
 def test_a_replayed_reading_near_the_budget_is_not_reported_as_timed_again(tmp_path: Path,

