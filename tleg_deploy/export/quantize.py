@@ -68,7 +68,8 @@ def quantize_int8(
     calibration: torch.Tensor | None = None,
     per_channel: bool | None = None,
 ) -> Path:
-    """Write an int8 variant of ``onnx_path`` to ``out_path``; returns ``out_path``."""
+    """Write an int8 variant of ``onnx_path`` to ``out_path``; returns ``out_path``. ``per_channel``: None picks
+    the weight scales per weight (dynamic; per channel for static QDQ), True / False forces one scheme."""
     try:
         import onnx
         from onnxruntime import quantization as q
