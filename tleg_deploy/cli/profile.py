@@ -169,7 +169,7 @@ def render_profile(prof: DeviceProfile, arch: Any) -> None:
         err.print(f"[yellow]note[/yellow]: {prof.notes}", highlight=False)
     if prof.probe is not None:
         info = prof.probe
-        uses = (f", between its {len(info.uses)} use(s) since ±{info.use_variation_rel:.1%}" if info.uses else "")
+        uses = f"; ±{info.use_variation_rel:.1%} between its {len(info.uses)} use(s) since" if info.uses else ""
         out.print(f"  drift probe reference: {info.describe()}, p50 {info.reference_p50_ms:.4g} ms; machine variation "
                   f"±{info.variation_rel:.1%} in every latency interval ({len(info.history)} probes while profiling"
                   f"{uses})", highlight=False)

@@ -79,7 +79,7 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
         low, high = (lo or 0) + 1, (hi - 1 if hi is not None else allowed)
         if lo is not None and hi is None and lo + 1 > allowed:
             if lo + 1 <= plan.max_depth and plan.objective == "deepest":
-                _deeper_allowed(request, plan, profile, lo + 1, say)  # says which budget stops it
+                _say_what_stops(request, plan, profile, lo + 1, say)
             return None
         if low > high:
             return None
@@ -196,10 +196,7 @@ def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, sa
             seen.update({d: pt for (prec, d), pt in points.items() if prec == plan.precision})
             if depth not in seen:
                 raise BackendError(f"the kit run on {run.describe()} returned no measurement of depth {depth}")
-        pt = seen[depth]
-        measured = Measurement(depth=depth, precision=plan.precision, p50_ms=pt.p50_ms, p90_ms=pt.p90_ms,
-                               runs=pt.n, threads=profile_threads(profile), batch=1)
-        _check_finite(measured, pct)
+        measured = _recorded(seen[depth], depth, plan.precision, profile_threads(profile), 1, pct)
         say(f"measured depth {depth} on {run.describe()}: {pct} {measured.at(pct):.3g} ms")
         return measured
 
@@ -222,13 +219,19 @@ def kit_timer(kit_dir: Path, plan: Plan, say: Log) -> Timer:
             say(f"depth {depth} {plan.precision} was not measured by the kit in {kit_dir} "
                 f"(depths {', '.join(map(str, kit['depths']))})")
             return None
-        measured = Measurement(depth=depth, precision=plan.precision, p50_ms=pt.p50_ms, p90_ms=pt.p90_ms,
-                               runs=pt.n, threads=threads, batch=int(kit["batch"]))
-        _check_finite(measured, pct)
+        measured = _recorded(pt, depth, plan.precision, threads, int(kit["batch"]), pct)
         say(f"kit measured depth {depth} on {kit['device']}: {pct} {measured.at(pct):.3g} ms")
         return measured
 
     return recorded
+
+
+def _recorded(pt: Point, depth: int, precision: str, threads: int, batch: int, pct: str) -> Measurement:
+    """A kit's recorded point as the measurement the search steps on (refused if not a finite latency)."""
+    measured = Measurement(depth=depth, precision=precision, p50_ms=pt.p50_ms, p90_ms=pt.p90_ms, runs=pt.n,
+                           threads=threads, batch=batch)
+    _check_finite(measured, pct)
+    return measured
 
 
 def _check_finite(m: Measurement, pct: str) -> None:
@@ -258,14 +261,11 @@ def _other_budgets_broken(request: FitRequest, plan: Plan, profile: DeviceProfil
     return [why for name, why in zip(c.violated, c.violations, strict=True) if name != "latency"]
 
 
-def _deeper_allowed(request: FitRequest, plan: Plan, profile: DeviceProfile, depth: int, say: Log) -> bool:
-    """Whether a measured step up to ``depth`` may be tried (see ``_allowed_below``); says why not."""
-    if plan.objective != "deepest" or depth > plan.max_depth:
-        return False
+def _say_what_stops(request: FitRequest, plan: Plan, profile: DeviceProfile, depth: int, say: Log) -> None:
+    """Say which budget other than latency keeps the measured search from stepping up to ``depth``."""
     broken = _other_budgets_broken(request, plan, profile, depth)
     if broken:
         say(f"not stepping up to depth {depth}: {'; '.join(broken)}")
-    return not broken
 
 
 def _timing_file(model: ViT, precision: str, out: Path) -> Path:

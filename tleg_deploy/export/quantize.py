@@ -89,6 +89,8 @@ def quantize_int8(
             if mode == "dynamic":
                 named = Path(tmp) / "named.onnx"
                 groups = weight_scale_groups(onnx.load(str(src)), per_channel, save_to=named)
+                if not groups:
+                    raise ExportError(f"{src.name} has no MatMul or Gemm with a constant weight to quantize")
                 cur = named
                 for i, group in enumerate(groups):
                     nxt = Path(tmp) / f"q{i}.onnx"
@@ -99,8 +101,6 @@ def quantize_int8(
                     )
                     scales[group.label] = group.weights
                     cur = nxt
-                if not groups:
-                    raise ExportError(f"{src.name} has no MatMul or Gemm with a constant weight to quantize")
                 tmp_out = cur
             else:
                 assert calibration is not None  # checked above; for mypy

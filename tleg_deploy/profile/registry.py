@@ -179,7 +179,6 @@ def remember_probe(profile: DeviceProfile) -> None:
     the host cache, so the machine's variation between uses builds up over runs. Only the cache this module
     wrote, and only while it still holds the same measurement (same date and host): a profile file of the
     user's is never rewritten."""
-
     if profile.name != HOST or profile.probe is None or not profile.probe.uses:
         return
     cached = _cached_host()

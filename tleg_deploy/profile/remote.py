@@ -93,19 +93,21 @@ class SshClient:
                                    hint="install openssh-client (Debian/Ubuntu: apt-get install openssh-client)")
         self.target = target
         self._common = ["-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"] + (["-F", str(config)] if config else [])
-        self._port = ["-p", str(target.port)] if target.port else []
+        self._ssh_port = ["-p", str(target.port)] if target.port else []  # scp spells it -P
+        self._scp_port = ["-P", str(target.port)] if target.port else []
         self._control: tempfile.TemporaryDirectory[str] | None = None
         self._set_args([])
 
     def _set_args(self, mux: list[str]) -> None:
-        self.ssh_args = ["ssh", *self._common, *mux, *self._port]
-        self.scp_args = ["scp", "-q", *self._common, *mux] + (["-P", str(self.target.port)] if self.target.port else [])
+        self.ssh_args = ["ssh", *self._common, *mux, *self._ssh_port]
+        self.scp_args = ["scp", "-q", *self._common, *mux, *self._scp_port]
 
     def __enter__(self) -> SshClient:
         self._control = tempfile.TemporaryDirectory(prefix="tleg-ssh.")  # short: a socket path has ~100 bytes
         mux = ["-o", f"ControlPath={self._control.name}/cm", "-o", "ControlMaster=no"]
         master = ["ssh", *self._common, "-o", f"ControlPath={self._control.name}/cm", "-o", "ControlMaster=yes",
-                  "-o", f"ControlPersist={CONTROL_PERSIST_S}", "-N", "-f", *self._port, self.target.destination]
+                  "-o", f"ControlPersist={CONTROL_PERSIST_S}", "-N", "-f", *self._ssh_port,
+                  self.target.destination]
         try:  # no pipes: the backgrounded master would hold them open
             started = subprocess.run(master, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, timeout=CONNECT_TIMEOUT_S + 15, check=False)

@@ -168,9 +168,11 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
 
     found = importlib.util.find_spec("sklearn")
     csv = Path(found.origin).parent / "datasets" / "data" / "digits.csv.gz" if found and found.origin else None
+    table = None
     if csv is not None and csv.is_file():
         with gzip.open(csv, "rt") as f:
             table = np.loadtxt(f, delimiter=",")
+    if table is not None and table.ndim == 2 and table.shape[1] == 65:  # the layout load_digits reads
         pixels, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
     else:
         from sklearn.datasets import load_digits
