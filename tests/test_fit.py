@@ -51,7 +51,8 @@ def test_fit_host_measured_then_jetson_estimated(tmp_path: Path, cache: Path) ->
     host = resolve_profile("host", spec=spec)  # measured once here, then read from the cache by `fit`
     up = {d: min(host.predict(d, spec=spec, precision=p).latency_p90_upper_ms for p in host.precisions(spec))
           for d in (4, 5)}
-    budget_ms = (up[4] + up[5]) / 2  # between depth 4 and 5 of the fastest option
+    budget_ms = round((up[4] + up[5]) / 2 * 1000, 1) / 1000  # between depth 4 and 5 of the fastest option, as
+    # the CLI gets it below (in us, 1 decimal): the measured pick is checked against the budget fit was given
     # fit solves on the profile as probed now (drift-rescaled), so its pick is checked against its own plan.
 
     out = tmp_path / "host"
