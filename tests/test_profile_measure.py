@@ -46,7 +46,8 @@ def test_fvcore_counts_batch_and_class_token() -> None:
 
 @pytest.mark.slow
 def test_real_onnxruntime_measurement_is_linear(small_spec: ViTSpec, tmp_path) -> None:
-    cfg = MeasureConfig(depths=(1, 8, 16), rounds=3, extra_rounds=2, round_seconds=0.05, max_reps=60, memory=True)
+    cfg = MeasureConfig(depths=(1, 8, 16), rounds=3, extra_rounds=2, round_seconds=0.05, max_reps=60, memory=True,
+                        probe=False)  # the drift probe: test_profile_drift.py
     prof = profile(small_spec, name="testhost", config=cfg)
     entry = prof.entries[0]
     assert [p.depth for p in entry.points] == [1, 8, 16]
@@ -184,3 +185,57 @@ def test_memory_probe_runs_the_installed_module_with_this_environment(monkeypatc
     monkeypatch.setattr(memory.subprocess, "run", too_slow)
     with pytest.raises(BackendError, match="ran over"):
         memory.peak_memory_mb(MeasureConfig(), spec, 2, "fp32", "x.onnx")
+
+
+def _session(p50: dict[int, float]) -> list:
+    from tleg_deploy.profile.table import Point
+
+    return [Point(depth=d, p50_ms=v, p90_ms=v, p99_ms=v, mean_ms=v, std_ms=0.0, n=10, rounds=5, p50_se_ms=0.0,
+                  p90_se_ms=0.0, memory_mb=10.0 + d) for d, v in p50.items()]
+
+
+CURVED = {1: 0.038, 6: 0.190, 12: 0.431}  # an Intel Xeon's digits model: depth 1 sits 25% off the line
+
+
+@pytest.mark.parametrize("sessions, kept, measured, reproduced", [
+    # a curve that the second session repeats (8% slower throughout: the machine's speed moved, not its curve) is
+    # the machine's own: no third session
+    ([CURVED, {1: 0.038 * 1.08, 6: 0.190 * 1.08, 12: 0.431 * 1.09}, None], 0, 2, True),
+    # a burst: the second session differs and is not linear either, so a third is measured
+    ([CURVED, {1: 0.060, 6: 0.19, 12: 0.431}, {1: 0.02, 6: 0.12, 12: 0.24}], 2, 3, False),
+    # the re-measured session is linear: kept
+    ([CURVED, {1: 0.02, 6: 0.12, 12: 0.24}, None], 1, 2, False),
+])
+def test_a_curve_that_reproduces_ends_the_retries(monkeypatch: pytest.MonkeyPatch, sessions, kept, measured,
+                                                  reproduced) -> None:
+    from tleg_deploy.profile import measure
+
+    calls: list[bool] = []
+
+    def fake(spec, cfg, precision, **kw):  # type: ignore[no-untyped-def]
+        calls.append(cfg.memory)
+        points = _session(sessions[len(calls) - 1])
+        return points if cfg.memory else [p.__class__(**{**p.__dict__, "memory_mb": 1.0}) for p in points]
+
+    monkeypatch.setattr(measure, "measure_points", fake)
+    cfg = MeasureConfig(retries=2)
+    points, rejected, again = measure._linear_session(ViTSpec.preset("digits"), cfg, "fp32", None,
+                                                      lambda m, f: None)
+    assert len(calls) == measured and again is reproduced
+    assert calls == [True] + [False] * (measured - 1)  # peak memory is measured in the first session only
+    assert [p.p50_ms for p in points] == list(sessions[kept].values())
+    assert [p.memory_mb for p in points] == [11.0, 16.0, 22.0] and len(rejected) == measured - 1
+
+
+def test_the_kit_runner_stops_retrying_on_a_curve_that_reproduces(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tleg_deploy.profile import kit_runner
+
+    medians = iter([CURVED, {d: v * 0.93 for d, v in CURVED.items()}, {1: 0.02, 6: 0.2, 12: 0.42}])
+    monkeypatch.setattr(kit_runner, "Runner", lambda *a: None)
+    monkeypatch.setattr(kit_runner, "time_rounds", lambda runners, p: {d: [[v]] for d, v in next(medians).items()})
+    monkeypatch.setattr(kit_runner, "log", lambda msg: None)
+    kit = {"protocol": {"retries": 2, "linear_tolerance": 0.03}, "batch": 1, "threads": 1,
+           "spec": {"in_chans": 1, "img_size": 8},
+           "artifacts": [{"depth": d, "precision": "fp32", "file": f"d{d}.onnx"} for d in CURVED]}
+    out = kit_runner.measure_precision("/nonexistent", kit, "fp32")
+    assert len(out["rejected"]) == 1 and next(medians) == {1: 0.02, 6: 0.2, 12: 0.42}  # the third never ran

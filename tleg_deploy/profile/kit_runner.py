@@ -7,7 +7,8 @@ a session per file with fixed intra-op threads (1 by default), one inter-op thre
 ``ORT_ENABLE_ALL``; warm-up, repetitions per round from the warm-up time, *interleaved rounds*
 over the depths of a precision in a shuffled order (one untimed call after switching models),
 extra rounds (bounded) while a depth's p50 is unsettled, and a session whose medians are off a line
-by more than the tolerance is measured again (bounded) and the most linear one kept. Peak memory is
+by more than the tolerance is measured again (bounded, and only until a session repeats an earlier
+one's medians up to one factor, within the tolerance) and the most linear one kept. Peak memory is
 the resident set above the baseline of a fresh interpreter per point (Linux ``VmHWM`` after
 ``clear_refs``; elsewhere ``ru_maxrss``), as ``tleg_deploy.profile.memory`` takes it.
 
@@ -112,20 +113,34 @@ def worst_line_residual(depths: list, values: list) -> float:
     return max(abs(y - (ym + slope * (x - xm))) / y for x, y in zip(depths, values))  # noqa: B905
 
 
+def _same_curve(a: dict, b: dict, tolerance: float) -> bool:
+    """The medians ``a`` are ``b`` times one factor (the device's speed moves between sessions), within
+    ``tolerance``."""
+    ratios = [a[d] / b[d] for d in a if d in b and b[d] > 0]
+    return len(ratios) == len(a) and min(ratios) > 0 and max(ratios) <= (1 + tolerance) * min(ratios)
+
+
 def measure_precision(kit_dir: str, kit: dict, precision: str) -> dict:
-    """The most linear of up to ``1 + retries`` sessions: ``{depth: rounds}`` and the set-aside residuals."""
+    """The most linear of up to ``1 + retries`` sessions (fewer once a session repeats an earlier one's medians):
+    ``{depth: rounds}`` and the set-aside residuals."""
     p = kit["protocol"]
     shape = [kit["batch"], kit["spec"]["in_chans"], kit["spec"]["img_size"], kit["spec"]["img_size"]]
     files = {a["depth"]: os.path.join(kit_dir, a["file"]) for a in kit["artifacts"] if a["precision"] == precision}
-    sessions = []
+    sessions, medians = [], []
+    tol = p["linear_tolerance"]
     for attempt in range(1 + p["retries"]):
         runners = {d: Runner(files[d], shape, kit["threads"], p.get("clock", "wall")) for d in sorted(files)}
         rounds = time_rounds(runners, p)
         del runners
         depths = sorted(rounds)
-        worst = worst_line_residual(depths, [statistics.median([t for r in rounds[d] for t in r]) for d in depths])
+        median = {d: statistics.median([t for r in rounds[d] for t in r]) for d in depths}
+        worst = worst_line_residual(depths, [median[d] for d in depths])
+        # a curve that an earlier session repeats (up to one factor) is the device's own (cache effects), not a
+        # burst of load: measuring again would only repeat it
+        reproduced = any(_same_curve(median, m, tol) for m in medians)
         sessions.append((worst, rounds))
-        if worst <= p["linear_tolerance"] or attempt == p["retries"]:
+        medians.append(median)
+        if worst <= tol or reproduced or attempt == p["retries"]:
             break
         log(f"{precision}: medians off a line by {worst:.0%}, measuring again ({attempt + 2}/{1 + p['retries']})")
     best = min(range(len(sessions)), key=lambda i: sessions[i][0])

@@ -222,6 +222,11 @@ def make_runner(cfg: MeasureConfig, spec: ViTSpec, depth: int, precision: str, w
         return TorchRunner(model, x, cfg.device, cfg.clock), None
     model = build_model(spec, depth, learngene)
     path = export_artifact(model, precision, cfg.backend, workdir, cfg.batch)
+    return runner_for_file(cfg, spec, path), str(path)
+
+
+def runner_for_file(cfg: MeasureConfig, spec: ViTSpec, path: Path) -> Runner:
+    """The runner of an exported file: an ONNX file (ONNX Runtime) or an engine (TensorRT)."""
     if cfg.backend == "onnxruntime":
-        return OrtRunner(path, spec, cfg.batch, cfg.threads, cfg.device, cfg.clock), str(path)
-    return TensorRTRunner(path, spec, cfg.batch), str(path)
+        return OrtRunner(path, spec, cfg.batch, cfg.threads, cfg.device, cfg.clock)
+    return TensorRTRunner(path, spec, cfg.batch)
