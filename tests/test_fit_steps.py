@@ -304,3 +304,32 @@ def test_a_replayed_reading_near_the_budget_is_not_reported_as_timed_again(tmp_p
     depth, m, _steps, _over = _check(request, plan, prof, tmp_path, said.append)
     assert depth == d + 1 and m is not None and m.p90_ms == 1.98
     assert not any("more time" in s for s in said)
+
+
+def test_ssh_steps_measure_each_depth_with_the_neighbour_the_search_asks_for_next(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``fit --ssh``'s timer: the pick with both neighbours in the first kit, then each new depth with its next deeper
+    neighbour unless that one is known. A profile that says the device is 2.5x faster than it is lands in one jump
+    on the boundary, so the search ends after two kit runs: (pick - 1, pick, pick + 1), then (landing, landing + 1)."""
+    from tleg_deploy.profile import remote
+    from tleg_deploy.profile.table import Point
+
+    budget = Budget(latency_ms=5.0)
+    request, plan, prof = _setup(budget, max_depth=24)
+    kits: list[tuple[int, ...]] = []
+
+    def latency(depth: int) -> float:  # the device: 2.5x the profile's prediction
+        return 2.5 * evaluate(prof, budget, spec=plan.spec, depth=depth, precision=plan.precision).latency_ms
+
+    def fake_points(spec, cfg, run, **_kw):  # type: ignore[no-untyped-def]
+        kits.append(cfg.measure.depths)
+        return {}, {(plan.precision, d): Point(depth=d, p50_ms=latency(d), p90_ms=latency(d), p99_ms=latency(d),
+                                               mean_ms=latency(d), std_ms=0.0, n=50, rounds=5, p50_se_ms=0.0,
+                                               p90_se_ms=0.0, memory_mb=1.0) for d in cfg.measure.depths}
+
+    monkeypatch.setattr(remote, "points_over_ssh", fake_points)
+    run = remote.SshRun(remote.SshTarget.parse("device"), None, None)
+    timer = fit_measure.ssh_timer(load_learngene("demo"), plan, prof, run, lambda _m: None)
+    depth, _m, steps, over = fit_measure.measured_check(request, plan, prof, 5.0, timer, lambda _m: None)
+    assert latency(depth) <= 5.0 < latency(depth + 1) and plan.depth > depth + 2
+    assert kits == [(plan.depth - 1, plan.depth, plan.depth + 1), (depth, depth + 1)], (kits, steps, over)

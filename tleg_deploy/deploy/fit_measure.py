@@ -172,7 +172,8 @@ def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, sa
     """Measure depths on the target over SSH with device kits (``profile.remote.points_over_ssh``) on the
     profile's backend. The first depth asked for is measured with both neighbours in one interleaved session
     (one kit run, as a profiling session measures 3 depths); a depth not measured yet is measured with one
-    neighbour (deeper if it is beyond every depth measured so far, else shallower): one kit run per new pair."""
+    neighbour, the next deeper unless that one is measured already (a jump lands on the deepest depth predicted
+    to fit, so whether the next deeper one fits is the question that usually follows): one kit run per new pair."""
     from tleg_deploy.profile.kit import KitConfig
     from tleg_deploy.profile.remote import points_over_ssh
 
@@ -181,8 +182,9 @@ def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, sa
     seen: dict[int, Point] = {}
 
     def depths_for(depth: int) -> tuple[int, ...]:
-        # first: both neighbours; later: the next one in the direction of the step
-        wanted = [depth - 1, depth, depth + 1] if not seen else [depth, depth + 1 if depth > max(seen) else depth - 1]
+        # first: both neighbours; later: the next deeper one, or the next shallower where that is known
+        wanted = [depth - 1, depth, depth + 1] if not seen else [
+            depth, depth + 1 if depth + 1 not in seen and depth + 1 <= plan.max_depth else depth - 1]
         picked = sorted({d for d in wanted if 1 <= d <= plan.max_depth + 1} - set(seen) | {depth})
         return tuple(picked) if len(picked) > 1 else (depth, depth + 1)  # a kit times at least two depths
 
