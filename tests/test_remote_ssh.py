@@ -219,6 +219,7 @@ def test_fit_over_ssh_steps_down_and_up_on_the_device(sshd: tuple[str, Path], ho
     assert any("device kits run over SSH" in n for n in down.notes)
 
     out = tmp_path / "up"
+    logins = _logins(config)
     res = CliRunner().invoke(app, ["fit", "--device", str(_device_profile(host_digits, tmp_path, 2.0)), "--latency",
                                    f"{budget.latency_ms:.4f}ms", "--precision", "fp32", "--max-depth", "16", "--ssh",
                                    target, "--ssh-config", str(config), "--remote-python", sys.executable, "-o",
@@ -229,6 +230,14 @@ def test_fit_over_ssh_steps_down_and_up_on_the_device(sshd: tuple[str, Path], ho
     assert any("stepped up to depth" in s for s in doc["steps"]) and f"on the device at {target}" in res.output
     assert doc["measured"]["p90_ms"] <= budget.latency_ms
     assert "stepped up to depth" in (out / "REPORT.md").read_text()
+    # every kit of the fit went over one authenticated connection, closed at the end
+    assert res.output.count("copying kit-") >= 2 and _logins(config) == logins + 1, res.output
+    assert not _ssh_masters()
+
+
+def _logins(config: Path) -> int:
+    """Connections the test's sshd has authenticated so far (its log lies beside the client config)."""
+    return (config.parent / "sshd.log").read_text().count("Accepted publickey")
 
 
 @pytest.mark.slow

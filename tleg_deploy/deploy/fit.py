@@ -87,8 +87,16 @@ class _Built:
 
 
 def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> FitResult:
-    """Run the whole job (module docstring); returns what was built and why."""
-    say = log or (lambda _msg: None)
+    """Run the whole job (module docstring); returns what was built and why. With ``--ssh`` every device
+    kit of the job (a new device's profile, the measured steps) goes over one SSH connection."""
+    from tleg_deploy.profile.remote import connected
+
+    with connected(request.ssh) as ssh:
+        return _fit(dataclasses.replace(request, ssh=ssh) if ssh is not request.ssh else request, quiet,
+                    log or (lambda _msg: None))
+
+
+def _fit(request: FitRequest, quiet: bool, say: Log) -> FitResult:
     from tleg_deploy.model.resources import learngene_aux_depth, learngene_path, learngene_spec
 
     check_destination(request.out_dir, inputs=[learngene_path(request.learngene)])

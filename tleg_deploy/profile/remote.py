@@ -18,13 +18,14 @@ agents the same way; the OpenSSH binaries are on every machine that can reach a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import shlex
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,14 +65,30 @@ class SshTarget:
 @dataclass(frozen=True)
 class SshRun:
     """Where and how kits run over SSH: the target, an ``ssh -F`` file (None: the user's
-    ``~/.ssh/config``) and the target's interpreter for ONNX Runtime kits (None: its ``python3``)."""
+    ``~/.ssh/config``) and the target's interpreter for ONNX Runtime kits (None: its ``python3``).
+    ``client``: an open ``SshClient`` every kit of this run uses (``connected``); None: each kit
+    run connects by itself."""
 
     target: SshTarget
     config: Path | None = None
     remote_python: str | None = None
+    client: SshClient | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         return self.target.destination + (f":{self.target.port}" if self.target.port else "")
+
+
+@contextlib.contextmanager
+def connected(run: SshRun | None) -> Iterator[SshRun | None]:
+    """``run`` holding one authenticated connection (``SshClient``'s master) for every kit it runs in the
+    block: ``fit --ssh`` runs several kits one after another, and each would otherwise connect anew
+    (about 0.25 s on loopback, more over a device's Wi-Fi). ``None`` and an already connected run pass
+    through unchanged."""
+    if run is None or run.client is not None:
+        yield run
+        return
+    with SshClient(run.target, run.config) as client:
+        yield dataclasses.replace(run, client=client)
 
 
 class SshClient:
@@ -148,9 +165,11 @@ class SshClient:
 
 
 def run_kit_over_ssh(kit_dir: Path, target: SshTarget, *, config: Path | None = None,
-                     remote_python: str | None = None, progress: Callable[[str], None] | None = None) -> Path:
+                     remote_python: str | None = None, progress: Callable[[str], None] | None = None,
+                     client: SshClient | None = None) -> Path:
     """Run the kit at ``kit_dir`` (with ``kit_dir.tar.gz`` beside it) on ``target``; returns
-    ``kit_dir/results`` once fetched."""
+    ``kit_dir/results`` once fetched. ``client``: an open connection to ``target`` to use (None: connect
+    for this run and close the connection after it)."""
     say = progress or (lambda line: None)
     kit_dir = Path(kit_dir)
     tarball = kit_dir.with_name(kit_dir.name + ".tar.gz")
@@ -158,9 +177,11 @@ def run_kit_over_ssh(kit_dir: Path, target: SshTarget, *, config: Path | None = 
         raise FormatError(f"{kit_dir} is not a kit with its .tar.gz beside it", hint="make it with tleg-deploy kit")
     if (kit_dir / "results").exists():
         raise FormatError(f"{kit_dir}/results already exists", hint="import it with --from-kit, or make a new kit")
-    say(f"connecting to {target.destination}")
-    with SshClient(target, config) as client:
+    if client is not None:
         return _run_kit(client, kit_dir, tarball, remote_python, say)
+    say(f"connecting to {target.destination}")
+    with SshClient(target, config) as own:
+        return _run_kit(own, kit_dir, tarball, remote_python, say)
 
 
 def _run_kit(client: SshClient, kit_dir: Path, tarball: Path, remote_python: str | None,
@@ -228,7 +249,8 @@ def _ran_kit(spec: ViTSpec, cfg: KitConfig, run: SshRun, learngene: Any,
         say(f"making the {cfg.measure.backend} kit (depths {', '.join(map(str, cfg.measure.depths))}, "
             f"{', '.join(cfg.measure.precisions)})")
         kit_dir = build_kit(spec, cfg, Path(tmp) / f"kit-{cfg.device}", learngene=learngene)
-        run_kit_over_ssh(kit_dir, run.target, config=run.config, remote_python=run.remote_python, progress=say)
+        run_kit_over_ssh(kit_dir, run.target, config=run.config, remote_python=run.remote_python, progress=say,
+                         client=run.client)
         yield kit_dir
 
 
