@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,6 +26,28 @@ def make_tiny_lg(tiny_spec: ViTSpec) -> Learngene:
         for k in d:
             d[k] = d[k] + 0.05 * torch.randn(d[k].shape, generator=g)
     return lg
+
+
+def check_fit_dir(out: Path) -> dict:
+    """The checks every ``fit`` output directory passes; returns its plan.json."""
+    from tleg_deploy.files.fileio import sha256_file
+
+    plan = json.loads((out / "plan.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert plan["format"] == "tleg-fit" and manifest["format"] == "tleg-export-manifest"
+    depth, precision = plan["depth"], plan["precision"]
+    assert list(manifest["members"]) == [str(depth)]  # one member: the pick, not the depths stepped over
+    precisions = {a["precision"] for a in manifest["artifacts"] if a["format"] == "onnx"}
+    assert "fp32" in precisions and (precision in precisions or f"{precision}-qdq" in precisions)
+    weights = out / plan["weights"]["file"]
+    assert weights.name == f"model_d{depth}.safetensors" and sha256_file(weights) == plan["weights"]["sha256"]
+    for a in manifest["artifacts"]:
+        assert sha256_file(out / a["file"]) == a["sha256"] and (out / a["file"]).stat().st_size == a["bytes"]
+    assert (out / "build_engine.sh").stat().st_mode & 0o100
+    report = (out / "REPORT.md").read_text()
+    assert f"depth **{depth}**" in report and "## Candidates" in report
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging left
+    return plan
 
 
 @pytest.fixture
@@ -50,9 +75,9 @@ def isolated(tmp_path, monkeypatch):
 # The longest modules, longest first (seconds on 2 cores, 2026-12-02); the rest follow in collection order. With
 # `--dist loadfile --no-loadscope-reorder` (pyproject.toml) xdist hands modules to the workers in this order, so
 # no long module starts last and leaves the other core idle (xdist's own order is by number of tests).
-LONGEST_FIRST = ("test_remote_ssh.py", "test_fit.py", "test_walkthrough.py", "test_export_template.py",
-                 "test_profile_measure.py", "test_reliability.py", "test_report.py", "test_train_distributed.py",
-                 "test_fit_steps.py")
+LONGEST_FIRST = ("test_remote_ssh.py", "test_walkthrough.py", "test_reliability.py", "test_report.py",
+                 "test_export_template.py", "test_train_distributed.py", "test_fit_steps.py", "test_profile_measure.py",
+                 "test_fit.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,4 +1,5 @@
-"""``tleg-deploy fit`` end to end: host (measured here) for the digits spec, jetson (estimated)."""
+"""``tleg-deploy fit`` end to end on estimated profiles, its errors and its outputs; ``fit`` on a measured host
+profile: tests/test_walkthrough.py (on the profile the README's walk-through measured)."""
 
 from __future__ import annotations
 
@@ -7,96 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import check_fit_dir as _check_dir
 from typer.testing import CliRunner
 
 from tleg_deploy.cli.app import app
-from tleg_deploy.files.fileio import sha256_file
 from tleg_deploy.model.spec import ViTSpec
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Keep the host profile this test measures out of the user's cache."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv("TLEG_DEPLOY_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-def _check_dir(out: Path) -> dict:
-    plan = json.loads((out / "plan.json").read_text())
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert plan["format"] == "tleg-fit" and manifest["format"] == "tleg-export-manifest"
-    depth, precision = plan["depth"], plan["precision"]
-    assert list(manifest["members"]) == [str(depth)]  # one member: the pick, not the depths stepped over
-    precisions = {a["precision"] for a in manifest["artifacts"] if a["format"] == "onnx"}
-    assert "fp32" in precisions and (precision in precisions or f"{precision}-qdq" in precisions)
-    weights = out / plan["weights"]["file"]
-    assert weights.name == f"model_d{depth}.safetensors" and sha256_file(weights) == plan["weights"]["sha256"]
-    for a in manifest["artifacts"]:
-        assert sha256_file(out / a["file"]) == a["sha256"] and (out / a["file"]).stat().st_size == a["bytes"]
-    assert (out / "build_engine.sh").stat().st_mode & 0o100
-    report = (out / "REPORT.md").read_text()
-    assert f"depth **{depth}**" in report and "## Candidates" in report
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging left
-    return plan
-
-
-@pytest.mark.slow
-def test_fit_host_measured_then_jetson_estimated(tmp_path: Path, cache: Path) -> None:
-    from tleg_deploy.model.resources import load_learngene
-    from tleg_deploy.profile import registry
-    from tleg_deploy.profile.measure import MeasureConfig, profile
-    from tleg_deploy.profile.registry import resolve_profile
-
-    spec = ViTSpec.preset("digits")
-    # This machine's profile as `fit --device host` would measure and cache it, on a shorter protocol (3 rounds of
-    # 50 ms instead of 5 of 100 ms, fewer extra rounds and re-measures: this tests fit on a cached host profile,
-    # not the profile's precision; fit measuring a host profile itself runs in test_walkthrough.py).
-    cfg = MeasureConfig(precisions=registry.host_precisions(), depths=registry.HOST_DEPTHS, rounds=3,
-                        round_seconds=0.05, extra_rounds=2, max_reps=60, retries=1)
-    profile(spec, name=registry.HOST, config=cfg, learngene=load_learngene("demo")).save(registry._host_path())
-    host = resolve_profile("host", spec=spec)
-    assert host.runtime["rounds"] == 3  # the one just measured
-    up = {d: min(host.predict(d, spec=spec, precision=p).latency_p90_upper_ms for p in host.precisions(spec))
-          for d in (4, 5)}
-    budget_ms = round((up[4] + up[5]) / 2 * 1000, 1) / 1000  # between depth 4 and 5 of the fastest option, as
-    # the CLI gets it below (in us, 1 decimal): the measured pick is checked against the budget fit was given
-    # fit solves on the profile as probed now (drift-rescaled), so its pick is checked against its own plan.
-
-    out = tmp_path / "host"
-    res = runner.invoke(app, ["fit", "--device", "host", "--latency", f"{budget_ms * 1000:.1f}us", "-o", str(out)])
-    assert res.exit_code == 0, res.output
-    assert "measured" in res.output and "why not deeper" in res.output
-    assert "drift probe of host" in res.output  # the cached profile was probed before the solve
-    plan = _check_dir(out)
-    assert plan["figures"] == "measured" and plan["measured"]["p90_ms"] <= budget_ms
-    drift = plan["plan"]["drift"]
-    assert drift["status"] in ("rescaled", "within") and drift["ratio"] > 0
-    solved = plan["plan"]["depth"]
-    # the measured search keeps the deepest depth measured within; every depth it measured over is deeper
-    assert all(int(k) > plan["depth"] for k in plan["measured_over_budget"])
-    assert plan["plan"]["why_not_deeper"].startswith(f"depth {solved + 1} does not fit")
-
-    # Another fit, as JSON, into the same directory: replaced whole (a jetson fit: estimated, so no measuring).
-    res = runner.invoke(app, ["fit", "--device", "jetson", "--latency", f"{budget_ms * 10:.4f}ms", "-o", str(out),
-                              "--json"])
-    assert res.exit_code == 0, res.output
-    doc = json.loads(res.output)
-    assert doc["format"] == "tleg-fit" and doc["device"] != "host"
-    assert doc["figures"] == "estimated" and _check_dir(out)["device"] == doc["device"]  # the host fit's files: gone
-
-    out = tmp_path / "new" / "jetson"  # parents are created
-    res = runner.invoke(app, ["fit", "--device", "jetson", "--latency", "1ms", "-o", str(out)])
-    assert res.exit_code == 0, res.output
-    assert "estimated" in res.output and "tleg-deploy profile" in res.output
-    plan = _check_dir(out)
-    assert plan["figures"] == "estimated" and plan["measured"] is None and plan["depth"] >= 2
-    assert plan["plan"]["drift"] is None and "drift probe" not in res.output  # estimates are not probed
-    member = f"depth_{plan['depth']:02d}"
-    assert f"{member}/build_engine.sh" in (out / "build_engine.sh").read_text()
-    assert "trtexec" in (out / member / "build_engine.sh").read_text()
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -3,6 +3,7 @@
 The block is read from README.md (so the README cannot drift from what works); the only changes are
 ``$T`` running the CLI app in this process (typer's runner: the same commands and options, without a
 2 s interpreter + torch start-up per command) and every ``--epochs N`` set to 1 to keep it fast.
+The block runs once per module; a second test fits on the host profile it measured and cached.
 """
 
 from __future__ import annotations
@@ -53,23 +54,34 @@ def _shapes(root: Path) -> None:
             Image.fromarray(img).save(root / name / f"{i}.png")
 
 
-@pytest.mark.slow
-def test_readme_own_data_walkthrough(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="module")
+def walked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The README block run once for the module, in a fresh directory with a private profile cache: the
+    directory (the cache in ``cache/`` holds the host profile ``fit --device host`` measured) and each
+    command's output by its first word and output name."""
     from typer.testing import CliRunner
 
     from tleg_deploy.cli.app import app
 
+    root = tmp_path_factory.mktemp("walk")
     commands = _block()
     assert not any("--spec" in c for cmd in commands for c in cmd), "the walk-through types no spec"
-    _shapes(tmp_path / "shapes")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TLEG_DEPLOY_CACHE_DIR", str(tmp_path / "cache"))
-    for cmd in commands:
-        res = CliRunner().invoke(app, cmd)
-        assert res.exit_code == 0, f"{' '.join(cmd)}\n{res.output[-3000:]}\n{res.exception!r}"
-        if cmd[0] == "train-teacher":
-            assert "spec inferred from folder:shapes" in res.output
+    _shapes(root / "shapes")
+    outputs: dict[str, str] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("TLEG_DEPLOY_CACHE_DIR", str(root / "cache"))
+        for cmd in commands:
+            res = CliRunner().invoke(app, cmd)
+            assert res.exit_code == 0, f"{' '.join(cmd)}\n{res.output[-3000:]}\n{res.exception!r}"
+            outputs[f"{cmd[0]} {cmd[-1]}"] = res.output
+    return root, outputs
 
+
+@pytest.mark.slow
+def test_readme_own_data_walkthrough(walked: tuple[Path, dict[str, str]]) -> None:
+    tmp_path, outputs = walked
+    assert "spec inferred from folder:shapes" in outputs["train-teacher teacher.safetensors"]
     for fit_dir in ("fit-host", "fit-jetson"):
         labels = json.loads((tmp_path / fit_dir / "labels.json").read_text())
         assert labels["classes"] == list(CLASSES)
@@ -80,3 +92,64 @@ def test_readme_own_data_walkthrough(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert json.loads(meta["data"])["classes"] == list(CLASSES), plan["pick"]
     report = (tmp_path / "shapes-report" / "report.md").read_text()
     assert "`fit-host`" in report and "`fit-jetson`" in report
+
+
+@pytest.mark.slow
+def test_fit_on_the_cached_host_profile_then_on_estimated_ones(walked: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fit --device host`` on the host profile the walk-through's fit measured and cached (drift-probed first,
+    then measured steps), JSON into the same directory, and jetson's estimated profile."""
+    from conftest import check_fit_dir
+    from typer.testing import CliRunner
+
+    from tleg_deploy.cli.app import app
+    from tleg_deploy.model.resources import learngene_spec
+    from tleg_deploy.profile.registry import resolve_profile
+
+    root, _ = walked
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("TLEG_DEPLOY_CACHE_DIR", str(root / "cache"))
+    runner = CliRunner()
+    spec = learngene_spec("shapes.safetensors")
+    assert list((root / "cache").glob("host-*.json")), "the walk-through's fit cached no host profile"
+    host = resolve_profile("host", spec=spec)
+    assert host.source == "measured" and host.precisions(spec)
+    up = {d: min(host.predict(d, spec=spec, precision=p).latency_p90_upper_ms for p in host.precisions(spec))
+          for d in (4, 5)}
+    budget_ms = round((up[4] + up[5]) / 2 * 1000, 1) / 1000  # between depth 4 and 5 of the fastest option, as
+    # the CLI gets it below (in us, 1 decimal): the measured pick is checked against the budget fit was given
+    # fit solves on the profile as probed now (drift-rescaled), so its pick is checked against its own plan.
+
+    out = tmp_path / "host"
+    res = runner.invoke(app, ["fit", "--learngene", "shapes.safetensors", "--device", "host", "--latency",
+                              f"{budget_ms * 1000:.1f}us", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "measured" in res.output and "why not deeper" in res.output
+    assert "drift probe of host" in res.output  # the cached profile was probed before the solve
+    plan = check_fit_dir(out)
+    assert plan["figures"] == "measured" and plan["measured"]["p90_ms"] <= budget_ms
+    drift = plan["plan"]["drift"]
+    assert drift["status"] in ("rescaled", "within") and drift["ratio"] > 0
+    solved = plan["plan"]["depth"]
+    # the measured search keeps the deepest depth measured within; every depth it measured over is deeper
+    assert all(int(k) > plan["depth"] for k in plan["measured_over_budget"])
+    assert plan["plan"]["why_not_deeper"].startswith(f"depth {solved + 1} does not fit")
+
+    # Another fit, as JSON, into the same directory: replaced whole (a jetson fit: estimated, so no measuring).
+    res = runner.invoke(app, ["fit", "--device", "jetson", "--latency", f"{budget_ms * 10:.4f}ms", "-o", str(out),
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["format"] == "tleg-fit" and doc["device"] != "host"
+    assert doc["figures"] == "estimated" and check_fit_dir(out)["device"] == doc["device"]  # the host fit: gone
+
+    out = tmp_path / "new" / "jetson"  # parents are created
+    res = runner.invoke(app, ["fit", "--device", "jetson", "--latency", "1ms", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "estimated" in res.output and "tleg-deploy profile" in res.output
+    plan = check_fit_dir(out)
+    assert plan["figures"] == "estimated" and plan["measured"] is None and plan["depth"] >= 2
+    assert plan["plan"]["drift"] is None and "drift probe" not in res.output  # estimates are not probed
+    member = f"depth_{plan['depth']:02d}"
+    assert f"{member}/build_engine.sh" in (out / "build_engine.sh").read_text()
+    assert "trtexec" in (out / member / "build_engine.sh").read_text()
