@@ -323,6 +323,7 @@ def test_ssh_steps_measure_each_depth_with_the_neighbour_the_search_asks_for_nex
 
     def fake_points(spec, cfg, run, **_kw):  # type: ignore[no-untyped-def]
         kits.append(cfg.measure.depths)
+        assert cfg.measure.retries == 0  # the steps read each depth alone: a session off a line is not re-measured
         return {}, {(plan.precision, d): Point(depth=d, p50_ms=latency(d), p90_ms=latency(d), p99_ms=latency(d),
                                                mean_ms=latency(d), std_ms=0.0, n=50, rounds=5, p50_se_ms=0.0,
                                                p90_se_ms=0.0, memory_mb=1.0) for d in cfg.measure.depths}

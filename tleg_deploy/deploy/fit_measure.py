@@ -190,8 +190,11 @@ def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, sa
 
     def timed(depth: int) -> Measurement:
         if depth not in seen:
+            # retries=0: the search reads each depth's own measurement, no line through them, so a session off
+            # a line (on a CPU whose small models speed up while their weights fit in cache, every shallow
+            # one) is not measured again
             cfg = KitConfig.for_backend(plan.device, backend, (plan.precision,), depths_for(depth),
-                                        threads=profile_threads(profile), memory=False)
+                                        threads=profile_threads(profile), memory=False, retries=0)
             say(f"measuring depth(s) {', '.join(map(str, cfg.measure.depths))} {plan.precision} on "
                 f"{run.describe()} ({backend}) ...")
             _kit, points = points_over_ssh(plan.spec, cfg, run, learngene=lg, progress=say)

@@ -58,13 +58,16 @@ class KitConfig:
     @classmethod
     def for_backend(cls, device: str, backend: str, precisions: tuple[str, ...], depths: tuple[int, ...], *,
                     batch: int = 1, threads: int = 1, rounds: int | None = None, memory: bool = True,
-                    clock: str = "wall") -> KitConfig:
+                    clock: str = "wall", retries: int | None = None) -> KitConfig:
         """A kit measuring ``precisions`` x ``depths`` on ``backend`` with the profiler's protocol (TensorRT:
-        on the GPU, 3 trtexec runs per engine by default; ONNX Runtime: on the CPU, 5 rounds)."""
+        on the GPU, 3 trtexec runs per engine by default; ONNX Runtime: on the CPU, 5 rounds; ``retries``:
+        sessions off a line measured again, the profiler's by default)."""
         gpu = backend == "tensorrt"
+        more = {} if retries is None else {"retries": retries}
         return cls(device=device, measure=MeasureConfig(
             backend=backend, precisions=precisions, depths=depths, batch=batch, threads=threads,
-            device="cuda" if gpu else "cpu", rounds=rounds or (3 if gpu else 5), memory=memory, clock=clock))
+            device="cuda" if gpu else "cpu", rounds=rounds or (3 if gpu else 5), memory=memory, clock=clock,
+            **more))
 
     def __post_init__(self) -> None:
         if self.measure.backend not in KIT_BACKENDS:
