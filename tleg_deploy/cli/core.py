@@ -62,9 +62,8 @@ def extract(
 
     Example: tleg-deploy extract my_vit12.safetensors --spec deit-tiny -o my_learngene.safetensors
     """
+    dest = output_file(output, inputs=[input_file(model, "model")], force=force)  # refused before torch loads
     from tleg_deploy.model.extract import extract_learngene
-
-    dest = output_file(output, inputs=[input_file(model, "model")], force=force)
     from tleg_deploy.model.spec_text import parse_spec
 
     lg, report = extract_learngene(model, parse_spec(str(spec)), aux_depth)
@@ -95,9 +94,9 @@ def import_tleg(
 
     Example: tleg-deploy import-tleg aux_deit_small/checkpoint.pth -o aux_small.safetensors
     """
+    dest = output_file(output, inputs=[input_file(checkpoint, "checkpoint")], force=force)  # before torch loads
     from tleg_deploy.model.tleg_import import import_tleg_checkpoint
 
-    dest = output_file(output, inputs=[input_file(checkpoint, "checkpoint")], force=force)
     lg = import_tleg_checkpoint(checkpoint, aux_depth=aux_depth, num_heads=num_heads, use_ema=ema)
     lg.save(dest)
     info = {"output": str(output), "spec": lg.spec.preset_name() or lg.spec.to_dict(), "params": lg.num_params()}
