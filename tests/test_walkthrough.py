@@ -82,6 +82,10 @@ def walked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, st
 def test_readme_own_data_walkthrough(walked: tuple[Path, dict[str, str]]) -> None:
     tmp_path, outputs = walked
     assert "spec inferred from folder:shapes" in outputs["train-teacher teacher.safetensors"]
+    # fit-host measured this host's profile for the new spec, so it did not drift-probe it (a cached one is)
+    host_plan = json.loads((tmp_path / "fit-host" / "plan.json").read_text())
+    assert host_plan["figures"] == "measured" and host_plan["plan"]["drift"] is None
+    assert "drift probe" not in outputs["fit fit-host"]
     for fit_dir in ("fit-host", "fit-jetson"):
         labels = json.loads((tmp_path / fit_dir / "labels.json").read_text())
         assert labels["classes"] == list(CLASSES)

@@ -154,6 +154,12 @@ def host_precisions() -> tuple[str, ...]:
     return ("fp32", "int8") if have_quant else ("fp32",)
 
 
+def host_cached(spec: ViTSpec | None = None) -> bool:
+    """Whether ``host_profile(spec)`` would read the cache rather than measure (any spec for None)."""
+    cached = _cached_host()
+    return cached is not None and (spec is None or bool(cached.precisions(spec)))
+
+
 def host_profile(spec: ViTSpec | None = None, *, refresh: bool = False, quiet: bool = True) -> DeviceProfile:
     """This machine (ONNX Runtime CPU, 1 thread, batch 1), measured for ``spec`` on first use and
     cached; other specs already cached are kept."""
