@@ -10,15 +10,19 @@ import pytest
 
 from tleg_deploy.profile.linefit import fit_line, t975
 
-stats = pytest.importorskip("scipy.stats")  # the dev extra; only the tests use it
+
+@pytest.fixture(scope="module")
+def stats():  # type: ignore[no-untyped-def]
+    """scipy.stats: the dev extra, only the tests use it (imported here, not at collection: 0.5 s per worker)."""
+    return pytest.importorskip("scipy.stats")
 
 
-def test_t975_matches_scipy_at_integer_dof() -> None:
+def test_t975_matches_scipy_at_integer_dof(stats) -> None:  # type: ignore[no-untyped-def]
     for dof in range(1, 301):
         assert t975(dof) == pytest.approx(stats.t.ppf(0.975, dof), rel=3e-4), dof
 
 
-def test_t975_between_integers_errs_high_only() -> None:
+def test_t975_between_integers_errs_high_only(stats) -> None:  # type: ignore[no-untyped-def]
     for dof in np.arange(1.0, 60.0, 0.05):
         ref = stats.t.ppf(0.975, dof)
         rel = (t975(float(dof)) - ref) / ref
@@ -26,7 +30,7 @@ def test_t975_between_integers_errs_high_only() -> None:
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_fit_matches_numpy_polyfit(seed: int) -> None:
+def test_fit_matches_numpy_polyfit(seed: int, stats) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(seed)
     depths = sorted(rng.choice(np.arange(1, 49), size=int(rng.integers(3, 9)), replace=False).tolist())
     values = [0.7 + 0.31 * d + float(rng.normal(0, 0.2)) for d in depths]
