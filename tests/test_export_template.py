@@ -150,13 +150,14 @@ def _probe_model(spec: ViTSpec):
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_family_with_each_exporter_passes_validation(tiny_lg, tmp_path, exporter):
     out = tmp_path / exporter
-    manifest = export_family(tiny_lg, [1, 2, 3], out, "onnx", data=None, exporter=exporter)
+    depths = [1, 2, 3] if exporter == "torchscript" else [2, 3]  # a dynamo export of each "full" member: ~0.5 s
+    manifest = export_family(tiny_lg, depths, out, "onnx", data=None, exporter=exporter)
     modes = {}
     for a in manifest["artifacts"]:
         report = json.loads((out / a["file"]).with_name("model.validation.json").read_text())
         assert report["passed"] and report["max_abs_diff"]["logits"] < TOLERANCES["fp32"]
         modes[a["depth"]] = report["mode"]
-    assert modes == {1: "full", 2: "full", 3: "template"}  # built from the template, not a fallback
+    assert modes == {1: "full", 2: "full", 3: "template"} if exporter == "torchscript" else {2: "full", 3: "template"}
 
 
 def test_cli_threads_the_exporter_to_the_template(tiny_lg, tmp_path, monkeypatch):
