@@ -175,8 +175,9 @@ def test_measured_profile_records_probe_history_and_can_be_probed(tiny_spec: ViT
     from tleg_deploy.profile.measure import MeasureConfig, profile
 
     cfg = MeasureConfig(depths=(1, 4, 8), rounds=3, extra_rounds=0, round_seconds=0.03, max_reps=30, memory=False,
-                        retries=0)
+                        retries=0, gemm=False)
     prof = profile(tiny_spec, name="testhost", config=cfg)
+    assert not any(k.startswith("gemm_") for k in prof.hardware)  # gemm=False: not measured
     info = prof.probe
     assert info is not None and info.depth == 4 and info.precision == "fp32" and info.spec == tiny_spec
     phases = [s.phase for s in info.history]

@@ -78,7 +78,8 @@ def _host_profile() -> DeviceProfile:
     from tleg_deploy.profile.measure import profile
 
     return profile(ViTSpec.preset("digits"), config=MeasureConfig(depths=(1, 6, 12), memory=False, clock="thread",
-                                                                  retries=0), learngene=load_learngene("demo"))
+                                                                  retries=0, gemm=False),
+                   learngene=load_learngene("demo"))
 
 
 def _line(prof) -> dict[int, float]:  # type: ignore[no-untyped-def]

@@ -282,7 +282,7 @@ def test_a_measured_profile_of_this_host_is_probed_for_drift(tmp_path: Path, no_
     from tleg_deploy.profile.measure import profile
 
     prof = profile(ViTSpec.preset("digits"), name="mybox", config=MeasureConfig(depths=(1, 2), rounds=2,
-                                                                                 memory=False),
+                                                                                 memory=False, gemm=False),
                    learngene=load_learngene("demo"))
     assert prof.probe is not None
     prof.save(tmp_path / "profiles" / "mybox.json")

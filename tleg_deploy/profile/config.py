@@ -37,6 +37,7 @@ class MeasureConfig:
     retries: int = 2  # re-measure a session whose p50 points are not on a line within linear_tolerance ...
     linear_tolerance: float = 0.03  # ... (worst relative residual; needs >= 3 depths), keep the most linear
     probe: bool = True  # record the drift probe's reference (profile.drift), re-timed start/mid/end of profiling
+    gemm: bool = True  # CPU: record this host's 1-thread GEMM rates (profile.gemm, about half a second)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

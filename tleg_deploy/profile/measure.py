@@ -184,7 +184,7 @@ def profile(
     kind = "jetson" if envmod.is_jetson() else ("gpu" if cfg.device == "cuda" else "cpu")
     hardware = {"cpu": {"value": envmod.cpu_model(), "unit": "", "source": "/proc/cpuinfo"},
                 "cores": {"value": os.cpu_count(), "unit": "", "source": "os.cpu_count()"}}
-    if cfg.device == "cpu":
+    if cfg.device == "cpu" and cfg.gemm:
         hardware.update(_gemm_facts(progress))
     fresh = DeviceProfile(
         name=name, aliases=tuple(aliases), source="measured", kind=kind, backend=cfg.backend,
