@@ -84,17 +84,18 @@ def prefetch(ctx: MemberContext, spec: ViTSpec) -> None:
 
 def staged_in_parallel(ctx: MemberContext, depths: list[int], member: Callable[[int], Any],
                         n_workers: int) -> Iterator[tuple[int, Staged]]:
-    """Build and validate ``depths`` (``stage_member``) in ``n_workers`` threads; yield them in depth order as
-    each is ready. On an error or Ctrl-C the members not started are cancelled, the running ones finish,
-    and every staging directory not yet committed is removed."""
+    """Build and validate ``depths`` (``stage_member``) in ``n_workers`` threads, the deepest (longest) first so
+    that no long member starts last while the other threads idle; yield them in depth order as each is ready.
+    On an error or Ctrl-C the members not started are cancelled, the running ones finish, and every staging
+    directory not yet committed is removed."""
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="tleg-export")
-    futures = [pool.submit(lambda d=d: stage_member(ctx, member(d))) for d in depths]
+    by_depth = {d: pool.submit(lambda d=d: stage_member(ctx, member(d))) for d in sorted(depths, reverse=True)}
     committed = 0
     try:
-        for d, fut in zip(depths, futures, strict=True):
-            yield d, fut.result()
+        for d in depths:
+            yield d, by_depth[d].result()
             committed += 1
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
