@@ -117,7 +117,7 @@ def _same_curve(a: dict, b: dict, tolerance: float) -> bool:
     """The medians ``a`` are ``b`` times one factor (the device's speed moves between sessions), within
     ``tolerance``."""
     ratios = [a[d] / b[d] for d in a if d in b and b[d] > 0]
-    return len(ratios) == len(a) and min(ratios) > 0 and max(ratios) <= (1 + tolerance) * min(ratios)
+    return bool(ratios) and len(ratios) == len(a) and min(ratios) > 0 and max(ratios) <= (1 + tolerance) * min(ratios)
 
 
 def measure_precision(kit_dir: str, kit: dict, precision: str) -> dict:
