@@ -91,9 +91,11 @@ def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> F
     kit of the job (a new device's profile, the measured steps) goes over one SSH connection."""
     from tleg_deploy.profile.remote import connected
 
+    say = log or (lambda _msg: None)
+    if request.ssh is not None and request.ssh.client is None:
+        say(f"connecting to {request.ssh.describe()} ...")  # up to the connect timeout when it does not answer
     with connected(request.ssh) as ssh:
-        return _fit(dataclasses.replace(request, ssh=ssh) if ssh is not request.ssh else request, quiet,
-                    log or (lambda _msg: None))
+        return _fit(dataclasses.replace(request, ssh=ssh) if ssh is not request.ssh else request, quiet, say)
 
 
 def _fit(request: FitRequest, quiet: bool, say: Log) -> FitResult:
