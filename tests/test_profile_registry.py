@@ -81,6 +81,7 @@ def test_host_uses_the_cache_keyed_by_fingerprint(isolated) -> None:
     cached.save(registry._host_path())
     assert registry._host_path().name == f"host-{fp}.json"
     assert registry.resolve_profile("host", spec=SPEC) == cached  # no re-measurement
+    assert registry.host_profile_measured(SPEC) == (cached, False)  # read, not measured (fit probes it then)
     assert "host" in {p.name for p in registry.list_profiles()}
     # A cache written under another fingerprint is not this machine's.
     shutil.move(registry._host_path(), registry.cache_dir() / "host-0000000000000000.json")

@@ -30,11 +30,13 @@ def resolve_device_profile(request: FitRequest, spec: ViTSpec, quiet: bool, log:
     if request.ssh is not None:
         return _ssh_profile(request, spec, log)
     from tleg_deploy.profile.drift import probe_and_apply
-    from tleg_deploy.profile.registry import HOST, host_cached, remember_probe, resolve_profile
+    from tleg_deploy.profile.registry import HOST, host_profile_measured, remember_probe, resolve_profile
 
-    measuring = request.refresh_profile or (request.device == HOST and not host_cached(spec))
-    prof = resolve_profile(request.device, spec=spec, refresh=request.refresh_profile, quiet=quiet)
-    if prof.source != "measured" or measuring:  # nothing to probe, or measured just now
+    if request.device == HOST:
+        prof, measured_now = host_profile_measured(spec, refresh=request.refresh_profile, quiet=quiet)
+    else:  # a profile file re-measures nothing here; --refresh-profile still skips its probe, as it always did
+        prof, measured_now = resolve_profile(request.device, spec=spec, quiet=quiet), request.refresh_profile
+    if prof.source != "measured" or measured_now:  # nothing to probe, or measured just now
         return prof
     # The drift probe (about 1 s): how fast this host is now against its profile, rescaled beyond ±5%.
     # Its reading reaches the user once, through the plan's warnings (fit's notes, REPORT.md).

@@ -113,9 +113,10 @@ def worst_line_residual(depths: list, values: list) -> float:
     return max(abs(y - (ym + slope * (x - xm))) / y for x, y in zip(depths, values))  # noqa: B905
 
 
-def _same_curve(a: dict, b: dict, tolerance: float) -> bool:
-    """The medians ``a`` are ``b`` times one factor (the device's speed moves between sessions), within
-    ``tolerance``."""
+def same_curve(a: dict, b: dict, tolerance: float) -> bool:
+    """The per-depth medians ``a`` are ``b`` times one factor (a machine's speed moves by a few percent
+    between sessions), within ``tolerance``: the largest depth-wise ratio over the smallest. The profiler
+    (``tleg_deploy.profile.measure``) ends its re-measures by the same rule."""
     ratios = [a[d] / b[d] for d in a if d in b and b[d] > 0]
     return bool(ratios) and len(ratios) == len(a) and min(ratios) > 0 and max(ratios) <= (1 + tolerance) * min(ratios)
 
@@ -126,7 +127,8 @@ def measure_precision(kit_dir: str, kit: dict, precision: str) -> dict:
     p = kit["protocol"]
     shape = [kit["batch"], kit["spec"]["in_chans"], kit["spec"]["img_size"], kit["spec"]["img_size"]]
     files = {a["depth"]: os.path.join(kit_dir, a["file"]) for a in kit["artifacts"] if a["precision"] == precision}
-    sessions, medians = [], []
+    sessions: list = []
+    medians: list = []
     tol = p["linear_tolerance"]
     for attempt in range(1 + p["retries"]):
         runners = {d: Runner(files[d], shape, kit["threads"], p.get("clock", "wall")) for d in sorted(files)}
@@ -137,7 +139,7 @@ def measure_precision(kit_dir: str, kit: dict, precision: str) -> dict:
         worst = worst_line_residual(depths, [median[d] for d in depths])
         # a curve that an earlier session repeats (up to one factor) is the device's own (cache effects), not a
         # burst of load: measuring again would only repeat it
-        reproduced = any(_same_curve(median, m, tol) for m in medians)
+        reproduced = any(same_curve(median, m, tol) for m in medians)
         sessions.append((worst, rounds))
         medians.append(median)
         if worst <= tol or reproduced or attempt == p["retries"]:

@@ -28,6 +28,7 @@ from typing import Any
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile import env as envmod
 from tleg_deploy.profile.config import MeasureConfig
+from tleg_deploy.profile.kit_runner import same_curve
 from tleg_deploy.profile.linefit import fit_line
 from tleg_deploy.profile.memory import peak_memory_mb
 from tleg_deploy.profile.runners import make_runner, require_backend, runner_for_file
@@ -68,20 +69,24 @@ def measure_points(
     ``exported``, files it holds are timed again and the ones exported now are added to it."""
     require_backend(cfg.backend, cfg.device)
     report = progress or (lambda msg, frac: None)
-    with tempfile.TemporaryDirectory(prefix="tleg-profile-") as tmp, _threads(cfg.threads):
+    own_dir = None
+    if exported is None:  # the files live as long as this session
+        own_dir = tempfile.TemporaryDirectory(prefix="tleg-profile-")
+        exported = Exported(Path(own_dir.name))
+    with own_dir or contextlib.nullcontext(), _threads(cfg.threads):
         runners: dict[int, Runner] = {}
         artifacts: dict[int, str | None] = {}
         total = len(cfg.depths) * (2 if cfg.memory else 1) + cfg.rounds
         done = 0
         for depth in cfg.depths:
             report(f"{precision}: building depth {depth}", done / total)
-            if exported is not None and depth in exported.files:
+            if depth in exported.files:
                 path = exported.files[depth]
                 runners[depth], artifacts[depth] = runner_for_file(cfg, spec, Path(path)), path
             else:
-                workdir = exported.workdir if exported is not None else Path(tmp)
-                runners[depth], artifacts[depth] = make_runner(cfg, spec, depth, precision, workdir, learngene)
-                if exported is not None and artifacts[depth] is not None:
+                runners[depth], artifacts[depth] = make_runner(cfg, spec, depth, precision, exported.workdir,
+                                                               learngene)
+                if artifacts[depth] is not None:
                     exported.files[depth] = str(artifacts[depth])
             done += 1
 
@@ -224,23 +229,15 @@ def _linear_session(spec: ViTSpec, cfg: MeasureConfig, precision: str, learngene
                 points = [dataclasses.replace(p, memory_mb=memory[p.depth]) for p in again]
             depths = [p.depth for p in points]
             worst = fit_line(depths, [p.p50_ms for p in points]).worst_residual_rel if len(depths) > 2 else 0.0
-            reproduced = any(_same_curve(points, earlier, cfg.linear_tolerance) for _, earlier in sessions)
+            p50 = {p.depth: p.p50_ms for p in points}
+            reproduced = any(same_curve(p50, {p.depth: p.p50_ms for p in earlier}, cfg.linear_tolerance)
+                             for _, earlier in sessions)
             sessions.append((worst, points))
             if worst <= cfg.linear_tolerance or reproduced:
                 break
             report(f"{precision}: points off a line by {worst:.0%}, measuring again", 0.0)
     best = min(range(len(sessions)), key=lambda i: sessions[i][0])
     return sessions[best][1], [w for i, (w, _) in enumerate(sessions) if i != best], reproduced
-
-
-def _same_curve(a: Sequence[Point], b: Sequence[Point], tolerance: float) -> bool:
-    """``a``'s p50 points are ``b``'s up to one common factor (the machine's speed moves by a few percent between
-    sessions), within ``tolerance``: the largest depth-wise ratio over the smallest."""
-    pb = {p.depth: p.p50_ms for p in b}
-    if not all(p.depth in pb and p.p50_ms > 0 and pb[p.depth] > 0 for p in a):
-        return False
-    ratios = [p.p50_ms / pb[p.depth] for p in a]
-    return max(ratios) <= (1 + tolerance) * min(ratios)
 
 
 @contextlib.contextmanager

@@ -154,18 +154,18 @@ def host_precisions() -> tuple[str, ...]:
     return ("fp32", "int8") if have_quant else ("fp32",)
 
 
-def host_cached(spec: ViTSpec | None = None) -> bool:
-    """Whether ``host_profile(spec)`` would read the cache rather than measure (any spec for None)."""
-    cached = _cached_host()
-    return cached is not None and (spec is None or bool(cached.precisions(spec)))
-
-
 def host_profile(spec: ViTSpec | None = None, *, refresh: bool = False, quiet: bool = True) -> DeviceProfile:
     """This machine (ONNX Runtime CPU, 1 thread, batch 1), measured for ``spec`` on first use and
     cached; other specs already cached are kept."""
+    return host_profile_measured(spec, refresh=refresh, quiet=quiet)[0]
+
+
+def host_profile_measured(spec: ViTSpec | None = None, *, refresh: bool = False,
+                          quiet: bool = True) -> tuple[DeviceProfile, bool]:
+    """``host_profile``, and whether it was measured just now (True) rather than read from the cache."""
     cached = None if refresh else _cached_host()
     if cached is not None and (spec is None or cached.precisions(spec)):
-        return cached
+        return cached, False
     from tleg_deploy.profile.measure import MeasureConfig, profile
 
     spec = spec or ViTSpec.preset("digits")
@@ -177,7 +177,7 @@ def host_profile(spec: ViTSpec | None = None, *, refresh: bool = False, quiet: b
         learngene = load_learngene("demo")
     prof = profile(spec, name=HOST, config=cfg, learngene=learngene, quiet=quiet, base=cached)
     prof.save(_host_path())
-    return prof
+    return prof, True
 
 
 def remember_probe(profile: DeviceProfile) -> None:
