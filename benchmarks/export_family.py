@@ -120,11 +120,12 @@ def main() -> None:
         "",
         f"`{args.spec}`, depths 1-{args.max_depth}, fp32 ONNX exported and validated against PyTorch; "
         f"1 torch / 1 ONNX Runtime thread per operation; the family builds members in "
-        f"{min(4, os.cpu_count() or 1)} worker threads (one per core, `export_family(workers=None)`; the proving "
-        f"member alone first), also shown with 1 worker; median of {args.rounds} interleaved rounds. "
+        f"{min(4, os.cpu_count() or 1)} worker threads (one per core, `export_family(workers=None)`; the "
+        f"proving member starts first and is committed first), also shown with 1 worker; median of {args.rounds} "
+        "interleaved rounds. "
         "Command: `.venv/bin/python benchmarks/export_family.py`. Deepest alone: full validation (checker, "
-        "ONNX Runtime vs PyTorch at batch 1 and 3). Family: full validation for the template-built members up "
-        "to the first of depth >= 2; every other member: graph == the template's expansion, every weight "
+        "ONNX Runtime vs PyTorch at batch 1 and 3). Family: full validation for the shallowest member of "
+        "depth >= 2 (the prover); every other member: graph == the template's expansion, every weight "
         "bitwise == PyTorch's, ONNX Runtime vs PyTorch at batch 1 (report `mode: template`).",
         "",
         f"Load average (1/5/15 min) at start {' / '.join(f'{x:.2f}' for x in load_start)}, "

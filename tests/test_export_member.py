@@ -40,8 +40,8 @@ def test_family_reports_record_the_mode(tiny_lg, tmp_path):
             assert report["template"]["parameters_bitwise_equal"] == n
         else:
             assert report["batch_sizes"] == [1, 3] and report["template"] is None
-    # depth 1 has no copied block, so depth 2 is the first member that proves the whole template
-    assert modes == {1: "full", 2: "full", 3: "template", 4: "template"}
+    # depth 1 has no copied block, so depth 2 proves the whole template (its nodes include all of depth 1's)
+    assert modes == {1: "template", 2: "full", 3: "template", 4: "template"}
 
 
 def test_member_passes_and_full_validation_agrees(member):

@@ -196,18 +196,30 @@ def test_members_built_in_parallel_are_the_same_files_committed_in_order(tiny_lg
 
 
 def test_ctrl_c_while_members_build_in_parallel_leaves_only_committed_members(tiny_lg, tmp_path):
-    """Ctrl-C in member 5 while 3-6 build in threads: the members before it are committed, the others are
-    cancelled or removed (no staging directory, no claim in the manifest), and a re-run completes the family."""
+    """Ctrl-C in member 5 while 1-6 build in threads: the prover (depth 2) and the members finished before it
+    are committed, the others are cancelled or removed (no staging directory, no claim in the manifest), and
+    a re-run completes the family."""
     out = tmp_path / "fam"
     model5 = expand(tiny_lg, 5).eval()
     model5.register_forward_hook(lambda module, args, output: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         export_family(tiny_lg, range(1, 7), out, "onnx", data=None, models={5: model5}, workers=2)
     m = _claims_are_intact(out)
-    assert set(m["members"]) <= {"1", "2", "3", "4"} and {"1", "2"} <= set(m["members"])
+    assert "2" in m["members"] and "5" not in m["members"]
     assert not list(out.glob(".depth_*")) and not (out / "depth_05").exists() and not (out / "depth_06").exists()
     export_family(tiny_lg, range(1, 7), out, "onnx", data=None, workers=2)
     assert sorted(_claims_are_intact(out)["members"], key=int) == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_no_member_is_committed_when_the_prover_fails(tiny_lg, tmp_path):
+    """The members built beside the prover cite its validation: when it fails they are thrown away too."""
+    out = tmp_path / "fam"
+    model2 = expand(tiny_lg, 2).eval()
+    model2.register_forward_hook(lambda module, args, output: output + 1.0)  # PyTorch no longer matches the file
+    with pytest.raises(ExportError, match="depth_02|model.onnx failed validation"):
+        export_family(tiny_lg, range(1, 7), out, "onnx", data=None, models={2: model2}, workers=2)
+    assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith(("depth_", ".depth_"))]
+    assert not (out / "manifest.json").exists() or not json.loads((out / "manifest.json").read_text())["members"]
 
 
 def test_members_exported_one_by_one_never_run_in_threads(tiny_lg, tmp_path):

@@ -15,11 +15,12 @@ concurrent run into the same directory fail with a clear error instead of interl
 
 Speed: the members share one block structure, so the ONNX graphs come from one exported depth-2
 probe (``export.template.DepthTemplate``) instead of one exporter trace per member, and only the
-first template-built member of depth >= 2 (and any shallower one before it) gets the full
-``validate_onnx``; the others get ``validate_member``: structure identical to the template's
-expansion, every weight bitwise equal to the model's, ONNX Runtime vs PyTorch at batch 1. Each
-validation report records its ``mode``; int8/fp16 variants keep their own validation. Building one
-member, and several at once in threads, is ``export.member``; this module orders and commits them.
+shallowest template-built member of depth >= 2 (the prover: block 0, a copied block and the
+chaining, every node any member has) gets the full ``validate_onnx``; the others get
+``validate_member``: structure identical to the template's expansion, every weight bitwise equal to
+the model's, ONNX Runtime vs PyTorch at batch 1. Each validation report records its ``mode``;
+int8/fp16 variants keep their own validation. Building one member, and several at once in threads,
+is ``export.member``; this module orders and commits them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from tleg_deploy.export.manifest import (
 )
 from tleg_deploy.export.member import (
     MemberContext,
+    Staged,
     is_member_file,
     member_dir,
     prefetch,
@@ -52,7 +54,6 @@ from tleg_deploy.export.member import (
     staged_in_parallel,
     workers_for,
 )
-from tleg_deploy.files.fileio import sha256_file
 from tleg_deploy.files.outputs import move_files_into, output_dir
 from tleg_deploy.model.spec import MAX_DEPTH, ViTSpec, check_depth
 from tleg_deploy.plan.precisions import ONNX_KINDS
@@ -134,11 +135,12 @@ def export_family(
     works with either. ``card`` (a ``files.datacard.DataCard``; default: the learngene's) goes into
     every ONNX file's metadata and ``labels.json``, which every export directory holds. Variants that
     compute in one of ``skip_precisions`` (e.g. ``int8`` after it failed validation) are not written.
-    ``workers``: members built and validated at once, in threads (default: up to 4, one per core); the
-    first member that proves the template (full validation) runs alone first, and members are committed
-    to the directory and the manifest one at a time in depth order, exactly as with one worker. One worker
-    when TensorRT engines are built (they share a timing cache), latencies are measured, or members are
-    exported one by one (no template: torch's exporter is not thread-safe).
+    ``workers``: members built and validated at once, in threads (default: up to 4, one per core). The
+    member that proves the template (full validation) starts first and is committed first; the others
+    are committed only after it passed, one at a time as each is ready (the manifest lists them by depth,
+    as with one worker). One worker when TensorRT engines are built (they share a timing cache),
+    latencies are measured, or members are exported one by one (no template: torch's exporter is not
+    thread-safe).
     """
     from tleg_deploy.export.onnx import EXPORTERS
     from tleg_deploy.export.tensorrt import BatchRange
@@ -233,25 +235,27 @@ def _export_locked(
 
         # torch.onnx.export keeps global state: members run in threads only when the template builds them
         n_workers = workers_for(workers, fmts, measure_latency) if template is not None else 1
-        queue = list(todo)
-        # Alone first: every member until one has proven the template (the others' validation cites it).
-        while queue and (n_workers == 1 or (ctx.template is not None and ctx.proven_by is None)):
-            d = queue.pop(0)
-            if progress:
-                progress(f"depth {d}", done, len(depths))
-            _commit_member(ctx, manifest, *stage_member(ctx, member(d)), source)
-            done += 1
-            if progress:
-                progress(f"depth {d} done", done, len(depths))
-        if queue:
+        # The first member of depth >= 2 (block 0, a copied block and the chaining) gets the full validation
+        # and is committed first; the others' validation cites it.
+        ctx.prover = next((d for d in todo if d >= 2), None) if template is not None else None
+        queue = sorted(todo, key=lambda d: d != ctx.prover)  # the prover first, then by depth
+        if n_workers == 1 or len(queue) == 1:
+            for d in queue:
+                if progress:
+                    progress(f"depth {d}", done, len(depths))
+                _commit_member(ctx, manifest, stage_member(ctx, member(d)), source)
+                done += 1
+                if progress:
+                    progress(f"depth {d} done", done, len(depths))
+        elif queue:
             prefetch(ctx, lg.spec)  # the lazily loaded images, once, before threads share them
             # closing(): the pool is shut down and uncommitted staging removed before the lock is released
             with contextlib.closing(staged_in_parallel(ctx, queue, member, n_workers)) as staged_members:
-                for d, staged in staged_members:
-                    _commit_member(ctx, manifest, *staged, source)
+                for staged in staged_members:
+                    _commit_member(ctx, manifest, staged, source)
                     done += 1
                     if progress:
-                        progress(f"depth {d} done", done, len(depths))
+                        progress(f"depth {staged.depth} done", done, len(depths))
         _write_labels(out, card, lg.spec)
         return manifest
 
@@ -286,9 +290,9 @@ def _clean_staging(out: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _commit_member(ctx: MemberContext, manifest: dict[str, Any], depth: int, stage: Path,
-                   artifacts: list[dict[str, Any]], source: str) -> None:
+def _commit_member(ctx: MemberContext, manifest: dict[str, Any], staged: Staged, source: str) -> None:
     """Move a staged member into ``depth_NN/`` and record it in the manifest (one member at a time)."""
+    depth, stage, artifacts = staged.depth, staged.stage, staged.artifacts
     name = member_dir(depth)
     final = ctx.out_dir / name
     try:
@@ -300,11 +304,12 @@ def _commit_member(ctx: MemberContext, manifest: dict[str, Any], depth: int, sta
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    files = {f"{name}/{n}": sha256_file(final / n) for n in placed}
+    files = {f"{name}/{n}": staged.sha256[n] for n in placed}  # renamed, not rewritten: the staged bytes
     for a in artifacts:
         a["file"] = f"{name}/{a['file']}"
         a["sha256"] = files[a["file"]]
     manifest["members"][str(depth)] = {"dir": name, "source": source, "formats": list(ctx.formats), "files": files}
+    manifest["members"] = dict(sorted(manifest["members"].items(), key=lambda kv: int(kv[0])))  # any commit order
     manifest["artifacts"].extend(artifacts)
     order = tuple(ONNX_KINDS)
     manifest["artifacts"].sort(key=lambda a: (a["depth"], a["format"] != "onnx", order.index(a["precision"])))

@@ -1,6 +1,6 @@
 """One member of a depth family (``export.family``): build every requested file of one depth into a hidden
 staging directory and validate it (``build_member``, ``stage_member``), and do that for several members at
-once in threads (``staged_in_parallel``) while the family commits them one at a time in depth order.
+once in threads (``staged_in_parallel``) while the family commits them one at a time as each is ready.
 
 Members run in threads only when the depth template builds their graphs (``torch.onnx.export`` keeps global
 state), never when TensorRT engines are built (they share a timing cache) or latencies are measured
@@ -23,7 +23,15 @@ from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.plan import costs
 from tleg_deploy.plan.precisions import ONNX_KINDS, PRECISION, PRECISIONS
 
-Staged = tuple[int, Path, list[dict[str, Any]]]  # depth, staging directory, artifact entries
+
+@dataclass
+class Staged:
+    """A member built and validated in its staging directory, ready to commit."""
+
+    depth: int
+    stage: Path
+    artifacts: list[dict[str, Any]]
+    sha256: dict[str, str]  # file name in ``stage`` -> sha256, hashed in the member's own thread
 
 
 @dataclass
@@ -39,9 +47,15 @@ class MemberContext:
     exporter: str = "auto"  # export_onnx's exporter, for the probe or for every member without a template
     card: Any = None  # files.datacard.DataCard: class names and preprocessing, in every ONNX file's metadata
     skip: frozenset[str] = frozenset()  # precisions whose variants are not written (fit: failed validation)
-    proven_by: str | None = None  # the template-built member (depth >= 2) that passed the full validation
+    # The template-built member (depth >= 2) that gets the full validation and proves the template for the
+    # others (``validate_member``). It is committed before any of them and they are kept only if it passes.
+    prover: int | None = None
     _images: Any = None
     _calibration: Any = None
+
+    @property
+    def proven_by(self) -> str | None:
+        return None if self.prover is None else f"{member_dir(self.prover)}/model.onnx"
 
     def images(self, spec: ViTSpec) -> Any:
         if self._images is None:
@@ -83,23 +97,33 @@ def prefetch(ctx: MemberContext, spec: ViTSpec) -> None:
 
 
 def staged_in_parallel(ctx: MemberContext, depths: list[int], member: Callable[[int], Any],
-                        n_workers: int) -> Iterator[tuple[int, Staged]]:
-    """Build and validate ``depths`` (``stage_member``) in ``n_workers`` threads, the deepest (longest) first so
-    that no long member starts last while the other threads idle; yield them in depth order as each is ready.
-    On an error or Ctrl-C the members not started are cancelled, the running ones finish, and every staging
-    directory not yet committed is removed."""
-    from concurrent.futures import ThreadPoolExecutor
+                        n_workers: int) -> Iterator[Staged]:
+    """Build and validate ``depths`` (``stage_member``) in ``n_workers`` threads and yield each to be committed.
 
+    ``ctx.prover`` (if among ``depths``) starts first and is yielded first: the others' validation cites it,
+    so none of them is yielded unless it passed. The rest start deepest (longest) first, so that no long
+    member starts last while the other threads idle, and are yielded as each is ready, so the caller commits
+    it while the others still build (in depth order every commit would wait for the shallowest member,
+    which starts last). On an error or Ctrl-C the members not started are cancelled, the running ones
+    finish, and every staging directory not yet committed is removed."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    first = [ctx.prover] if ctx.prover in depths else []
+    order = first + sorted(set(depths) - set(first), reverse=True)
     pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="tleg-export")
-    by_depth = {d: pool.submit(lambda d=d: stage_member(ctx, member(d))) for d in sorted(depths, reverse=True)}
-    committed = 0
+    futures = [pool.submit(lambda d=d: stage_member(ctx, member(d))) for d in order]
+    committed: set[int] = set()
     try:
-        for d in depths:
-            yield d, by_depth[d].result()
-            committed += 1
+        if first:
+            yield futures[0].result()
+            committed.add(order[0])
+        for future in as_completed(futures[len(first):]):
+            staged = future.result()
+            yield staged
+            committed.add(staged.depth)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        for d in depths[committed:]:
+        for d in set(depths) - committed:
             shutil.rmtree(staging_path(ctx.out_dir, d), ignore_errors=True)
 
 
@@ -121,14 +145,17 @@ def is_member_file(name: str) -> bool:
 
 
 def stage_member(ctx: MemberContext, model: Any) -> Staged:
-    """Build and validate one member into its hidden staging directory (thread-safe: nothing shared is
-    written); returns its depth, the staging directory and its artifact entries."""
+    """Build and validate one member into its hidden staging directory and hash its files (thread-safe:
+    nothing shared is written)."""
+    from tleg_deploy.files.fileio import sha256_file
+
     depth = model.depth
     stage = staging_path(ctx.out_dir, depth)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
-        return depth, stage, build_member(ctx, model, stage)
+        artifacts = build_member(ctx, model, stage)
+        return Staged(depth, stage, artifacts, {p.name: sha256_file(p) for p in sorted(stage.iterdir())})
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -150,12 +177,10 @@ def build_member(ctx: MemberContext, model: Any, stage: Path) -> list[dict[str, 
         proto = export_proto(model, exporter=ctx.exporter)
         set_metadata(proto, model_metadata(model) | meta)
     fp32 = save_proto(proto, stage / "model.onnx")
-    if ctx.template is not None and ctx.proven_by is not None:
+    if ctx.template is not None and ctx.proven_by is not None and depth != ctx.prover:
         reports = {"fp32": validate_member(fp32, model, ctx.template, proven_by=ctx.proven_by)}
     else:
         reports = {"fp32": validate_onnx(fp32, model, precision="fp32")}
-        if ctx.template is not None and depth >= 2:  # covers block 0, a copied block and the chaining
-            ctx.proven_by = f"{member_dir(depth)}/model.onnx"
     files = {"fp32": fp32}
     if "int8" in ctx.formats and "int8" not in ctx.skip:
         files["int8"] = quantize_int8(fp32, stage / "model_int8.onnx")
