@@ -293,6 +293,28 @@ def test_a_reading_near_the_budget_is_timed_again_and_the_median_decides(tmp_pat
     assert any("within 5% of the 2 ms budget" in s for s in said)
 
 
+@pytest.mark.parametrize(("again", "kept"), [((2.1, 2.2), False), ((1.9, 2.1), True)])
+def test_the_pick_read_once_close_under_the_budget_is_timed_again(tmp_path: Path, measured: Callable,
+                                                                 again: tuple[float, float], kept: bool) -> None:
+    """The search ends on depth d+1 read once at 1.8 ms (10% under the 2 ms budget: not near enough to be timed
+    again on the way, but it is the pick): it is timed twice more and the median decides. Over after all, the
+    search goes on below it (depth d, read far under the budget, is kept as it is)."""
+    request, plan, prof = _setup(Budget(latency_ms=LIMIT))
+    d = plan.depth
+    readings = {d + 1: iter([1.8, *again])}
+    calls = measured(lambda depth: next(readings[depth]) if depth in readings else (0.5 if depth <= d else 2.4))
+    said: list[str] = []
+    depth, m, steps, over = _check(request, plan, prof, tmp_path, said.append)
+    assert calls.count(d + 1) == 3 and all(calls.count(k) == 1 for k in calls if k != d + 1)
+    assert any("the pick, within 15% under the 2 ms budget" in s for s in said)
+    assert m is not None
+    if kept:
+        assert depth == d + 1 and m.p90_ms == 1.9 and d + 1 not in over
+    else:
+        assert depth == d and m.p90_ms == 0.5 and over[d + 1] == 2.1
+        assert steps[-1].startswith(f"depth {d + 1} ") and steps[-1].endswith(f"stays at depth {d}")
+
+
 def test_a_replayed_reading_near_the_budget_is_not_reported_as_timed_again(tmp_path: Path,
                                                                             measured: Callable) -> None:
     """A timer that replays one recorded reading (a kit's run) gives the same value again: fit says nothing
