@@ -175,7 +175,8 @@ def closed_loop(spec: Any, prof: Any, budget: Any, plan: Any, max_depth: int, ar
 
     request = FitRequest(budget, device=prof, out_dir=Path("unused"), search=SearchOptions(max_depth=max_depth))
     try:
-        depth, own, steps, _over = measured_check(request, plan, prof, budget.latency_ms, timer, lambda _m: None)
+        depth, own, steps, _over = measured_check(request, plan, prof, budget.latency_ms, timer,
+                                                  lambda m: print(f"  loop: {m}", flush=True))
     except InfeasibleError as e:
         return {"loop_depth": None, "loop_steps": [str(e)], "loop_within": False, "loop_tight": None,
                 "loop_measured_p90_ms": math.nan, "loop_deeper_p90_ms": math.nan}
