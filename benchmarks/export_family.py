@@ -120,7 +120,7 @@ def main() -> None:
         "",
         f"`{args.spec}`, depths 1-{args.max_depth}, fp32 ONNX exported and validated against PyTorch; "
         f"1 torch / 1 ONNX Runtime thread per operation; the family builds members in "
-        f"{min(4, os.cpu_count() or 1)} worker threads (one per core, `export_family(workers=None)`; the "
+        f"{min(4, os.cpu_count() or 1)} forked worker processes (one per core, `export_family(workers=None)`; the "
         f"proving member starts first and is committed first), also shown with 1 worker; median of {args.rounds} "
         "interleaved rounds. "
         "Command: `.venv/bin/python benchmarks/export_family.py`. Deepest alone: full validation (checker, "

@@ -222,6 +222,40 @@ def test_no_member_is_committed_when_the_prover_fails(tiny_lg, tmp_path):
     assert not (out / "manifest.json").exists() or not json.loads((out / "manifest.json").read_text())["members"]
 
 
+def test_members_are_built_in_worker_processes_and_in_threads_where_fork_is_missing(tiny_lg, tmp_path, monkeypatch):
+    """Members after the prover are built by forked workers (a member's forward runs in another process); on a
+    platform without fork, by threads in this process; the files are the same either way."""
+    import multiprocessing
+
+    def family(out):
+        pid_file = out.with_suffix(".pid")
+        model3 = expand(tiny_lg, 3).eval()
+
+        def note_pid(module, args, output):
+            pid_file.write_text(str(os.getpid()))  # returns None: the output stays as it is
+
+        model3.register_forward_hook(note_pid)
+        m = export_family(tiny_lg, range(1, 5), out, "onnx", data=None, models={3: model3}, workers=2)
+        return int(pid_file.read_text()), [a["sha256"] for a in m["artifacts"] if a["file"].endswith(".onnx")]
+
+    can_fork = "fork" in multiprocessing.get_all_start_methods()
+    if can_fork:
+        pid, forked = family(tmp_path / "forked")
+        assert pid != os.getpid()
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    pid, threaded = family(tmp_path / "threaded")
+    assert pid == os.getpid()
+    if can_fork:
+        assert threaded == forked
+
+
+def test_export_errors_keep_their_hint_across_processes():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ExportError("bad member", hint="do this")))
+    assert isinstance(e, ExportError) and e.message == "bad member" and e.hint == "do this"
+
+
 def test_members_exported_one_by_one_never_run_in_threads(tiny_lg, tmp_path):
     """Without the template every member calls torch.onnx.export, which keeps global state: one at a time."""
     m = export_family(tiny_lg, range(1, 5), tmp_path / "naive", "onnx", data=None, use_template=False, workers=4)

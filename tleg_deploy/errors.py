@@ -33,6 +33,9 @@ class TlegError(Exception):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:  # the hint survives pickling (worker processes)
+        return type(self), (self.message, self.hint)
+
 
 class SpecError(TlegError, ValueError):
     """A ViT spec that cannot exist (e.g. embed_dim not divisible by num_heads)."""

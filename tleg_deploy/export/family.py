@@ -19,7 +19,7 @@ shallowest template-built member of depth >= 2 (the prover: block 0, a copied bl
 chaining, every node any member has) gets the full ``validate_onnx``; the others get
 ``validate_member``: structure identical to the template's expansion, every weight bitwise equal to
 the model's, ONNX Runtime vs PyTorch at batch 1. Each validation report records its ``mode``;
-int8/fp16 variants keep their own validation. Building one member, and several at once in threads,
+int8/fp16 variants keep their own validation. Building one member, and several at once in workers,
 is ``export.member``; this module orders and commits them.
 """
 
@@ -135,7 +135,8 @@ def export_family(
     works with either. ``card`` (a ``files.datacard.DataCard``; default: the learngene's) goes into
     every ONNX file's metadata and ``labels.json``, which every export directory holds. Variants that
     compute in one of ``skip_precisions`` (e.g. ``int8`` after it failed validation) are not written.
-    ``workers``: members built and validated at once, in threads (default: up to 4, one per core). The
+    ``workers``: members built and validated at once, in forked worker processes (threads where the platform
+    cannot fork; default: up to 4, one per core). The
     member that proves the template (full validation) starts first and is committed first; the others
     are committed only after it passed, one at a time as each is ready (the manifest lists them by depth,
     as with one worker). One worker when TensorRT engines are built (they share a timing cache),
@@ -233,7 +234,7 @@ def _export_locked(
         def member(d: int) -> Any:
             return models[d] if models and d in models else _expand(lg, d)
 
-        # torch.onnx.export keeps global state: members run in threads only when the template builds them
+        # torch.onnx.export keeps global state: members run in parallel only when the template builds them
         n_workers = workers_for(workers, fmts, measure_latency) if template is not None else 1
         # The first member of depth >= 2 (block 0, a copied block and the chaining) gets the full validation
         # and is committed first; the others' validation cites it.
@@ -248,7 +249,7 @@ def _export_locked(
                 if progress:
                     progress(f"depth {d} done", done, len(depths))
         elif queue:
-            prefetch(ctx, lg.spec)  # the lazily loaded images, once, before threads share them
+            prefetch(ctx, lg.spec)  # the lazily loaded images, once, before the workers share them
             # closing(): the pool is shut down and uncommitted staging removed before the lock is released
             with contextlib.closing(staged_in_parallel(ctx, queue, member, n_workers)) as staged_members:
                 for staged in staged_members:
