@@ -135,13 +135,12 @@ def export_family(
     works with either. ``card`` (a ``files.datacard.DataCard``; default: the learngene's) goes into
     every ONNX file's metadata and ``labels.json``, which every export directory holds. Variants that
     compute in one of ``skip_precisions`` (e.g. ``int8`` after it failed validation) are not written.
-    ``workers``: members built and validated at once, in forked worker processes (threads where the platform
-    cannot fork; default: up to 4, one per core). The
-    member that proves the template (full validation) starts first and is committed first; the others
-    are committed only after it passed, one at a time as each is ready (the manifest lists them by depth,
-    as with one worker). One worker when TensorRT engines are built (they share a timing cache),
-    latencies are measured, or members are exported one by one (no template: torch's exporter is not
-    thread-safe).
+    ``workers``: members built and validated at once, in forked worker processes (threads where the
+    platform cannot fork; default: up to 4, one per core). The member that proves the template (full
+    validation) starts first and is committed first; the others are committed only after it passed, one
+    at a time as each is ready (the manifest lists them by depth, as with one worker). One worker when
+    TensorRT engines are built (they share a timing cache), latencies are measured, or members are
+    exported one by one (no template: torch's exporter keeps global state).
     """
     from tleg_deploy.export.onnx import EXPORTERS
     from tleg_deploy.export.tensorrt import BatchRange

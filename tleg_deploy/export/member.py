@@ -139,7 +139,7 @@ def _stage_in_child(job: int, depth: int) -> Staged:
     return stage_member(ctx, member(depth))
 
 
-def _child_started() -> None:
+def _child_started(parent: int) -> None:
     """In each worker process: one torch thread (the members share the cores; torch's OpenMP pool does not
     survive a fork), Ctrl-C left to the parent (it stops the workers), and death with the parent (an
     orphan would hold the directory's lock)."""
@@ -154,7 +154,7 @@ def _child_started() -> None:
 
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
+        if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 
 
@@ -180,7 +180,7 @@ def _workers(ctx: MemberContext, member: Callable[[int], Any], n_workers: int) -
     _JOBS[job] = (ctx, member)
     try:
         pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("fork"),
-                                   initializer=_child_started)
+                                   initializer=_child_started, initargs=(os.getpid(),))
         ok = False
         try:
             yield lambda d: pool.submit(_stage_in_child, job, d)
