@@ -81,3 +81,30 @@ def test_timm_key_layout(tiny_spec: ViTSpec) -> None:
     assert {"patch_embed.proj.weight", "pos_embed", "blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.bias",
             "norm.weight", "head.bias"} <= keys
     assert "cls_token" not in keys
+
+
+def test_blocks_on_token_rows_compute_what_they_compute_on_tokens(tiny_lg: Learngene) -> None:
+    """ViT runs its blocks on token rows (B·N, D), for the exported graph's sake; the numbers are those of
+    the same blocks on (B, N, D), in eval and in training (drop path: one draw per sample, all its tokens)."""
+    model = expand(tiny_lg, 3)
+    for block in model.blocks:
+        block.drop_path.rate = 0.5
+    x = torch.randn(6, 3, 8, 8)
+    n, d = tiny_lg.spec.num_tokens, tiny_lg.spec.embed_dim
+    for training in (False, True):
+        model.train(training)
+        with torch.no_grad():
+            tokens = model.embed(x)
+            torch.manual_seed(0)
+            on_rows = model.blocks_on_rows(tokens)
+            torch.manual_seed(0)
+            on_tokens = model.blocks(tokens)
+        assert on_rows.shape == on_tokens.shape == (6, n, d)
+        torch.testing.assert_close(on_rows, on_tokens, atol=1e-6, rtol=0)
+    # dropped in training: whole samples' branches, never some tokens of a sample
+    drop = model.blocks[0].drop_path
+    rows = torch.ones(6 * n, d)
+    torch.manual_seed(1)
+    kept = drop(rows).reshape(6, n, d)
+    assert ((kept == 0).all(dim=(1, 2)) | (kept == 2.0).all(dim=(1, 2))).all()
+    assert 0 < int((kept == 0).all(dim=(1, 2)).sum()) < 6

@@ -108,6 +108,10 @@ def test_dynamic_batch_graph_lets_onnxruntime_fuse(tiny_lg, tmp_path, build):
         path = save_proto(DepthTemplate(tiny_lg.spec).proto(model), tmp_path / "m.onnx")
     ops = _ort_optimized_ops(path, tmp_path)
     assert ops.count("FusedMatMul") == depth  # QKᵀ with the softmax scale folded in, one per block
+    # the blocks run on token rows: each Linear is one Gemm with its bias (qkv, proj, fc1, fc2, and the
+    # head); MatMul is left for attention·V alone, Add for the residuals and the position embedding
+    assert ops.count("Gemm") == 4 * depth + 1 and ops.count("MatMul") == depth
+    assert ops.count("Add") == 2 * depth + 1
     assert ops.count("BiasGelu") + ops.count("Gelu") == depth
     for op in ("Sqrt", "Div", "Gather", "Unsqueeze", "Cast"):
         assert op not in ops, op

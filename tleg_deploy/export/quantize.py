@@ -18,13 +18,17 @@
   99.2/99.4/99.4/99.7/100% with 2 (fc1 and the head per channel). ``per_channel=True`` or ``False``
   forces one scheme for every weight; the file's metadata says how many got which
   (``int8_weight_scales``).
-  Why dynamic for the ONNX Runtime CPU target (``benchmarks/export_speed.py``, digits depth 12, one
-  interleaved run): dynamic per channel ran at 0.70x our fp32 time, static QDQ (weight MatMuls only,
-  calibrated on digits) at 0.82-1.06x: ORT runs static QDQ as QuantizeLinear + MatMulIntegerToFloat +
-  a separate bias Add, dynamic as one DynamicQuantizeMatMul with the bias fused. The price: activation
-  scales are picked per call, so one image's logits move with its batch-mates (up to 0.11 there);
-  the static ``qdq`` variant cannot (``tests/test_export_quantize.py``) and is the one to use where
-  that matters.
+  Why dynamic for the ONNX Runtime CPU target: it needs no calibration images (``export`` and the
+  profiler have none unless the user gives them), and it is as fast as static QDQ within a few percent
+  (``benchmarks/export_speed.py``, digits depth 12, one interleaved run on an Intel Xeon, the blocks on
+  token rows so every weight product is a Gemm: dynamic per weight 0.82x our fp32 time, as one
+  DynamicQuantizeMatMul per weight with the bias fused; static QDQ calibrated on digits runs as
+  QuantizeLinear + QGemm with the bias fused, 0.84-0.86x per channel, 0.80x per tensor with int8
+  activations and 0.77x with uint8 ones). Before the blocks ran on token rows static QDQ ran as
+  QuantizeLinear + MatMulIntegerToFloat + a separate bias Add, at 0.82-1.06x against dynamic's 0.70x.
+  The price of dynamic: activation scales are picked per call, so one image's logits move with its
+  batch-mates (up to 0.10 there); the static ``qdq`` variant cannot (``tests/test_export_quantize.py``)
+  and is the one to use where that matters.
 - ``quantize_int8(..., mode="qdq", calibration=images)``: static QuantizeLinear/DequantizeLinear
   pairs from calibration images, symmetric int8 with per-channel weights — the explicit-quantization
   form TensorRT reads (it cannot read ORT's dynamic ``DynamicQuantizeLinear``/``MatMulInteger``).

@@ -47,10 +47,11 @@ class AuxNet(nn.Module):
         return {k.replace(_SEP, "."): self.base[k] + coef * self.slope[k] for k in self.base}
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.stem.embed(x)  # (B, N, D)
+        d, n = self.spec.embed_dim, self.spec.num_tokens
+        x = self.stem.embed(x).reshape(-1, d)  # token rows (B·N, D), as ViT runs its blocks
         for i, template in enumerate(self._templates):
             x = functional_call(template, self.step_params(i), (x,))
-        return self.stem.forward_head(x)
+        return self.stem.forward_head(x.reshape(-1, n, d))
 
     def to_learngene(self) -> Learngene:
         """A detached copy of the current parameters as a ``Learngene``."""
