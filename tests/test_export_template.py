@@ -174,6 +174,7 @@ def test_cli_threads_the_exporter_to_the_template(tiny_lg, tmp_path, monkeypatch
         return cached  # the very probe a dynamo export of this spec gives (saves seconds)
 
     monkeypatch.setattr(template_mod, "export_proto", fake_export)
+    template_mod._shared.cache_clear()  # this process may hold the spec's template from an earlier test
     out = tmp_path / "fam"
     runner = CliRunner()
     result = runner.invoke(app, ["export-family", "--learngene", str(lg_file), "--depths", "2-3", "-o", str(out),
@@ -186,3 +187,38 @@ def test_cli_threads_the_exporter_to_the_template(tiny_lg, tmp_path, monkeypatch
                                  "--exporter", "magic"])
     assert result.exit_code != 0 and "unknown exporter 'magic'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_timed_files_share_one_probe_per_spec_and_equal_a_direct_export(tiny_lg, tmp_path, monkeypatch):
+    """``template_onnx`` (the profiler's and the device kits' fp32 files): one exporter trace per spec for the
+    whole process, the same graph and outputs as ``export_onnx``; a spec whose probe cannot be cut falls back
+    to plain exports, and that failure is remembered rather than traced again."""
+    from tleg_deploy.export.onnx import read_metadata
+
+    traced = []
+    real = template_mod.export_proto
+    monkeypatch.setattr(template_mod, "export_proto", lambda model, **kw: traced.append(kw) or real(model, **kw))
+    template_mod._shared.cache_clear()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    for depth in (1, 4, 2):
+        model = expand(tiny_lg, depth).eval()
+        path = template_mod.template_onnx(model, tmp_path / f"d{depth}.onnx", metadata={"note": "timed"})
+        direct = export_proto(model)
+        assert _ops(onnx.load(path)) == _ops(direct)
+        assert read_metadata(path)["depth"] == str(depth) and read_metadata(path)["note"] == "timed"
+        with torch.no_grad():
+            assert np.abs(_ort(onnx.load(path), x) - model(x).numpy()).max() < TOLERANCES["fp32"]
+    assert len(traced) == 1  # the depth-2 probe, once for all three files
+    assert template_mod.shared_template(tiny_lg.spec) is template_mod.shared_template(tiny_lg.spec)
+
+    broken = []
+    monkeypatch.setattr(template_mod, "export_proto", lambda model, **kw: broken.append(1) or _other_op_in_block_1(
+        real(model, **kw)))
+    template_mod._shared.cache_clear()
+    for depth in (3, 5):
+        model = expand(tiny_lg, depth).eval()
+        path = template_mod.template_onnx(model, tmp_path / f"plain{depth}.onnx")
+        with torch.no_grad():
+            assert np.abs(_ort(onnx.load(path), x) - model(x).numpy()).max() < TOLERANCES["fp32"]
+    assert len(broken) == 1  # the refused probe is not traced again for the second file
+    template_mod._shared.cache_clear()

@@ -220,10 +220,10 @@ def _export_locked(
                 todo.append(d)
         template = None
         if use_template and todo and (models is None or any(d not in models for d in todo)):
-            from tleg_deploy.export.template import DepthTemplate
+            from tleg_deploy.export.template import shared_template
 
             with contextlib.suppress(ExportError):  # unexpected graph: fall back to one export per member
-                template = DepthTemplate(lg.spec, exporter=exporter)
+                template = shared_template(lg.spec, exporter=exporter)
         ctx = MemberContext(out, fmts, lg_sha, data, batch, profile, measure_latency, template, exporter, card=card,
                        skip=skip)
         done = len(depths) - len(todo)

@@ -27,13 +27,16 @@ validated against PyTorch like any other export.
 
 from __future__ import annotations
 
+import functools
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from tleg_deploy.errors import ExportError
-from tleg_deploy.export.onnx import export_proto, model_metadata, set_metadata
+from tleg_deploy.export.onnx import export_onnx, export_proto, model_metadata, save_proto, set_metadata
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.model.vit import ViT
 
@@ -286,6 +289,40 @@ class DepthTemplate:
                 raise ExportError(f"initializer {init.name!r} is not bitwise equal to {what}")
         return {"nodes": len(nodes), "initializers": len(refs),
                 "parameters_bitwise_equal": sum(isinstance(s, tuple) for s in refs.values())}
+
+
+@functools.lru_cache(maxsize=4)
+def _shared(spec: ViTSpec, opset: int, exporter: str) -> DepthTemplate | ExportError:
+    try:
+        return DepthTemplate(spec, opset=opset, exporter=exporter)
+    except ExportError as e:  # remembered too: the same probe would fail the same way
+        return e
+
+
+def shared_template(spec: ViTSpec, *, opset: int = 18, exporter: str = "auto") -> DepthTemplate:
+    """This process's ``DepthTemplate`` of ``spec`` (made on first use, the 4 most recent kept): the profiler,
+    device kits, ``fit``'s measured steps and family exports of one spec then pay the exporter's trace once
+    between them. Raises the template's ``ExportError`` where the probe cannot be cut into blocks."""
+    got = _shared(spec, opset, exporter)
+    if isinstance(got, ExportError):
+        raise got
+    return got
+
+
+def template_onnx(model: ViT, path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None,
+                  exporter: str = "auto") -> Path:
+    """``export_onnx(model, path)``'s file built from ``shared_template`` (the same nodes and the model's
+    weights, as ``export_family`` builds members), written atomically; a plain ``export_onnx`` where no
+    template can be made. For files that are timed, not delivered: a delivered member is validated by
+    ``export_family``."""
+    if model.depth >= 1:
+        try:
+            template = shared_template(model.spec, exporter=exporter)
+        except ExportError:
+            pass
+        else:
+            return save_proto(template.proto(model, metadata), path)
+    return export_onnx(model, path, metadata=metadata, exporter=exporter)
 
 
 def _as_list(x: Any) -> Any:

@@ -91,11 +91,13 @@ def ort_session(path: str | os.PathLike[str] | bytes, *, threads: int, device: s
 
 def export_artifact(model: Any, precision: str, backend: str, workdir: Path, batch: int = 1) -> Path:
     """The file a backend times: an ONNX file in ``precision`` (ONNX Runtime), or an engine built
-    with ``tleg_deploy.export.tensorrt.build_tensorrt_engine`` (TensorRT)."""
-    from tleg_deploy.export.onnx import export_onnx
+    with ``tleg_deploy.export.tensorrt.build_tensorrt_engine`` (TensorRT). The fp32 ONNX graph is built
+    from the process's shared depth template (``export.template.template_onnx``): the graph a family
+    export delivers, for the price of one exporter trace per spec."""
+    from tleg_deploy.export.template import template_onnx
 
     stem = workdir / f"depth{model.depth}"
-    path = export_onnx(model, stem.with_suffix(".onnx"))
+    path = template_onnx(model, stem.with_suffix(".onnx"))
     if backend == "tensorrt":
         return _tensorrt_engine(model, path, precision, stem, batch)
     if precision == "fp32":
