@@ -38,6 +38,7 @@ from _results import write_result
 
 from tleg_deploy.export.family import export_family
 from tleg_deploy.export.onnx import export_onnx
+from tleg_deploy.export.template import clear_shared_templates
 from tleg_deploy.export.validate import validate_onnx
 from tleg_deploy.files.fileio import sha256_file
 from tleg_deploy.model.expansion import expand
@@ -88,6 +89,7 @@ def main() -> None:
             for name, fn in runs.items():
                 for d in ("family", "deepest", "direct", "naive"):
                     shutil.rmtree(root / d, ignore_errors=True)
+                clear_shared_templates()  # every run cold: its own probe export, as in a fresh process
                 t = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t)

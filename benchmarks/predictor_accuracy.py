@@ -27,6 +27,7 @@ from typing import Any
 
 from _results import write_result  # also puts the repository root on sys.path
 
+from tleg_deploy.export.template import clear_shared_templates
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile import drift
 from tleg_deploy.profile.env import conditions
@@ -57,6 +58,7 @@ def run_spec(name: str, *, rounds: int, round_seconds: float, clock: str = "wall
     fit_cfg = MeasureConfig(
         depths=FIT_DEPTHS, rounds=rounds, round_seconds=round_seconds, memory=clock == "wall", clock=clock
     )
+    clear_shared_templates()  # each run's profiling cold, with its own exporter trace
     t0 = time.perf_counter()
     prof = profile(spec, name="host", config=fit_cfg, learngene=learngene)
     profiling_s = time.perf_counter() - t0

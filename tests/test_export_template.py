@@ -174,7 +174,7 @@ def test_cli_threads_the_exporter_to_the_template(tiny_lg, tmp_path, monkeypatch
         return cached  # the very probe a dynamo export of this spec gives (saves seconds)
 
     monkeypatch.setattr(template_mod, "export_proto", fake_export)
-    template_mod._shared.cache_clear()  # this process may hold the spec's template from an earlier test
+    template_mod.clear_shared_templates()  # this process may hold the spec's template from an earlier test
     out = tmp_path / "fam"
     runner = CliRunner()
     result = runner.invoke(app, ["export-family", "--learngene", str(lg_file), "--depths", "2-3", "-o", str(out),
@@ -198,7 +198,7 @@ def test_timed_files_share_one_probe_per_spec_and_equal_a_direct_export(tiny_lg,
     traced = []
     real = template_mod.export_proto
     monkeypatch.setattr(template_mod, "export_proto", lambda model, **kw: traced.append(kw) or real(model, **kw))
-    template_mod._shared.cache_clear()
+    template_mod.clear_shared_templates()
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     for depth in (1, 4, 2):
         model = expand(tiny_lg, depth).eval()
@@ -214,11 +214,11 @@ def test_timed_files_share_one_probe_per_spec_and_equal_a_direct_export(tiny_lg,
     broken = []
     monkeypatch.setattr(template_mod, "export_proto", lambda model, **kw: broken.append(1) or _other_op_in_block_1(
         real(model, **kw)))
-    template_mod._shared.cache_clear()
+    template_mod.clear_shared_templates()
     for depth in (3, 5):
         model = expand(tiny_lg, depth).eval()
         path = template_mod.template_onnx(model, tmp_path / f"plain{depth}.onnx")
         with torch.no_grad():
             assert np.abs(_ort(onnx.load(path), x) - model(x).numpy()).max() < TOLERANCES["fp32"]
     assert len(broken) == 1  # the refused probe is not traced again for the second file
-    template_mod._shared.cache_clear()
+    template_mod.clear_shared_templates()

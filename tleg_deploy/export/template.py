@@ -309,6 +309,11 @@ def shared_template(spec: ViTSpec, *, opset: int = 18, exporter: str = "auto") -
     return got
 
 
+def clear_shared_templates() -> None:
+    """Forget every ``shared_template`` (a benchmark's cold run, a test that swaps the exporter)."""
+    _shared.cache_clear()
+
+
 def template_onnx(model: ViT, path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None,
                   exporter: str = "auto") -> Path:
     """``export_onnx(model, path)``'s file built from ``shared_template`` (the same nodes and the model's
