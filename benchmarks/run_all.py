@@ -94,9 +94,12 @@ def build_report(out_dir: Path) -> None:
     from tleg_deploy.report import ReportConfig, build_report
 
     devices = ("host", *(p.name for p in list_profiles() if p.name != "host"))
+    # the learngene paper_claims trained: the shipped demo where this CPU reproduces it bitwise, else its copy
+    kept = RESULTS / "paper_claims.learngene.safetensors"
+    learngene = str(kept) if kept.is_file() else "demo"
     print(f"\n=== report: {out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir} "
-          f"(devices: {', '.join(devices)}) ===", flush=True)
-    res = build_report(ReportConfig(out_dir=out_dir, devices=devices, results_dir=RESULTS),
+          f"(devices: {', '.join(devices)}; learngene: {learngene}) ===", flush=True)
+    res = build_report(ReportConfig(out_dir=out_dir, devices=devices, results_dir=RESULTS, learngene=learngene),
                        progress=lambda msg: print(f"  {msg}…", flush=True), quiet=False)
     print(f"wrote {res.html} ({len(res.figures)} figures)")
     for section, cmd in res.missing.items():
