@@ -276,6 +276,18 @@ def _summarise(files: dict[str, tuple[str, str, Path]], ms: dict[str, list[float
     }
 
 
+def _static_line(ms: dict[str, list[float]]) -> str:
+    """Whether a fixed batch shape is what makes a file fast (issue 13 asks for ``--static-batch`` if so): the
+    plain exports have a static batch of 1, ours a dynamic one."""
+    ours = statistics.median(ms["ours"])
+    rel = {k: statistics.median(ms[k]) / ours for k in ("torchscript", "dynamo")}
+    verdict = ("no: neither is faster than ours, so there is no `--static-batch`" if min(rel.values()) >= 0.99
+               else "perhaps: one of them is faster than ours")
+    return (f"- static batch 1 (the plain torchscript and dynamo exports) vs our dynamic batch: "
+            f"{rel['torchscript']:.2f}x and {rel['dynamo']:.2f}x our time; is a fixed batch shape what makes a "
+            f"file fast? {verdict}")
+
+
 def _markdown(name: str, r: dict[str, Any]) -> list[str]:
     ms, rat = r["median_ms"], r["ratio_ours_vs_best_alternative"]
     ok = all(v["passed"] for v in r["validation"].values())
@@ -286,6 +298,7 @@ def _markdown(name: str, r: dict[str, Any]) -> list[str]:
              f"- int8: ours / best alternative (`{r['best_alternative']['int8']}`) = "
              f"**{r['median_ratio']['int8']:.2f}×** "
              f"(per repetition {', '.join(f'{x:.2f}' for x in rat['int8'])})",
+             _static_line(ms),
              f"- validation of ours: {'passed' if ok else 'FAILED'} ("
              + "; ".join(f"{k}: max |Δ| {v['max_abs_diff']:.1e}" + (f", top-1 agreement {v['agreement']:.1%}"
                                                                    if v["agreement"] is not None else "")
