@@ -281,8 +281,8 @@ def _static_line(ms: dict[str, list[float]]) -> str:
     plain exports have a static batch of 1, ours a dynamic one."""
     ours = statistics.median(ms["ours"])
     rel = {k: statistics.median(ms[k]) / ours for k in ("torchscript", "dynamo")}
-    verdict = ("no: neither is faster than ours, so there is no `--static-batch`" if min(rel.values()) >= 0.99
-               else "perhaps: one of them is faster than ours")
+    verdict = ("no: neither is more than 1% faster than ours, so there is no `--static-batch`"
+               if min(rel.values()) >= 0.99 else "perhaps: one of them is more than 1% faster than ours")
     return (f"- static batch 1 (the plain torchscript and dynamo exports) vs our dynamic batch: "
             f"{rel['torchscript']:.2f}x and {rel['dynamo']:.2f}x our time; is a fixed batch shape what makes a "
             f"file fast? {verdict}")

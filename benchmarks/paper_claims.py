@@ -100,7 +100,8 @@ def _train_macs(depth: int, images: int, teacher_depth: int = 0, teacher_spec: A
     return images * (3 * macs(spec, depth) + extra)
 
 
-def run(cfg: dict[str, Any], workers: int) -> tuple[dict[str, Any], str]:
+def run(cfg: dict[str, Any], workers: int) -> tuple[dict[str, Any], str, bytes]:
+    """The results, their Markdown, and the learngene file the run trained (main() may keep it)."""
     from tleg_deploy.model.resources import DEMO_LEARNGENE
 
     E, seeds, depths = cfg["E"], cfg["seeds"], cfg["depths"]
@@ -126,8 +127,8 @@ def run(cfg: dict[str, Any], workers: int) -> tuple[dict[str, Any], str]:
         from tleg_deploy.model.learngene import Learngene
 
         lg = Learngene.load(Path(wd) / "lg.safetensors")
-        lg_bytes = (Path(wd) / "lg.safetensors").stat().st_size
-        data_lg = (Path(wd) / "lg.safetensors").read_bytes()
+        lg_file = (Path(wd) / "lg.safetensors").read_bytes()
+        lg_bytes = len(lg_file)
         desc_bytes = _descendant_bytes(lg, depths, Path(wd))
     wall = time.perf_counter() - t_start
 
@@ -183,9 +184,8 @@ def run(cfg: dict[str, Any], workers: int) -> tuple[dict[str, Any], str]:
                       "teacher_test_acc": cost["teacher_metrics"]["test_acc"],
                       "aux_test_acc": cost["aux_metrics"]["aux_test_acc"]},
         "wall_seconds": wall, "workers": workers, "runs": results,
-        "_learngene_file_bytes": data_lg,  # main() keeps it beside the results where it is not the shipped demo
     }
-    return data, _markdown(data, cfg)
+    return data, _markdown(data, cfg), lg_file
 
 
 def _macs(spec: Any, depth: int) -> int:
@@ -354,16 +354,16 @@ def main() -> None:
         machine = data.pop("machine", None)  # write_result records the machine again; keep the run's
         data.setdefault("run_machine", machine)
         md = _markdown(data, {**data["config"], "seeds": tuple(data["config"]["seeds"])})
+        lg_file = None
     else:
-        data, md = run(cfg, args.workers)
+        data, md, lg_file = run(cfg, args.workers)
     if args.quick:
         print(md)
         return
     from _results import RESULTS_DIR, write_result  # type: ignore[import-not-found]
 
-    lg_bytes = data.pop("_learngene_file_bytes", None)
     write_result("paper_claims", data, md)
-    if lg_bytes is not None:
+    if lg_file is not None:
         # The report (`make bench`) describes the learngene these results were made for. Training is bitwise
         # reproducible on one CPU, not across CPUs (AMD vs Intel SIMD paths): where this run's learngene is not
         # the shipped demo, it is kept here for the report, else a stale copy is removed.
@@ -374,7 +374,7 @@ def main() -> None:
             from tleg_deploy.files.fileio import atomic_path
 
             with atomic_path(kept) as tmp:
-                tmp.write_bytes(lg_bytes)
+                tmp.write_bytes(lg_file)
     print(md)
 
 

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 import time
@@ -98,12 +97,12 @@ def build_report(out_dir: Path) -> None:
     # the learngene paper_claims trained: the shipped demo where this CPU reproduces it bitwise, else its copy
     kept = RESULTS / "paper_claims.learngene.safetensors"
     learngene = str(kept.relative_to(ROOT)) if kept.is_file() else "demo"
-    os.chdir(ROOT)  # the report names its inputs relative to the repository, wherever it was cloned
     print(f"\n=== report: {out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir} "
           f"(devices: {', '.join(devices)}; learngene: {learngene}) ===", flush=True)
-    res = build_report(ReportConfig(out_dir=out_dir, devices=devices, results_dir=RESULTS.relative_to(ROOT),
-                                    learngene=learngene),
-                       progress=lambda msg: print(f"  {msg}…", flush=True), quiet=False)
+    with contextlib.chdir(ROOT):  # the report names its inputs relative to the repository, wherever it is
+        res = build_report(ReportConfig(out_dir=out_dir, devices=devices, results_dir=RESULTS.relative_to(ROOT),
+                                        learngene=learngene),
+                           progress=lambda msg: print(f"  {msg}…", flush=True), quiet=False)
     print(f"wrote {res.html} ({len(res.figures)} figures)")
     for section, cmd in res.missing.items():
         print(f"  no data for {section}: {cmd}")

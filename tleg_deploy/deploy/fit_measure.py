@@ -309,12 +309,13 @@ def _say_what_stops(request: FitRequest, plan: Plan, profile: DeviceProfile, dep
 
 
 def _timing_file(model: ViT, precision: str, out: Path) -> Path:
-    """The ONNX file ONNX Runtime runs ``model`` at ``precision`` from, for timing only (not validated)."""
-    from tleg_deploy.export.onnx import export_onnx
+    """The ONNX file ONNX Runtime runs ``model`` at ``precision`` from, for timing only (not validated); the
+    fp32 graph comes from the spec's shared depth template, as the profiler's files do."""
     from tleg_deploy.export.quantize import convert_fp16, quantize_int8
+    from tleg_deploy.export.template import template_onnx
 
     out.mkdir(parents=True, exist_ok=True)
-    fp32 = export_onnx(model, out / "model.onnx")
+    fp32 = template_onnx(model, out / "model.onnx")
     kind = deployed_kind(precision, "onnxruntime")
     if kind == "int8":
         return quantize_int8(fp32, out / "model_int8.onnx")

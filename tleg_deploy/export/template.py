@@ -292,11 +292,11 @@ class DepthTemplate:
 
 
 @functools.lru_cache(maxsize=4)
-def _shared(spec: ViTSpec, opset: int, exporter: str) -> DepthTemplate | ExportError:
+def _shared(spec: ViTSpec, opset: int, exporter: str) -> DepthTemplate | tuple[str, str | None]:
     try:
         return DepthTemplate(spec, opset=opset, exporter=exporter)
-    except ExportError as e:  # remembered too: the same probe would fail the same way
-        return e
+    except ExportError as e:  # remembered too (the same probe would fail the same way), as its words only:
+        return e.message, e.hint  # the exception's traceback would keep the probe model alive
 
 
 def shared_template(spec: ViTSpec, *, opset: int = 18, exporter: str = "auto") -> DepthTemplate:
@@ -304,8 +304,8 @@ def shared_template(spec: ViTSpec, *, opset: int = 18, exporter: str = "auto") -
     device kits, ``fit``'s measured steps and family exports of one spec then pay the exporter's trace once
     between them. Raises the template's ``ExportError`` where the probe cannot be cut into blocks."""
     got = _shared(spec, opset, exporter)
-    if isinstance(got, ExportError):
-        raise got
+    if isinstance(got, tuple):
+        raise ExportError(*got)
     return got
 
 
