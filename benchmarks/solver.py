@@ -15,7 +15,7 @@ time them with the profiler's own protocol in interleaved rounds. Counts:
 - *closed loop* (issue 10): what ``fit`` does on a device it can measure: from the solver's pick, the measured
   step loop (``deploy.fit_measure.measured_check``: down while over budget, up while the next deeper depth still
   measures within it, at most 3 steps each way) times each depth in its own session; then the loop's pick and
-  the next deeper depth are timed again, each alone in its session (as deployed), alternating, 3 times each,
+  the next deeper depth are timed again, each alone in its session (as deployed), alternating, 5 times each,
   independently of the loop's own readings: *within* and *tight* of the closed loop come from that
   re-measurement (targets 20/20 and >= 18/20).
 
@@ -156,6 +156,9 @@ def run_spec(name: str, n_budgets: int, max_depth: int, cached: bool) -> list[di
     return rows
 
 
+REMEASURE = 5  # sessions per depth in the closed loop's independent re-measure
+
+
 def closed_loop(spec: Any, prof: Any, budget: Any, plan: Any, max_depth: int, arts: Artifacts,
                 cfg: Any) -> dict[str, Any]:
     """fit's measured step loop from the solver's pick (each depth timed in its own session), then the loop's
@@ -168,7 +171,11 @@ def closed_loop(spec: Any, prof: Any, budget: Any, plan: Any, max_depth: int, ar
 
     p = plan.precision
 
+    timings = 0
+
     def timer(depth: int) -> Measurement:
+        nonlocal timings
+        timings += 1
         st = time_runners({depth: arts.runner(depth, p)}, cfg)[depth]
         return Measurement(depth=depth, precision=p, p50_ms=st["p50"], p90_ms=st["p90"], runs=int(st["n"]),
                            threads=1)
@@ -182,17 +189,24 @@ def closed_loop(spec: Any, prof: Any, budget: Any, plan: Any, max_depth: int, ar
                 "loop_measured_p90_ms": math.nan, "loop_deeper_p90_ms": math.nan}
     # Re-measured as deployed and as the loop times them: each model alone in its session (a deployment runs one
     # model; interleaving two in one session evicts each other's caches and reads 5-25% slower here), the
-    # sessions alternating pick, deeper, pick, ... 3 times each; medians.
+    # sessions alternating pick, deeper, pick, ... REMEASURE times each; medians. One session's reading moves by
+    # 2-5% here: the judge's median of 5 is about as precise as the loop's own verdicts (3-9 timings); the
+    # median of the first 3 sessions (the judge of earlier runs) is reported beside it.
+    loop_timings = timings
     reps: dict[int, list[float]] = {depth: [], depth + 1: []} if depth < max_depth else {depth: []}
-    for _ in range(3):
+    for _ in range(REMEASURE):
         for d in reps:
             reps[d].append(timer(d).p90_ms)
-    mine = statistics.median(reps[depth])
+    mine, mine3 = statistics.median(reps[depth]), statistics.median(reps[depth][:3])
     deeper = statistics.median(reps[depth + 1]) if depth + 1 in reps else math.nan
-    return {"loop_depth": depth, "loop_steps": steps, "loop_measured_p90_ms": mine,
-            "loop_own_p90_ms": own.p90_ms if own is not None else math.nan,
+    deeper3 = statistics.median(reps[depth + 1][:3]) if depth + 1 in reps else math.nan
+    return {"loop_depth": depth, "loop_steps": steps, "loop_timings": loop_timings,
+            "loop_measured_p90_ms": mine, "loop_own_p90_ms": own.p90_ms if own is not None else math.nan,
             "loop_within": mine <= budget.latency_ms, "loop_deeper_p90_ms": deeper,
-            "loop_tight": (deeper > budget.latency_ms) if depth + 1 in reps else None}
+            "loop_tight": (deeper > budget.latency_ms) if depth + 1 in reps else None,
+            "loop_within_judge3": mine3 <= budget.latency_ms,
+            "loop_tight_judge3": (deeper3 > budget.latency_ms) if depth + 1 in reps else None,
+            "remeasured_p90_ms": {str(d): v for d, v in reps.items()}}
 
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -205,7 +219,10 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "probe. *Closed loop*: fit's measured step loop from the pick (`deploy.fit_measure.measured_check`, each "
         "depth timed in its own session, at most 3 steps each way), then its pick and the next deeper depth "
         "re-timed independently of the loop's readings, as deployed: each model alone in its own session (as the "
-        "loop and a deployment run it), sessions alternating pick / deeper 3 times, medians. The solver-only "
+        "loop and a deployment run it), sessions alternating pick / deeper 5 times, medians (the median of the "
+        "first 3, the judge of runs before 2026-12-03, is given too). A reading within 5% of the budget is timed "
+        "3-9 times until the median's one-sided 95% t bound clears the budget (kept as over if it never does). "
+        "The solver-only "
         "columns time the pick and the deeper depths interleaved in one session, as the profile is measured.",
         "",
         f"- load average (1/5/15 min) before {summary['load_average_before']}, after "
@@ -216,7 +233,10 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         f"- **closed loop** (fit's measured steps from the pick, then re-measured independently): within budget "
         f"**{summary['loop_within']}/{summary['n']}**, next deeper over budget **{summary['loop_tight']}/"
         f"{summary['n_loop_tight']}** (targets 20/20 and >= 18/20); {summary['loop_moved']} pick(s) moved by the "
-        "loop",
+        f"loop; judged by the median of the first 3 re-measure sessions only: {summary['loop_within_judge3']}/"
+        f"{summary['n']} and {summary['loop_tight_judge3']}/{summary['n_loop_tight']}",
+        f"- timings the loop took per budget (1 s sessions): median {statistics.median(summary['loop_timings'])}, "
+        f"max {max(summary['loop_timings'])}" if summary.get("loop_timings") else "",
         *(f"- {spec}: the re-measured pick vs the loop's own reading of it, |difference|: median "
           f"{statistics.median(v):.1%}, max {max(v):.1%} (the noise floor of the counts above)"
           for spec, v in summary.get("loop_reading_vs_remeasure", {}).items() if v),
@@ -264,6 +284,9 @@ def main() -> None:
         "n_loop_tight": sum(r["loop_tight"] is not None for r in done),
         "loop_tight": sum(bool(r["loop_tight"]) for r in done),
         "loop_moved": sum(r["loop_depth"] != r["depth"] for r in done),
+        "loop_within_judge3": sum(bool(r.get("loop_within_judge3")) for r in done),
+        "loop_tight_judge3": sum(bool(r.get("loop_tight_judge3")) for r in done),
+        "loop_timings": sorted(r.get("loop_timings", 0) for r in done),
         # how far the re-measurement of the loop's pick lands from the loop's own reading of it: the noise floor
         # any within/tight count on this machine is subject to
         "loop_reading_vs_remeasure": {

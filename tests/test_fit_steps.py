@@ -279,40 +279,79 @@ def test_fit_kit_writes_a_kit_around_the_pick_and_kit_results_closes_the_loop(tm
     assert res.exit_code != 0 and "already exists" in res.output
 
 
-def test_a_reading_near_the_budget_is_timed_again_and_every_timing_decides(tmp_path: Path, measured: Callable) -> None:
-    """One reading within 5% of the budget is as likely noise as a verdict: that depth is timed 3 times and is
-    within only if every timing is (here: 1.97 once, then 2.06 and 2.08: over, at the median 2.06); readings far
-    from the budget are timed once."""
+def _readings(values: list[float]) -> Callable[[], float]:
+    """Successive timings of one depth: ``values`` in order, then the last one again."""
+    it = iter(values)
+    last = values[-1]
+    return lambda: next(it, last)
+
+
+@pytest.mark.parametrize(
+    ("timings", "n", "over_at"),
+    [
+        # a quiet device: three timings 1.5% under that agree to 0.002 ms decide at once
+        ([1.97, 1.971, 1.969], 3, None),
+        # clearly over after three: the median 2.06 is 0.06 ms over and the timings agree to 0.01 ms
+        ([2.06, 2.07, 2.065], 3, 2.065),
+        # 1.97 / 2.06 / 2.08 are too spread to tell after three; timed on until the median's bound clears it
+        ([1.97, 2.06, 2.08, 2.07, 2.06], 5, 2.06),
+        # straddling the budget to the end: undecided after 9 timings, kept as over (at the median's upper bound)
+        ([1.97, 2.03, 1.975, 2.025, 1.98, 2.02, 1.985, 2.015, 1.99], 9, "bound"),
+    ],
+)
+def test_a_reading_near_the_budget_is_timed_until_the_median_clears_it(
+        tmp_path: Path, measured: Callable, timings: list[float], n: int, over_at: float | str | None) -> None:
+    """One reading within 5% of the budget is as likely noise as a verdict: that depth is timed again, 3 to 9 times
+    in all, until the median of its timings is clear of the budget by a one-sided 95% t bound; still undecided, it
+    is kept as over. Readings far from the budget are timed once."""
     request, plan, prof = _setup(Budget(latency_ms=LIMIT))
     d = plan.depth
-    readings = {d + 1: iter([1.97, 2.06, 2.08])}
-    calls = measured(lambda depth: next(readings[depth]) if depth in readings else (0.5 if depth <= d else 2.4))
+    nxt = _readings(timings)
+    calls = measured(lambda depth: nxt() if depth == d + 1 else (0.5 if depth <= d else 2.4))
     said: list[str] = []
     depth, m, steps, over = _check(request, plan, prof, tmp_path, said.append)
-    assert depth == d and calls.count(d + 1) == 3 and all(calls.count(k) == 1 for k in calls if k != d + 1)
-    assert over[d + 1] == 2.06 and steps[-1].endswith(f"stays at depth {d}")
-    assert any("within 5% of the 2 ms budget" in s for s in said)
+    assert calls.count(d + 1) == n and all(calls.count(k) == 1 for k in calls if k != d + 1)
+    assert any("within 5% of the 2 ms budget" in s and f"timed {n - 1} more time(s)" in s for s in said)
+    if over_at is None:
+        assert depth == d + 1 and m is not None and m.p90_ms == 1.97 and d + 1 not in over
+        return
+    assert depth == d and steps[-1].endswith(f"stays at depth {d}")
+    if over_at == "bound":
+        assert 2.0 < over[d + 1] < 2.03 and any("not clearly within the budget, kept as over" in s for s in said)
+    else:
+        assert over[d + 1] == over_at
 
 
-@pytest.mark.parametrize(("again", "over_at"), [((2.1, 2.2), 2.1), ((1.9, 2.1), 2.1), ((1.95, 1.9), None)])
+def test_the_verdict_is_the_median_with_a_student_t_bound() -> None:
+    verdict = fit_measure._verdict
+    assert verdict([1.0, 1.0, 1.0], 1.0) == ("within", 1.0, 1.0)  # no spread: the median decides
+    assert verdict([1.2, 1.3, 1.4], 1.0)[0] == "over" and verdict([0.6, 0.7, 0.8], 1.0)[0] == "within"
+    v, med, bound = verdict([0.97, 1.03, 0.99], 1.0)
+    # sd 0.03055, se of the median sqrt(pi / 2) * sd / sqrt(3) = 0.02211, t(0.95, 2 dof) = 2.920
+    assert v == "open" and med == 0.99 and bound == pytest.approx(0.99 + 2.920 * 0.02211, abs=1e-4)
+    assert verdict([0.97, 1.03, 0.99, 0.98, 0.97, 0.98, 0.98, 0.97, 0.98], 1.0)[0] == "within"
+
+
+@pytest.mark.parametrize(("again", "n", "over_at"), [((2.1,), 8, 2.1), ((1.82, 1.81), 3, None)])
 def test_the_pick_read_once_close_under_the_budget_is_timed_again(tmp_path: Path, measured: Callable,
-                                                                 again: tuple[float, float],
+                                                                 again: tuple[float, ...], n: int,
                                                                  over_at: float | None) -> None:
     """The search ends on depth d+1 read once at 1.8 ms (10% under the 2 ms budget: not near enough to be timed
-    again on the way, but it is the pick): it is timed twice more and kept only if every timing is within the
-    budget (then at the median). Over after all (the median over, or one timing over: 2.1 ms either way), the
-    search goes on below it (depth d, read far under the budget, is kept as it is)."""
+    again on the way, but it is the pick): it is timed again until the median of its timings is clear of the
+    budget (then kept at the median). Over after all (2.1 ms, again and again: its first reading keeps the spread
+    wide, so it takes 8 timings to tell), the search goes on below it (depth d, read far under the budget, is kept
+    as it is)."""
     request, plan, prof = _setup(Budget(latency_ms=LIMIT))
     d = plan.depth
-    readings = {d + 1: iter([1.8, *again])}
-    calls = measured(lambda depth: next(readings[depth]) if depth in readings else (0.5 if depth <= d else 2.4))
+    nxt = _readings([1.8, *again])
+    calls = measured(lambda depth: nxt() if depth == d + 1 else (0.5 if depth <= d else 2.4))
     said: list[str] = []
     depth, m, steps, over = _check(request, plan, prof, tmp_path, said.append)
-    assert calls.count(d + 1) == 3 and all(calls.count(k) == 1 for k in calls if k != d + 1)
+    assert calls.count(d + 1) == n and all(calls.count(k) == 1 for k in calls if k != d + 1)
     assert any("the pick, within 15% under the 2 ms budget" in s for s in said)
     assert m is not None
     if over_at is None:
-        assert depth == d + 1 and m.p90_ms == 1.9 and d + 1 not in over
+        assert depth == d + 1 and m.p90_ms == 1.81 and d + 1 not in over
     else:
         assert depth == d and m.p90_ms == 0.5 and over[d + 1] == over_at
         assert steps[-1].startswith(f"depth {d + 1} ") and steps[-1].endswith(f"stays at depth {d}")

@@ -1,0 +1,185 @@
+"""fit's measured loop under several decision rules, side by side (issue 10).
+
+A reading within 5% of the budget is as likely noise as a verdict; how ``fit`` decides such a depth decides the
+closed-loop counts of ``benchmarks/solver.py`` (the pick within budget, the next deeper depth over). On one host
+profile per spec (ONNX Runtime CPU, 1 intra-op thread, after the drift probe) and 10 p90 budgets per spec spread
+as ``solver.py`` spreads them, every rule below runs the loop on the same budget, in a shuffled order; then every
+depth any rule picked, and the next deeper one, is re-timed in 5 alternating sessions (one judge shared by all
+rules), and each rule's pick is counted within / tight against those medians:
+
+- ``shipped``: ``deploy.fit_measure`` as it is (the median of 3-9 timings, until its one-sided 95% Student t
+  bound clears the budget; undecided after 9: kept as over);
+- ``shipped, near 10%``: the same with readings within 10% of the budget confirmed (not 5%);
+- ``previous``: the rule of commit 53a5c80 (3 timings; within only if every one is), read from git history.
+
+    .venv/bin/python benchmarks/loop_rules.py [--budgets-per-spec 10] [--specs digits,deit-tiny]
+
+About 13 minutes here. Noise decides single budgets: compare the rules within one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from _results import write_result  # type: ignore[import-not-found]
+
+PREVIOUS = "53a5c80"  # the commit whose rule was 'every one of 3 timings within'
+REMEASURE = 5
+
+
+def previous_rule(workdir: Path) -> ModuleType:
+    """``deploy.fit_measure`` as it was at ``PREVIOUS``, loaded from git history."""
+    root = Path(__file__).resolve().parent.parent
+    text = subprocess.run(["git", "show", f"{PREVIOUS}:tleg_deploy/deploy/fit_measure.py"], cwd=root,
+                          capture_output=True, text=True, check=True).stdout
+    path = workdir / "fit_measure_previous.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("fit_measure_previous", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def with_near(module: ModuleType, near: float) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        saved = module.NEAR_REL
+        module.NEAR_REL = near
+        try:
+            return module.measured_check(*args)
+        finally:
+            module.NEAR_REL = saved
+    return run
+
+
+def run_spec(name: str, n_budgets: int, rules: dict[str, Callable[..., Any]], workdir: Path) -> list[dict[str, Any]]:
+    import solver  # type: ignore[import-not-found]
+
+    from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
+    from tleg_deploy.errors import InfeasibleError
+    from tleg_deploy.model.spec import ViTSpec
+    from tleg_deploy.plan.solve import Budget, solve
+    from tleg_deploy.profile.artifact import Measurement
+    from tleg_deploy.profile.config import MeasureConfig
+    from tleg_deploy.profile.drift import probe_and_apply
+    from tleg_deploy.profile.timing import time_runners
+
+    spec = ViTSpec.preset(name)
+    prof = probe_and_apply(solver.host_profile(spec, False), log=lambda m: print(f"[{name}] {m}", flush=True))
+    precisions = prof.precisions(spec)
+
+    def fastest_upper(depth: int) -> float:
+        return min(prof.predict(depth, spec=spec, precision=p).latency_p90_upper_ms for p in precisions)
+
+    lo, hi = fastest_upper(2), fastest_upper(14)
+    budgets = [lo * (hi / lo) ** (i / (n_budgets - 1)) for i in range(n_budgets)]
+    cfg = MeasureConfig(threads=1, rounds=7, round_seconds=0.15, memory=False)
+    arts = solver.Artifacts(spec, workdir)
+    rows = []
+    for i, b in enumerate(budgets):
+        budget = Budget(latency_ms=math.ceil(b * 1e4) / 1e4)
+        plan = solve(prof, budget, spec=spec, max_depth=24)
+        p = plan.precision
+        count = [0]
+
+        def timer(depth: int, p: str = p, count: list[int] = count) -> Measurement:
+            count[0] += 1
+            st = time_runners({depth: arts.runner(depth, p)}, cfg)[depth]
+            return Measurement(depth=depth, precision=p, p50_ms=st["p50"], p90_ms=st["p90"], runs=int(st["n"]),
+                               threads=1)
+
+        request = FitRequest(budget, device=prof, out_dir=Path("unused"), search=SearchOptions(max_depth=24))
+        order = list(rules)
+        random.Random(i).shuffle(order)
+        picks: dict[str, tuple[int | None, int]] = {}
+        for rule in order:
+            count[0] = 0
+            try:
+                depth, *_ = rules[rule](request, plan, prof, budget.latency_ms, timer, lambda _m: None)
+            except InfeasibleError:
+                depth = None
+            picks[rule] = (depth, count[0])
+        judged = sorted({x for d, _ in picks.values() if d is not None for x in (d, d + 1)})
+        reps: dict[int, list[float]] = {d: [] for d in judged}
+        for _ in range(REMEASURE):
+            for d in judged:
+                reps[d].append(timer(d).p90_ms)
+        med = {d: statistics.median(v) for d, v in reps.items()}
+        row = {"spec": name, "budget_ms": budget.latency_ms, "precision": p, "remeasured_p90_ms": med,
+               "rules": {rule: {"depth": d, "timings": k, "within": d is not None and med[d] <= budget.latency_ms,
+                                "tight": d is not None and med[d + 1] > budget.latency_ms}
+                         for rule, (d, k) in picks.items()}}
+        rows.append(row)
+        print(f"[{name}] budget {budget.latency_ms:.4g} ms: " + "; ".join(
+            f"{rule} depth {r['depth']} ({r['timings']} timings){'' if r['within'] else ' OVER'}"
+            f"{'' if r['tight'] else ' deeper-within'}" for rule, r in row["rules"].items()), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    n = len(rows)
+    lines = [
+        "## fit's measured loop: decision rules side by side (issue 10)",
+        "",
+        "`benchmarks/loop_rules.py`: 10 p90 budgets per spec (as `solver.py` spreads them) on a fresh host profile; "
+        "every rule runs fit's measured loop on each budget (shuffled order), then every picked depth and the next "
+        f"deeper one is re-timed in {REMEASURE} alternating sessions, one judge for all rules. *shipped*: the "
+        "median of 3-9 timings until its one-sided 95% t bound clears the budget; *previous*: 3 timings, within "
+        f"only if all are (commit {PREVIOUS}). Single budgets are decided by noise: compare rules within this run.",
+        "",
+        "| rule | pick within budget | next deeper over budget | timings per budget (median, total) |",
+        "|---|---|---|---|",
+    ]
+    for rule, s in summary["rules"].items():
+        lines.append(f"| {rule} | {s['within']}/{n} | {s['tight']}/{n} | "
+                     f"{s['timings_median']:g}, {s['timings_total']} |")
+    lines += ["", f"- load average before {summary['load_average_before']}, after {summary['load_average_after']}, "
+              f"on {summary['cores']} cores; {summary['wall_seconds']:.0f} s"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import os
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--specs", default="digits,deit-tiny")
+    ap.add_argument("--budgets-per-spec", type=int, default=10)
+    args = ap.parse_args()
+    from tleg_deploy.deploy import fit_measure
+
+    t0, load_before = time.time(), os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="tleg-loop-rules-") as tmp:
+        rules = {"shipped": with_near(fit_measure, 0.05), "shipped, near 10%": with_near(fit_measure, 0.10),
+                 "previous": with_near(previous_rule(Path(tmp)), 0.05)}
+        rows: list[dict[str, Any]] = []
+        for name in args.specs.split(","):
+            sub = Path(tmp) / name
+            sub.mkdir()
+            rows += run_spec(name, args.budgets_per_spec, rules, sub)
+    summary = {
+        "rules": {rule: {"within": sum(r["rules"][rule]["within"] for r in rows),
+                         "tight": sum(r["rules"][rule]["tight"] for r in rows),
+                         "timings_median": statistics.median(r["rules"][rule]["timings"] for r in rows),
+                         "timings_total": sum(r["rules"][rule]["timings"] for r in rows)} for rule in rules},
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count(),
+        "wall_seconds": time.time() - t0,
+    }
+    print(summary)
+    write_result("loop_rules", {"summary": summary, "rows": rows, "args": vars(args)}, markdown(rows, summary))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
