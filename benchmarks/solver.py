@@ -190,7 +190,7 @@ def closed_loop(spec: Any, prof: Any, budget: Any, plan: Any, max_depth: int, ar
     # Re-measured as deployed and as the loop times them: each model alone in its session (a deployment runs one
     # model; interleaving two in one session evicts each other's caches and reads 5-25% slower here), the
     # sessions alternating pick, deeper, pick, ... REMEASURE times each; medians. One session's reading moves by
-    # 2-5% here: the judge's median of 5 is about as precise as the loop's own verdicts (3-9 timings); the
+    # 2-5% here: the judge's median of 5 is about as precise as the loop's own verdicts (3-8 timings); the
     # median of the first 3 sessions (the judge of earlier runs) is reported beside it.
     loop_timings = timings
     reps: dict[int, list[float]] = {depth: [], depth + 1: []} if depth < max_depth else {depth: []}
@@ -221,8 +221,8 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "re-timed independently of the loop's readings, as deployed: each model alone in its own session (as the "
         "loop and a deployment run it), sessions alternating pick / deeper 5 times, medians (the median of the "
         "first 3, the judge of runs before 2026-12-03, is given too). A reading within 5% of the budget is timed "
-        "3-9 times until the median's one-sided 95% t bound clears the budget (kept as over if it never does). "
-        "The solver-only "
+        "afresh 3-8 times (not counting it) until their median's one-sided 95% t bound clears the budget (kept as "
+        "over if it never does). The solver-only "
         "columns time the pick and the deeper depths interleaved in one session, as the profile is measured.",
         "",
         f"- load average (1/5/15 min) before {summary['load_average_before']}, after "

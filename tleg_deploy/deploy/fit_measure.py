@@ -34,15 +34,16 @@ Timer = Callable[[int], Measurement | None]  # depth -> its measurement at the p
 
 # A reading within NEAR_REL of the budget is as likely noise as a verdict (one ONNX file's latency moves by 2-5%
 # from session to session on a shared machine, and by up to 15% in a burst of a neighbour's load): the depth is
-# timed again, at least MIN_TIMINGS and at most MAX_TIMINGS times in all, until the median of its timings is
-# clear of the budget by CONFIDENCE_T[n] standard errors (a one-sided 95% Student t bound on the median; see
-# ``_verdict``). A depth still undecided after MAX_TIMINGS is kept as over: the pick must fit, and a depth as
-# likely over as within does not. Its reading is the median, or the upper bound when undecided.
+# timed afresh, at least MIN_TIMINGS and at most MAX_TIMINGS times, until the median of those timings is clear of
+# the budget by CONFIDENCE_T[n] standard errors (a one-sided 95% Student t bound on the median; see
+# ``_verdict``). The reading that triggered this is not counted: it was chosen for being near the budget. A
+# depth still undecided after MAX_TIMINGS is kept as over: the pick must fit, and a depth as likely over as
+# within does not. Its reading is the median, or the upper bound when undecided.
 NEAR_REL = 0.05
 MIN_TIMINGS = 3
-MAX_TIMINGS = 9
+MAX_TIMINGS = 8
 # one-sided 95% quantiles of Student's t with n - 1 degrees of freedom, n = MIN_TIMINGS .. MAX_TIMINGS
-CONFIDENCE_T = {3: 2.920, 4: 2.353, 5: 2.132, 6: 2.015, 7: 1.943, 8: 1.895, 9: 1.860}
+CONFIDENCE_T = {3: 2.920, 4: 2.353, 5: 2.132, 6: 2.015, 7: 1.943, 8: 1.895}
 # The pick itself is what gets deployed: when the search ends on a depth read once and within PICK_REL under the
 # budget, it is timed again the same way before it is kept (benchmarks/solver.py saw one session read up to
 # 13% below an independent re-measure of the same file); over after all, the search goes on below it.
@@ -60,9 +61,9 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
     with a good one it is one block at a time. It stops when ``hi == lo + 1``, at depth 1 or the search's max
     depth, after ``2 * request.max_steps`` measurements beyond the first, or at a depth the timer has no
     measurement for (a kit measured only some depths). A reading within ``NEAR_REL`` of the limit, and the pick
-    the search ends on when it was read once within ``PICK_REL`` under the limit, is timed again until the median
-    of its timings is clear of the limit (``_verdict``; at most ``MAX_TIMINGS`` times, then kept as over); a pick
-    over after all is dropped and the search goes on below it.
+    the search ends on when it was read once within ``PICK_REL`` under the limit, is timed afresh until the
+    median of the fresh timings is clear of the limit (``_verdict``; at most ``MAX_TIMINGS`` times, then kept as
+    over); a pick over after all is dropped and the search goes on below it.
     Returns the depth, its measurement (None: not measured), the steps (predicted vs measured, one per
     measurement that moved the search) and the depths measured over budget; raises ``InfeasibleError`` if no
     depth measured within the limit."""
@@ -79,12 +80,14 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
     settled: set[int] = set()  # depths timed until decided, or whose timer replays one recorded reading
 
     def confirmed(depth: int, first: Measurement, why: str) -> Measurement:
+        # The reading that brought the search here is not counted: it was picked for being near the limit (or,
+        # for the pick, for being within it), so it leans that way; fresh timings only decide.
         settled.add(depth)
-        runs = [first]
+        runs: list[Measurement] = []
         verdict, median, bound = "open", first.at(pct), first.at(pct)
         while len(runs) < MAX_TIMINGS and (len(runs) < MIN_TIMINGS or verdict == "open"):
             again = timer(depth)
-            if again is None or again == first:  # the timer replays what was recorded (a kit's run): one reading
+            if again is None or (not runs and again == first):  # the timer replays a recorded reading (a kit's run)
                 return first
             runs.append(again)
             if len(runs) >= MIN_TIMINGS:
@@ -97,8 +100,8 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
         else:  # as likely over as within after MAX_TIMINGS: kept as over, at the upper bound
             said = f"median {median:.4g} ms, upper bound {bound:.4g} ms: not clearly within the budget, kept as over"
             kept = max(bound, math.nextafter(limit, math.inf))
-        say(f"depth {depth} measured {first.at(pct):.3g} ms, {why}: timed {len(runs) - 1} more time(s) "
-            f"({', '.join(f'{m.at(pct):.4g}' for m in runs[1:])} ms): {said}")
+        say(f"depth {depth} measured {first.at(pct):.3g} ms, {why}: timed {len(runs)} more time(s) "
+            f"({', '.join(f'{m.at(pct):.4g}' for m in runs)} ms): {said}")
         return replace(middle, p90_ms=kept) if pct == "p90" else replace(middle, p50_ms=kept)
 
     def timed(depth: int) -> Measurement | None:
