@@ -68,13 +68,7 @@ def run_spec(name: str, n_budgets: int, rules: dict[str, Callable[..., Any]], wo
 
     spec = ViTSpec.preset(name)
     prof = probe_and_apply(solver.host_profile(spec, False), log=lambda m: print(f"[{name}] {m}", flush=True))
-    precisions = prof.precisions(spec)
-
-    def fastest_upper(depth: int) -> float:
-        return min(prof.predict(depth, spec=spec, precision=p).latency_p90_upper_ms for p in precisions)
-
-    lo, hi = fastest_upper(2), fastest_upper(14)
-    budgets = [lo * (hi / lo) ** (i / (n_budgets - 1)) for i in range(n_budgets)]
+    budgets = solver.spread_budgets(prof, spec, n_budgets)
     cfg = MeasureConfig(threads=1, rounds=7, round_seconds=0.15, memory=False)
     arts = solver.Artifacts(spec, workdir)
     rows = []

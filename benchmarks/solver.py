@@ -78,6 +78,16 @@ class Artifacts:
         return self.cache[key]
 
 
+def spread_budgets(prof: Any, spec: Any, n: int) -> list[float]:
+    """``n`` p90 latency budgets (ms) spread geometrically over what ``prof`` covers: from the fastest
+    precision's 95% upper prediction at depth 2 to the one at depth 14."""
+    def fastest_upper(depth: int) -> float:
+        return min(prof.predict(depth, spec=spec, precision=p).latency_p90_upper_ms for p in prof.precisions(spec))
+
+    lo, hi = fastest_upper(2), fastest_upper(14)
+    return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+
+
 def solve_time_us(prof: Any, budget: Any, spec: Any, max_depth: int, reps: int = 200) -> tuple[float, float]:
     """Median and 99th percentile of ``reps`` solves, in microseconds."""
     from tleg_deploy.plan.solve import solve
@@ -107,12 +117,7 @@ def run_spec(name: str, n_budgets: int, max_depth: int, cached: bool) -> list[di
 
     prof = probe_and_apply(prof, log=lambda msg: print(f"[{name}] {msg}", flush=True))
     precisions = prof.precisions(spec)
-
-    def fastest_upper(depth: int) -> float:
-        return min(prof.predict(depth, spec=spec, precision=p).latency_p90_upper_ms for p in precisions)
-
-    lo, hi = fastest_upper(2), fastest_upper(14)
-    budgets = [lo * (hi / lo) ** (i / (n_budgets - 1)) for i in range(n_budgets)]
+    budgets = spread_budgets(prof, spec, n_budgets)
     cfg = MeasureConfig(threads=1, rounds=7, round_seconds=0.15, memory=False)
     rows = []
     with tempfile.TemporaryDirectory(prefix="tleg-solver-bench-") as tmp:
