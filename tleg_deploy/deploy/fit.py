@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tleg_deploy.deploy.fit_measure import (
+    THIN_REL,
     Timer,
     host_timer,
     kit_backend,
@@ -332,6 +333,12 @@ def _result(request: FitRequest, plan: Plan, profile: DeviceProfile, built: _Bui
     elif not (request.measure and runs_here(profile)) and profile.source == "measured":
         notes.append(f"{profile.name} cannot be run here: figures are predicted, not measured")
     measured = built.measured
+    if measured is not None and budget.latency_ms is not None and \
+            measured.at(budget.percentile) > (1 - THIN_REL) * budget.latency_ms:
+        notes.append(f"measured {budget.percentile} {measured.at(budget.percentile):.3g} ms is within "
+                     f"{THIN_REL:.0%} of the {budget.latency_ms:g} ms budget, less than a latency moves from one "
+                     "minute to the next on a shared machine: another run may read it over; for headroom, fit "
+                     "with a lower budget")
     if measured is not None and measured.at(budget.percentile) < 0.5 * pick.latency_ms:
         notes.append(f"measured {budget.percentile} {measured.at(budget.percentile):.3g} ms is under half the "
                      f"predicted {pick.latency_ms:.3g} ms: the profile was probably taken under load; "
