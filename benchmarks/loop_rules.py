@@ -15,7 +15,8 @@ rules), and each rule's pick is counted within / tight against those medians:
 
     .venv/bin/python benchmarks/loop_rules.py [--budgets-per-spec 10] [--specs digits,deit-tiny]
 
-About 13 minutes here. Noise decides single budgets: compare the rules within one run, not across runs.
+About 10 minutes here (548-637 s in three runs). Noise decides single budgets: compare the rules within one
+run, not across runs.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ REMEASURE = 5
 def previous_rule(commit: str, workdir: Path) -> ModuleType:
     """``deploy.fit_measure`` as it was at ``commit``, loaded from git history."""
     root = Path(__file__).resolve().parent.parent
-    text = subprocess.run(["git", "show", f"{commit}:tleg_deploy/deploy/fit_measure.py"], cwd=root,
-                          capture_output=True, text=True, check=True).stdout
+    proc = subprocess.run(["git", "show", f"{commit}:tleg_deploy/deploy/fit_measure.py"], cwd=root,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"loop_rules.py needs the git history of commit {commit} (a full clone): {proc.stderr.strip()}")
+    text = proc.stdout
     path = workdir / f"fit_measure_{commit}.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location(f"fit_measure_{commit}", path)
