@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tleg_deploy.profile.linefit import fit_line, t975
+from tleg_deploy.profile.linefit import fit_line, t95, t975
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +20,11 @@ def stats():  # type: ignore[no-untyped-def]
 def test_t975_matches_scipy_at_integer_dof(stats) -> None:  # type: ignore[no-untyped-def]
     for dof in range(1, 301):
         assert t975(dof) == pytest.approx(stats.t.ppf(0.975, dof), rel=3e-4), dof
+
+
+def test_t95_matches_scipy_at_integer_dof(stats) -> None:  # type: ignore[no-untyped-def]
+    for dof in range(1, 301):
+        assert t95(dof) == pytest.approx(stats.t.ppf(0.95, dof), rel=3e-4), dof
 
 
 def test_t975_between_integers_errs_high_only(stats) -> None:  # type: ignore[no-untyped-def]

@@ -19,6 +19,7 @@ from tleg_deploy.errors import BackendError, InfeasibleError
 from tleg_deploy.plan.precisions import deployed_kind
 from tleg_deploy.plan.solve import Plan, evaluate
 from tleg_deploy.profile.artifact import Measurement
+from tleg_deploy.profile.linefit import t95
 
 if TYPE_CHECKING:
     from tleg_deploy.deploy.fit_types import FitRequest
@@ -35,15 +36,13 @@ Timer = Callable[[int], Measurement | None]  # depth -> its measurement at the p
 # A reading within NEAR_REL of the budget is as likely noise as a verdict (one ONNX file's latency moves by 2-5%
 # from session to session on a shared machine, and by up to 15% in a burst of a neighbour's load): the depth is
 # timed afresh, at least MIN_TIMINGS and at most MAX_TIMINGS times, until the median of those timings is clear of
-# the budget by CONFIDENCE_T[n] standard errors (a one-sided 95% Student t bound on the median; see
-# ``_verdict``). The reading that triggered this is not counted: it was chosen for being near the budget. A
-# depth still undecided after MAX_TIMINGS is kept as over: the pick must fit, and a depth as likely over as
-# within does not. Its reading is the median, or the upper bound when undecided.
+# the budget by a one-sided 95% Student t bound (``_verdict``). The reading that triggered this is not counted:
+# it was chosen for being near the budget. A depth still undecided after MAX_TIMINGS is kept as over: the pick
+# must fit, and a depth as likely over as within does not. Its reading is the median, or the upper bound when
+# undecided.
 NEAR_REL = 0.05
 MIN_TIMINGS = 3
 MAX_TIMINGS = 8
-# one-sided 95% quantiles of Student's t with n - 1 degrees of freedom, n = MIN_TIMINGS .. MAX_TIMINGS
-CONFIDENCE_T = {3: 2.920, 4: 2.353, 5: 2.132, 6: 2.015, 7: 1.943, 8: 1.895}
 # The pick itself is what gets deployed: when the search ends on a depth read once and within PICK_REL under the
 # budget, it is timed again the same way before it is kept (benchmarks/solver.py saw one session read up to
 # 13% below an independent re-measure of the same file); over after all, the search goes on below it.
@@ -207,7 +206,7 @@ def _verdict(values: list[float], limit: float) -> tuple[str, float, float]:
     Returns the verdict, the median and the bound on the side the verdict rests on (the upper one when open)."""
     n = len(values)
     median = statistics.median(values)
-    k = CONFIDENCE_T[min(max(n, MIN_TIMINGS), MAX_TIMINGS)]
+    k = t95(n - 1)
     se = math.sqrt(math.pi / 2) * statistics.stdev(values) / math.sqrt(n)
     if median + k * se <= limit:
         return "within", median, median + k * se

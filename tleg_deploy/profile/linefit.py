@@ -21,20 +21,35 @@ from tleg_deploy.errors import FormatError
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
          2.045, 2.042)
+# One-sided 95% quantiles (scipy.stats.t.ppf(0.95, dof), 3 decimals), for one-sided bounds (fit's verdict on a
+# depth timed near its budget, ``deploy.fit_measure``).
+_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761,
+        1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701,
+        1.699, 1.697)
+
+
+def _t_quantile(table: tuple[float, ...], z: float, dof: float) -> float:
+    """Student's t from ``table`` (1..30 dof, linear between integers), Cornish-Fisher from the normal ``z``
+    beyond."""
+    if dof < 1:
+        return table[0]
+    if dof <= 30:
+        lo = int(dof)
+        if lo == dof or lo == 30:
+            return table[lo - 1]
+        frac = dof - lo
+        return table[lo - 1] * (1 - frac) + table[lo] * frac
+    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
 
 
 def t975(dof: float) -> float:
     """Two-sided 95% Student-t quantile (table up to 30 dof, Cornish-Fisher beyond)."""
-    if dof < 1:
-        return _T975[0]
-    if dof <= 30:
-        lo = int(dof)
-        if lo == dof or lo == 30:
-            return _T975[lo - 1]
-        frac = dof - lo
-        return _T975[lo - 1] * (1 - frac) + _T975[lo] * frac
-    z = 1.959964
-    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+    return _t_quantile(_T975, 1.959964, dof)
+
+
+def t95(dof: float) -> float:
+    """One-sided 95% Student-t quantile (table up to 30 dof, Cornish-Fisher beyond)."""
+    return _t_quantile(_T95, 1.644854, dof)
 
 
 # ---------------------------------------------------------------------------------------------
