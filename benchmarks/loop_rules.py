@@ -35,10 +35,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import solver  # type: ignore[import-not-found]
 from _results import write_result  # type: ignore[import-not-found]
 
 PREVIOUS = {"t-bound, first reading counted": "8f0f53d", "all 3 within": "53a5c80"}  # rule name: commit
-REMEASURE = 5
 
 
 def previous_rule(commit: str, workdir: Path) -> ModuleType:
@@ -59,16 +59,12 @@ def previous_rule(commit: str, workdir: Path) -> ModuleType:
 
 
 def run_spec(name: str, n_budgets: int, rules: dict[str, Callable[..., Any]], workdir: Path) -> list[dict[str, Any]]:
-    import solver  # type: ignore[import-not-found]
-
     from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
     from tleg_deploy.errors import InfeasibleError
     from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.plan.solve import Budget, solve
-    from tleg_deploy.profile.artifact import Measurement
     from tleg_deploy.profile.config import MeasureConfig
     from tleg_deploy.profile.drift import probe_and_apply
-    from tleg_deploy.profile.timing import time_runners
 
     spec = ViTSpec.preset(name)
     prof = probe_and_apply(solver.host_profile(spec, False), log=lambda m: print(f"[{name}] {m}", flush=True))
@@ -79,33 +75,21 @@ def run_spec(name: str, n_budgets: int, rules: dict[str, Callable[..., Any]], wo
     for i, b in enumerate(budgets):
         budget = Budget(latency_ms=math.ceil(b * 1e4) / 1e4)
         plan = solve(prof, budget, spec=spec, max_depth=24)
-        p = plan.precision
-        count = [0]
-
-        def timer(depth: int, p: str = p, count: list[int] = count) -> Measurement:
-            count[0] += 1
-            st = time_runners({depth: arts.runner(depth, p)}, cfg)[depth]
-            return Measurement(depth=depth, precision=p, p50_ms=st["p50"], p90_ms=st["p90"], runs=int(st["n"]),
-                               threads=1)
-
+        timer = solver.SessionTimer(arts, plan.precision, cfg)
         request = FitRequest(budget, device=prof, out_dir=Path("unused"), search=SearchOptions(max_depth=24))
         order = list(rules)
         random.Random(i).shuffle(order)
         picks: dict[str, tuple[int | None, int]] = {}
         for rule in order:
-            count[0] = 0
+            before = timer.calls
             try:
                 depth, *_ = rules[rule](request, plan, prof, budget.latency_ms, timer, lambda _m: None)
             except InfeasibleError:
                 depth = None
-            picks[rule] = (depth, count[0])
+            picks[rule] = (depth, timer.calls - before)
         judged = sorted({x for d, _ in picks.values() if d is not None for x in (d, d + 1)})
-        reps: dict[int, list[float]] = {d: [] for d in judged}
-        for _ in range(REMEASURE):
-            for d in judged:
-                reps[d].append(timer(d).p90_ms)
-        med = {d: statistics.median(v) for d, v in reps.items()}
-        row = {"spec": name, "budget_ms": budget.latency_ms, "precision": p, "remeasured_p90_ms": med,
+        med = {d: statistics.median(v) for d, v in solver.remeasure(timer, judged).items()}
+        row = {"spec": name, "budget_ms": budget.latency_ms, "precision": plan.precision, "remeasured_p90_ms": med,
                "rules": {rule: {"depth": d, "timings": k, "within": d is not None and med[d] <= budget.latency_ms,
                                 "tight": d is not None and med[d + 1] > budget.latency_ms}
                          for rule, (d, k) in picks.items()}}
@@ -123,10 +107,11 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "",
         "`benchmarks/loop_rules.py`: 10 p90 budgets per spec (as `solver.py` spreads them) on a fresh host profile; "
         "every rule runs fit's measured loop on each budget (shuffled order), then every picked depth and the next "
-        f"deeper one is re-timed in {REMEASURE} alternating sessions, one judge for all rules. *shipped*: 3-8 fresh "
-        "timings (the reading that triggered them not counted) until their median's one-sided 95% t bound clears "
-        "the budget; *t-bound, first reading counted*: the same, counting the triggering reading (commit 8f0f53d); "
-        "*all 3 within*: 3 timings, within only if all are (commit 53a5c80). Single budgets are decided by noise: "
+        f"deeper one is re-timed in {solver.REMEASURE} alternating sessions, one judge for all rules. *shipped*: "
+        "3-8 fresh timings (the reading that triggered them not counted) until their median's one-sided 95% t "
+        "bound clears the budget; *t-bound, first reading counted*: the same, counting the triggering reading "
+        "(commit 8f0f53d); *all 3 within*: 3 timings, within only if all are (commit 53a5c80). Single budgets are "
+        "decided by noise: "
         "compare rules within this run.",
         "",
         "| rule | pick within budget | next deeper over budget | timings per budget (median, total) |",

@@ -78,6 +78,38 @@ class Artifacts:
         return self.cache[key]
 
 
+class SessionTimer:
+    """fit's timer as the benchmarks run it: each call times one depth at ``precision`` alone in its own session
+    (the profiler's protocol, ``cfg``), from ``arts``' cached runners; ``calls`` counts them."""
+
+    def __init__(self, arts: Artifacts, precision: str, cfg: Any) -> None:
+        self.arts, self.precision, self.cfg, self.calls = arts, precision, cfg, 0
+
+    def __call__(self, depth: int) -> Any:
+        from tleg_deploy.profile.artifact import Measurement
+        from tleg_deploy.profile.timing import time_runners
+
+        self.calls += 1
+        st = time_runners({depth: self.arts.runner(depth, self.precision)}, self.cfg)[depth]
+        return Measurement(depth=depth, precision=self.precision, p50_ms=st["p50"], p90_ms=st["p90"],
+                           runs=int(st["n"]), threads=1)
+
+
+REMEASURE = 5  # sessions per depth in the independent re-measure (the judge)
+
+
+def remeasure(timer: SessionTimer, depths: list[int]) -> dict[int, list[float]]:
+    """The judge: ``depths`` re-timed as deployed and as the loop times them, each model alone in its session (a
+    deployment runs one model; interleaving two in one session evicts each other's caches and reads 5-25% slower
+    here), the sessions alternating depth by depth ``REMEASURE`` times; p90 per session. One session's reading
+    moves by 2-5% here: the median of 5 is about as precise as the loop's own verdicts (3-8 timings)."""
+    reps: dict[int, list[float]] = {d: [] for d in depths}
+    for _ in range(REMEASURE):
+        for d in depths:
+            reps[d].append(timer(d).p90_ms)
+    return reps
+
+
 def spread_budgets(prof: Any, spec: Any, n: int) -> list[float]:
     """``n`` p90 latency budgets (ms) spread geometrically over what ``prof`` covers: from the fastest
     precision's 95% upper prediction at depth 2 to the one at depth 14."""
@@ -161,47 +193,28 @@ def run_spec(name: str, n_budgets: int, max_depth: int, cached: bool) -> list[di
     return rows
 
 
-REMEASURE = 5  # sessions per depth in the closed loop's independent re-measure
-
-
 def closed_loop(spec: Any, prof: Any, budget: Any, plan: Any, max_depth: int, arts: Artifacts,
                 cfg: Any) -> dict[str, Any]:
     """fit's measured step loop from the solver's pick (each depth timed in its own session), then the loop's
-    pick and the next deeper depth re-timed together (interleaved), independently of the loop's readings."""
+    pick and the next deeper depth re-timed in alternating sessions (``remeasure``), independently of the loop's
+    readings."""
     from tleg_deploy.deploy.fit_measure import measured_check
     from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
     from tleg_deploy.errors import InfeasibleError
-    from tleg_deploy.profile.artifact import Measurement
-    from tleg_deploy.profile.timing import time_runners
 
-    p = plan.precision
-
-    timings = 0
-
-    def timer(depth: int) -> Measurement:
-        nonlocal timings
-        timings += 1
-        st = time_runners({depth: arts.runner(depth, p)}, cfg)[depth]
-        return Measurement(depth=depth, precision=p, p50_ms=st["p50"], p90_ms=st["p90"], runs=int(st["n"]),
-                           threads=1)
-
+    timer = SessionTimer(arts, plan.precision, cfg)
     request = FitRequest(budget, device=prof, out_dir=Path("unused"), search=SearchOptions(max_depth=max_depth))
     try:
         depth, own, steps, _over = measured_check(request, plan, prof, budget.latency_ms, timer,
                                                   lambda m: print(f"  loop: {m}", flush=True))
     except InfeasibleError as e:
-        return {"loop_depth": None, "loop_steps": [str(e)], "loop_within": False, "loop_tight": None,
+        return {"loop_depth": None, "loop_steps": [str(e)], "loop_timings": timer.calls, "loop_within": False,
+                "loop_tight": None, "loop_within_judge3": False, "loop_tight_judge3": None,
                 "loop_measured_p90_ms": math.nan, "loop_deeper_p90_ms": math.nan}
-    # Re-measured as deployed and as the loop times them: each model alone in its session (a deployment runs one
-    # model; interleaving two in one session evicts each other's caches and reads 5-25% slower here), the
-    # sessions alternating pick, deeper, pick, ... REMEASURE times each; medians. One session's reading moves by
-    # 2-5% here: the judge's median of 5 is about as precise as the loop's own verdicts (3-8 timings); the
-    # median of the first 3 sessions (the judge of earlier runs) is reported beside it.
-    loop_timings = timings
-    reps: dict[int, list[float]] = {depth: [], depth + 1: []} if depth < max_depth else {depth: []}
-    for _ in range(REMEASURE):
-        for d in reps:
-            reps[d].append(timer(d).p90_ms)
+    # The judge (``remeasure``): the median of its 5 sessions; the median of the first 3 (the judge of runs before
+    # 2026-12-03) is reported beside it.
+    loop_timings = timer.calls
+    reps = remeasure(timer, [depth, depth + 1] if depth < max_depth else [depth])
     mine, mine3 = statistics.median(reps[depth]), statistics.median(reps[depth][:3])
     deeper = statistics.median(reps[depth + 1]) if depth + 1 in reps else math.nan
     deeper3 = statistics.median(reps[depth + 1][:3]) if depth + 1 in reps else math.nan
