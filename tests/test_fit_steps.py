@@ -348,19 +348,23 @@ def test_a_reading_near_the_budget_is_timed_until_the_median_clears_it(
 
 
 def test_the_first_reading_does_not_vote() -> None:
-    """The reading that sent the search to a depth leans toward the budget (it was chosen for it): with it, the
-    timings below would read within; the fresh ones alone are over."""
+    """The reading that sent the search to a depth leans toward the budget (it was chosen for it): counted, the
+    1.80 ms that ended the search on depth d+1 would leave its verdict open, and d+1 would be timed 8 more times
+    and kept at its upper bound; the three fresh timings alone are clearly over, at their median."""
     request, plan, prof = _setup(Budget(latency_ms=LIMIT))
     d = plan.depth
     readings = {d + 1: _readings([1.80, 2.02, 2.03, 2.025])}
+    calls: list[int] = []
 
     def timer(depth: int) -> Measurement:
+        calls.append(depth)
         ms = readings[depth]() if depth in readings else (0.5 if depth <= d else 2.4)
         return Measurement(depth=depth, precision="int8", p50_ms=ms, p90_ms=ms, runs=10, threads=1)
 
     assert fit_measure._verdict([1.80, 2.02, 2.03, 2.025], LIMIT)[0] == "open"
     depth, m, _steps, over = fit_measure.measured_check(request, plan, prof, LIMIT, timer, lambda _m: None)
     assert depth == d and over[d + 1] == 2.025 and m is not None and m.p90_ms == 0.5
+    assert calls.count(d + 1) == 4
 
 
 def test_the_verdict_is_the_median_with_a_student_t_bound() -> None:
