@@ -15,7 +15,7 @@ rules), and each rule's pick is counted within / tight against those medians:
 
     .venv/bin/python benchmarks/loop_rules.py [--budgets-per-spec 10] [--specs digits,deit-tiny]
 
-About 10 minutes here (548-637 s in three runs). Noise decides single budgets: compare the rules within one
+About 10 minutes here (525-637 s in three runs). Noise decides single budgets: compare the rules within one
 run, not across runs.
 """
 
