@@ -7,6 +7,7 @@ joins the sections into ``benchmarks/RESULTS.md``. Numbers here always come from
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import json
@@ -19,6 +20,25 @@ from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def spec_names(text: str) -> list[str]:
+    """``--specs a,b``: the preset names, checked (an argparse ``type``: a wrong name is one usage line, exit 2)."""
+    from tleg_deploy.model.spec import PRESETS
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown spec preset(s) {', '.join(map(repr, unknown)) or repr(text)}; choose from {', '.join(PRESETS)}")
+    return names
+
+
+def spec_name(text: str) -> str:
+    """``--spec a``: one preset name, checked like ``spec_names``."""
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"one spec preset, not a list: {text!r}")
+    return spec_names(text)[0]
 
 
 def machine_info() -> dict[str, Any]:
@@ -52,12 +72,17 @@ def machine_line(info: dict[str, Any]) -> str:
 
 
 def write_result(name: str, data: dict[str, Any], markdown: str) -> None:
-    """Write results/<name>.json (with machine info) and results/<name>.md, then refresh RESULTS.md."""
+    """Write results/<name>.json (with machine info) and results/<name>.md, then refresh RESULTS.md. Each file
+    is written whole or not at all (a Ctrl-C here leaves the previous run's file, never half of the new one)."""
+    from tleg_deploy.files.fileio import atomic_path
+
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     payload = {"benchmark": name, "machine": info, **data}
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    (RESULTS_DIR / f"{name}.md").write_text(markdown.rstrip() + f"\n\n_{machine_line(info)}_\n")
+    with atomic_path(RESULTS_DIR / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    with atomic_path(RESULTS_DIR / f"{name}.md") as tmp:
+        tmp.write_text(markdown.rstrip() + f"\n\n_{machine_line(info)}_\n")
     from make_results import build  # type: ignore[import-not-found]
 
     build()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import _results  # noqa: F401  (puts the repo root on sys.path)
 import torch
-from _results import write_result
+from _results import spec_name, write_result
 
 from tleg_deploy.export.family import export_family
 from tleg_deploy.export.onnx import export_onnx
@@ -49,7 +49,7 @@ from tleg_deploy.model.spec import ViTSpec
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--spec", default="deit-tiny")
+    ap.add_argument("--spec", type=spec_name, default="deit-tiny")
     ap.add_argument("--max-depth", type=int, default=12)
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -39,7 +39,7 @@ from typing import Any
 import _results  # noqa: F401  (puts the repo root on sys.path)
 import numpy as np
 import torch
-from _results import machine_info, write_result
+from _results import machine_info, spec_names, write_result
 
 from tleg_deploy.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx
 from tleg_deploy.export.quantize import _quiet_root_logger, _Reader, convert_fp16, quantize_int8
@@ -204,7 +204,7 @@ def int8_schemes(model: Any, fp32: Path, root: Path) -> dict[str, tuple[Path, di
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--specs", default="digits,deit-tiny")
+    ap.add_argument("--specs", type=spec_names, default="digits,deit-tiny")
     args = ap.parse_args()
     torch.set_num_threads(1)
     start, load_start = time.perf_counter(), os.getloadavg()
@@ -224,7 +224,7 @@ def main() -> None:
            f"{gemm.fp32_macs / 1e9:.3g} GMAC/s, int8 {gemm.int8_macs / 1e9:.3g} GMAC/s.", ""]
     root = Path(tempfile.mkdtemp(prefix="tleg-speed-"))
     try:
-        for name in [s.strip() for s in args.specs.split(",") if s.strip()]:
+        for name in args.specs:
             work = root / name
             work.mkdir()
             files, model, reports = build_files(name, work)

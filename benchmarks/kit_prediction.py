@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _results import write_result  # also puts the repository root on sys.path
+from _results import spec_names, write_result  # also puts the repository root on sys.path
 
 from tleg_deploy.profile.env import conditions
 
@@ -138,12 +138,12 @@ def markdown(results: list[dict[str, Any]], freeze: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--specs", default="deit-tiny,digits")
+    ap.add_argument("--specs", type=spec_names, default="deit-tiny,digits")
     ap.add_argument("--python", help="the kit's python (default: a fresh venv at /tmp/tleg-kit-venv)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     python, freeze = fresh_python(args.python)
-    results = [run_spec(s.strip(), python) for s in args.specs.split(",")]
+    results = [run_spec(s, python) for s in args.specs]
     text = markdown(results, freeze)
     print(text)
     if not args.no_write:

@@ -36,7 +36,7 @@ from types import ModuleType
 from typing import Any
 
 import solver  # type: ignore[import-not-found]
-from _results import write_result  # type: ignore[import-not-found]
+from _results import spec_names, write_result  # type: ignore[import-not-found]
 
 PREVIOUS = {"t-bound, first reading counted": "8f0f53d", "all 3 within": "53a5c80"}  # rule name: commit
 
@@ -129,7 +129,7 @@ def main() -> None:
     import os
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--specs", default="digits,deit-tiny")
+    ap.add_argument("--specs", type=spec_names, default="digits,deit-tiny")
     ap.add_argument("--budgets-per-spec", type=int, default=10)
     args = ap.parse_args()
     from tleg_deploy.deploy import fit_measure
@@ -140,7 +140,7 @@ def main() -> None:
             "shipped": fit_measure.measured_check,
             **{name: previous_rule(commit, Path(tmp)).measured_check for name, commit in PREVIOUS.items()}}
         rows: list[dict[str, Any]] = []
-        for name in args.specs.split(","):
+        for name in args.specs:
             sub = Path(tmp) / name
             sub.mkdir()
             rows += run_spec(name, args.budgets_per_spec, rules, sub)

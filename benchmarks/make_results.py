@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tleg_deploy.files.fileio import atomic_path
+
 HERE = Path(__file__).resolve().parent
 ORDER = ["paper_claims", "predictor_accuracy", "export_family", "export_speed", "solver", "kit_prediction",
          "expansion_speed", "estimate_vs_published", "test_suite_time"]
@@ -20,7 +22,8 @@ def build() -> Path:
     for p in sections:
         parts += [p.read_text().rstrip(), ""]
     out = HERE / "RESULTS.md"
-    out.write_text("\n".join(parts))
+    with atomic_path(out) as tmp:  # whole or not at all
+        tmp.write_text("\n".join(parts))
     return out
 
 

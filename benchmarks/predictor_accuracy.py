@@ -25,7 +25,7 @@ import statistics
 import time
 from typing import Any
 
-from _results import write_result  # also puts the repository root on sys.path
+from _results import spec_names, write_result  # also puts the repository root on sys.path
 
 from tleg_deploy.export.template import clear_shared_templates
 from tleg_deploy.model.spec import ViTSpec
@@ -275,7 +275,7 @@ def render() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--specs", default="deit-tiny,digits")
+    parser.add_argument("--specs", type=spec_names, default="deit-tiny,digits")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--round-seconds", type=float, default=0.15)
     parser.add_argument("--clocks", default="wall", help="wall (latency), or wall,thread to add a CPU-time diagnostic")
@@ -292,7 +292,7 @@ def main() -> None:
     if args.render:
         render()
         return
-    specs = ["digits"] if args.quick else [s.strip() for s in args.specs.split(",")]
+    specs = ["digits"] if args.quick else args.specs
     rounds = 2 if args.quick else args.rounds
     load_before = os.getloadavg()[0]
     started = time.perf_counter()

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _results import write_result  # type: ignore[import-not-found]
+from _results import spec_names, write_result  # type: ignore[import-not-found]
 
 from tleg_deploy.profile.env import conditions
 
@@ -283,14 +283,14 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--specs", default="deit-tiny,digits")
+    ap.add_argument("--specs", type=spec_names, default="deit-tiny,digits")
     ap.add_argument("--budgets-per-spec", type=int, default=10)
     ap.add_argument("--max-depth", type=int, default=24)
     ap.add_argument("--cached", action="store_true", help="use the cached host profile instead of a fresh one")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []
     load_before = os.getloadavg()
-    for name in args.specs.split(","):
+    for name in args.specs:
         rows += run_spec(name, args.budgets_per_spec, args.max_depth, args.cached)
     done = [r for r in rows if "infeasible" not in r]
     tight = [r for r in done if r["tight"] is not None]
