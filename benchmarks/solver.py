@@ -198,7 +198,7 @@ def closed_loop(spec: Any, prof: Any, budget: Any, plan: Any, max_depth: int, ar
     """fit's measured step loop from the solver's pick (each depth timed in its own session), then the loop's
     pick and the next deeper depth re-timed in alternating sessions (``remeasure``), independently of the loop's
     readings."""
-    from tleg_deploy.deploy.fit_measure import measured_check
+    from tleg_deploy.deploy.fit_measure import measured_check, verdict
     from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
     from tleg_deploy.errors import InfeasibleError
 
@@ -210,7 +210,8 @@ def closed_loop(spec: Any, prof: Any, budget: Any, plan: Any, max_depth: int, ar
     except InfeasibleError as e:
         return {"loop_depth": None, "loop_steps": [str(e)], "loop_timings": timer.calls, "loop_within": False,
                 "loop_tight": None, "loop_within_judge3": False, "loop_tight_judge3": None,
-                "loop_measured_p90_ms": math.nan, "loop_deeper_p90_ms": math.nan}
+                "loop_measured_p90_ms": math.nan, "loop_deeper_p90_ms": math.nan, "loop_judge_sure": None,
+                "loop_deeper_judge_sure": None}
     # The judge (``remeasure``): the median of its 5 sessions; the median of the first 3 (the judge of runs before
     # 2026-12-03) is reported beside it.
     loop_timings = timer.calls
@@ -224,7 +225,21 @@ def closed_loop(spec: Any, prof: Any, budget: Any, plan: Any, max_depth: int, ar
             "loop_tight": (deeper > budget.latency_ms) if depth + 1 in reps else None,
             "loop_within_judge3": mine3 <= budget.latency_ms,
             "loop_tight_judge3": (deeper3 > budget.latency_ms) if depth + 1 in reps else None,
+            # whether the judge's own 5 readings decide within / over at fit's one-sided 95% bound, or leave it open
+            "loop_judge_sure": verdict(reps[depth], budget.latency_ms)[0],
+            "loop_deeper_judge_sure": verdict(reps[depth + 1], budget.latency_ms)[0] if depth + 1 in reps else None,
             "remeasured_p90_ms": {str(d): v for d, v in reps.items()}}
+
+
+def _judge_line(summary: dict[str, Any]) -> str:
+    """How sure the judge is of the closed loop's misses (its own readings under fit's 95% rule)."""
+    w, t = summary.get("loop_within_misses_judge"), summary.get("loop_tight_misses_judge")
+    if w is None or t is None:
+        return ""
+    return (f"- the closed loop's misses as the judge's own 5 readings decide them (median, one-sided 95% t bound, "
+            f"fit's rule): picks over budget {sum(w.values())}, of which sure {w['over']} and inside the judge's "
+            f"noise {w['open']}; next deeper within budget {sum(t.values())}, of which sure {t['within']} and "
+            f"inside the judge's noise {t['open']}")
 
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -253,6 +268,7 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         f"{summary['n_loop_tight']}** (targets 20/20 and >= 18/20); {summary['loop_moved']} pick(s) moved by the "
         f"loop; judged by the median of the first 3 re-measure sessions only: {summary['loop_within_judge3']}/"
         f"{summary['n']} and {summary['loop_tight_judge3']}/{summary['n_loop_tight']}",
+        _judge_line(summary),
         f"- timings the loop took per budget (1 s sessions): median {statistics.median(summary['loop_timings'])}, "
         f"max {max(summary['loop_timings'])}" if summary.get("loop_timings") else "",
         *(f"- {spec}: the re-measured pick vs the loop's own reading of it, |difference|: median "
@@ -305,6 +321,12 @@ def main() -> None:
         "loop_within_judge3": sum(bool(r.get("loop_within_judge3")) for r in done),
         "loop_tight_judge3": sum(bool(r.get("loop_tight_judge3")) for r in done),
         "loop_timings": sorted(r.get("loop_timings", 0) for r in done),
+        # the misses the judge itself is sure of (its 5 readings clear the budget by fit's one-sided 95% bound), and
+        # those inside its own noise ("open": another judge could count them either way)
+        "loop_within_misses_judge": {v: sum(r.get("loop_judge_sure") == v for r in done if not r["loop_within"])
+                                     for v in ("over", "open")},
+        "loop_tight_misses_judge": {v: sum(r.get("loop_deeper_judge_sure") == v for r in done
+                                           if r["loop_tight"] is False) for v in ("within", "open")},
         # how far the re-measurement of the loop's pick lands from the loop's own reading of it: the noise floor
         # any within/tight count on this machine is subject to
         "loop_reading_vs_remeasure": {

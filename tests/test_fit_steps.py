@@ -361,14 +361,14 @@ def test_the_first_reading_does_not_vote() -> None:
         ms = readings[depth]() if depth in readings else (0.5 if depth <= d else 2.4)
         return Measurement(depth=depth, precision="int8", p50_ms=ms, p90_ms=ms, runs=10, threads=1)
 
-    assert fit_measure._verdict([1.80, 2.02, 2.03, 2.025], LIMIT)[0] == "open"
+    assert fit_measure.verdict([1.80, 2.02, 2.03, 2.025], LIMIT)[0] == "open"
     depth, m, _steps, over = fit_measure.measured_check(request, plan, prof, LIMIT, timer, lambda _m: None)
     assert depth == d and over[d + 1] == 2.025 and m is not None and m.p90_ms == 0.5
     assert calls.count(d + 1) == 4
 
 
 def test_the_verdict_is_the_median_with_a_student_t_bound() -> None:
-    verdict = fit_measure._verdict
+    verdict = fit_measure.verdict
     assert verdict([1.0, 1.0, 1.0], 1.0) == ("within", 1.0, 1.0)  # no spread: the median decides
     assert verdict([1.2, 1.3, 1.4], 1.0)[0] == "over" and verdict([0.6, 0.7, 0.8], 1.0)[0] == "within"
     v, med, bound = verdict([0.97, 1.03, 0.99], 1.0)

@@ -36,7 +36,7 @@ Timer = Callable[[int], Measurement | None]  # depth -> its measurement at the p
 # A reading within NEAR_REL of the budget is as likely noise as a verdict (one ONNX file's latency moves by 2-5%
 # from session to session on a shared machine, and by up to 15% in a burst of a neighbour's load): the depth is
 # timed afresh, at least MIN_TIMINGS and at most MAX_TIMINGS times, until the median of those timings is clear of
-# the budget by a one-sided 95% Student t bound (``_verdict``). The reading that triggered this is not counted:
+# the budget by a one-sided 95% Student t bound (``verdict``). The reading that triggered this is not counted:
 # it was chosen for being near the budget. A depth still undecided after MAX_TIMINGS is kept as over: the pick
 # must fit, and a depth as likely over as within does not. Its reading is the median, or the upper bound when
 # undecided.
@@ -64,7 +64,7 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
     depth, after ``2 * request.max_steps`` measurements beyond the first, or at a depth the timer has no
     measurement for (a kit measured only some depths). A reading within ``NEAR_REL`` of the limit, and the pick
     the search ends on when it was read once within ``PICK_REL`` under the limit, is timed afresh until the
-    median of the fresh timings is clear of the limit (``_verdict``; at most ``MAX_TIMINGS`` times, then kept as
+    median of the fresh timings is clear of the limit (``verdict``; at most ``MAX_TIMINGS`` times, then kept as
     over); a pick over after all is dropped and the search goes on below it.
     Returns the depth, its measurement (None: not measured), the steps (predicted vs measured, one per
     measurement that moved the search) and the depths measured over budget; raises ``InfeasibleError`` if no
@@ -86,18 +86,18 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
         # for the pick, for being within it), so it leans that way; fresh timings only decide.
         settled.add(depth)
         runs: list[Measurement] = []
-        verdict, median, bound = "open", first.at(pct), first.at(pct)
-        while len(runs) < MAX_TIMINGS and (len(runs) < MIN_TIMINGS or verdict == "open"):
+        state, median, bound = "open", first.at(pct), first.at(pct)
+        while len(runs) < MAX_TIMINGS and (len(runs) < MIN_TIMINGS or state == "open"):
             again = timer(depth)
             if again is None or (not runs and again == first):  # the timer replays a recorded reading (a kit's run)
                 return first
             runs.append(again)
             if len(runs) >= MIN_TIMINGS:
-                verdict, median, bound = _verdict([m.at(pct) for m in runs], limit)
+                state, median, bound = verdict([m.at(pct) for m in runs], limit)
         middle = sorted(runs, key=lambda m: m.at(pct))[len(runs) // 2]
-        if verdict == "within":
+        if state == "within":
             said, kept = f"within the budget: median {median:.4g} ms, upper bound {bound:.4g} ms", median
-        elif verdict == "over":
+        elif state == "over":
             said, kept = f"over the budget: median {median:.4g} ms, lower bound {bound:.4g} ms", median
         else:  # as likely over as within after MAX_TIMINGS: kept as over, at the upper bound
             said = f"median {median:.4g} ms, upper bound {bound:.4g} ms: not clearly within the budget, kept as over"
@@ -200,7 +200,7 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
     return lo, best, steps, over
 
 
-def _verdict(values: list[float], limit: float) -> tuple[str, float, float]:
+def verdict(values: list[float], limit: float) -> tuple[str, float, float]:
     """Whether repeated timings of one depth put it within ``limit`` or over it, or leave it open: the median
     with a one-sided 95% Student t bound (the median's standard error taken as sqrt(pi / 2) times the mean's).
     Returns the verdict, the median and the bound on the side the verdict rests on (the upper one when open)."""
