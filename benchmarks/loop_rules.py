@@ -9,14 +9,14 @@ rules), and each rule's pick is counted within / tight against those medians:
 
 - ``shipped``: ``deploy.fit_measure`` as it is (3-8 fresh timings, not counting the reading that triggered them,
   until their median's one-sided 95% Student t bound clears the budget; undecided: kept as over; the pick read
-  once within 15% under the budget, and the next deeper depth read once within 15% over it, are timed so too);
-- ``pick confirmed only``: the same without timing the next deeper depth again (commit ec78152, read from git
-  history);
+  once within 15% under the budget is timed so too);
+- ``next deeper timed again``: the same, and the next deeper depth read once within 15% over the budget is timed
+  so too before it is given up (commit b05d085, read from git history; tried and not kept);
 - ``all 3 within``: the rule of commit 53a5c80 (3 timings, within only if every one is).
 
     .venv/bin/python benchmarks/loop_rules.py [--budgets-per-spec 10] [--specs digits,deit-tiny]
 
-About 10 minutes here (525-637 s in three runs). Noise decides single budgets: compare the rules within one
+About 10 minutes here (525-673 s in five runs). Noise decides single budgets: compare the rules within one
 run, not across runs.
 """
 
@@ -39,7 +39,7 @@ from typing import Any
 import solver  # type: ignore[import-not-found]
 from _results import spec_names, write_result  # type: ignore[import-not-found]
 
-PREVIOUS = {"pick confirmed only": "ec78152", "all 3 within": "53a5c80"}  # rule name: commit
+PREVIOUS = {"next deeper timed again": "b05d085", "all 3 within": "53a5c80"}  # rule name: commit
 
 
 def previous_rule(commit: str, workdir: Path) -> ModuleType:
@@ -110,10 +110,10 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "every rule runs fit's measured loop on each budget (shuffled order), then every picked depth and the next "
         f"deeper one is re-timed in {solver.REMEASURE} alternating sessions, one judge for all rules. *shipped*: "
         "3-8 fresh timings (the reading that triggered them not counted) until their median's one-sided 95% t "
-        "bound clears the budget, the pick read once within 15% under the budget and the next deeper depth read "
-        "once within 15% over it timed so too; *pick confirmed only*: the same without timing the next deeper depth "
-        "again (commit ec78152); *all 3 within*: 3 timings, within only if all are (commit 53a5c80). Single "
-        "budgets are decided by noise: compare rules within this run.",
+        "bound clears the budget, the pick read once within 15% under the budget timed so too; *next deeper timed "
+        "again*: the same, and the next deeper depth read once within 15% over the budget timed so too (commit "
+        "b05d085, not kept); *all 3 within*: 3 timings, within only if all are (commit 53a5c80). Single budgets are "
+        "decided by noise: compare rules within this run.",
         "",
         "| rule | pick within budget | next deeper over budget | timings per budget (median, total) |",
         "|---|---|---|---|",

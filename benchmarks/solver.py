@@ -255,9 +255,9 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "loop and a deployment run it), sessions alternating pick / deeper 5 times, medians (the median of the "
         "first 3, the judge of runs before 2026-12-03, is given too). A reading within 5% of the budget is timed "
         "afresh 3-8 times (not counting it) until their median's one-sided 95% t bound clears the budget (kept as "
-        "over if it never does); so are, when the search ends, the pick read once within 15% under the budget and "
-        "(from b05d085) the next deeper depth read once within 15% over it. The solver-only columns time the pick "
-        "and the deeper depths interleaved in one session, as the profile is measured.",
+        "over if it never does); so is, when the search ends, the pick read once within 15% under the budget. The "
+        "solver-only columns time the pick and the deeper depths interleaved in one session, as the profile is "
+        "measured.",
         "",
         f"- load average (1/5/15 min) before {summary['load_average_before']}, after "
         f"{summary['load_average_after']}, on {summary['cores']} cores",

@@ -401,43 +401,18 @@ def test_the_pick_read_once_close_under_the_budget_is_timed_again(tmp_path: Path
         assert steps[-1].startswith(f"depth {d + 1} ") and steps[-1].endswith(f"stays at depth {d}")
 
 
-@pytest.mark.parametrize(("again", "up"), [((1.9, 1.91, 1.905), True), ((2.19, 2.21, 2.205), False)])
-def test_the_next_deeper_depth_read_once_close_over_the_budget_is_timed_again(
-        tmp_path: Path, measured: Callable, again: tuple[float, ...], up: bool) -> None:
-    """The search ends with depth d within and d+1 read once at 2.2 ms (10% over the 2 ms budget: not near enough
-    to be timed again on the way): d+1 is timed afresh before it is given up. Within after all (one noisy session),
-    the search steps up to it (d+2 reads 20% over: once); over after all, d stays the pick, with d+1 kept over at
-    the median of its fresh timings."""
+def test_the_next_deeper_depth_read_once_clearly_over_is_given_up(tmp_path: Path, measured: Callable) -> None:
+    """The search ends with depth d within and d+1 read once 10% or 20% over the 2 ms budget (beyond the 5% that
+    gets a reading timed again): d+1 is given up on that one reading. Timing it again as the pick is timed
+    (b05d085) was measured side by side in benchmarks/loop_rules.py and was no better: its steps up on fresh
+    timings were judged over as often as they saved a deeper depth."""
     request, plan, prof = _setup(Budget(latency_ms=LIMIT))
     d = plan.depth
-    nxt = _readings([2.2, *again])
-    calls = measured(lambda depth: nxt() if depth == d + 1 else (0.5 if depth <= d else 2.4))
-    said: list[str] = []
-    depth, m, steps, over = _check(request, plan, prof, tmp_path, said.append)
-    assert calls.count(d + 1) == 4 and all(calls.count(k) == 1 for k in calls if k != d + 1)
-    assert any("the next deeper depth, within 15% over the 2 ms budget: timed 3 more time(s)" in s for s in said)
-    assert m is not None
-    if up:
-        assert depth == d + 1 and m.p90_ms == 1.905 and d + 1 not in over and over[d + 2] == 2.4
-        # the last step: d+2 was read over already on the way, so the search ends on d+1
-        assert steps[-1].startswith(f"depth {d + 1} ") and steps[-1].endswith(f"<= 2 ms: stepped up to depth {d + 1}")
-    else:
-        assert depth == d and m.p90_ms == 0.5 and over[d + 1] == 2.205
-        assert steps[-1].startswith(f"depth {d + 1} ") and steps[-1].endswith(f"stays at depth {d}")
-
-
-def test_a_deeper_depth_read_far_over_or_replayed_is_not_timed_again(tmp_path: Path, measured: Callable) -> None:
-    """Read 20% over the budget, the next deeper depth is given up on that reading; read 10% over by a timer that
-    replays one recorded reading (a kit's run), it is decided on that reading, without saying it was timed again."""
-    request, plan, prof = _setup(Budget(latency_ms=LIMIT))
-    d = plan.depth
-    calls = measured(lambda depth: 0.5 if depth <= d else 2.4)
-    depth, *_ = _check(request, plan, prof, tmp_path)
-    assert depth == d and calls.count(d + 1) == 1
-    measured(lambda depth: 0.5 if depth <= d else 2.2)  # the same value every time: a replay
-    said: list[str] = []
-    depth, _m, _steps, over = _check(request, plan, prof, tmp_path, said.append)
-    assert depth == d and over[d + 1] == 2.2 and not any("more time" in s for s in said)
+    for over_by in (2.2, 2.4):
+        calls = measured(lambda depth, o=over_by: 0.5 if depth <= d else o)
+        depth, m, steps, over = _check(request, plan, prof, tmp_path)
+        assert depth == d and m is not None and m.p90_ms == 0.5 and over[d + 1] == over_by
+        assert calls.count(d + 1) == 1 and steps[-1].endswith(f"stays at depth {d}")
 
 
 def test_a_replayed_reading_near_the_budget_is_not_reported_as_timed_again(tmp_path: Path,

@@ -45,9 +45,7 @@ MIN_TIMINGS = 3
 MAX_TIMINGS = 8
 # The pick itself is what gets deployed: when the search ends on a depth read once and within PICK_REL under the
 # budget, it is timed again the same way before it is kept (benchmarks/solver.py saw one session read up to
-# 13% below an independent re-measure of the same file); over after all, the search goes on below it. Likewise
-# the next deeper depth, read once and within PICK_REL over the budget, is timed again before it is given up
-# (one session read a depth 12% over that five others read 6% under); within after all, the search steps up.
+# 13% below an independent re-measure of the same file); over after all, the search goes on below it.
 PICK_REL = 0.15
 # A pick measured within THIN_REL under the budget fits by less than one file's latency moves from one minute to
 # the next on a shared machine (2-7% measured here): fit says so, and that a lower budget buys headroom.
@@ -67,8 +65,7 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
     measurement for (a kit measured only some depths). A reading within ``NEAR_REL`` of the limit, and the pick
     the search ends on when it was read once within ``PICK_REL`` under the limit, is timed afresh until the
     median of the fresh timings is clear of the limit (``verdict``; at most ``MAX_TIMINGS`` times, then kept as
-    over); a pick over after all is dropped and the search goes on below it. So is the next deeper depth when it
-    was read once within ``PICK_REL`` over the limit: within after all, the search steps up to it.
+    over); a pick over after all is dropped and the search goes on below it.
     Returns the depth, its measurement (None: not measured), the steps (predicted vs measured, one per
     measurement that moved the search) and the depths measured over budget; raises ``InfeasibleError`` if no
     depth measured within the limit."""
@@ -143,7 +140,6 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
     hi: int | None = None
     best: Measurement | None = None
     within: dict[int, Measurement] = {}  # every depth measured within the limit
-    read_over: dict[int, Measurement] = {}  # and over it
     extra = 0
     while True:
         ms = measured.at(pct)
@@ -151,7 +147,6 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
         grew = came_down = False
         if ms > limit:
             over[depth] = ms
-            read_over[depth] = measured
             hi = depth
         else:
             grew = lo is None or depth > lo
@@ -167,38 +162,20 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
             steps.append(step(depth, ms, f"stepped up to depth {depth}"))
         elif came_down and nxt is not None:
             steps.append(step(depth, ms, f"fits; trying depth {nxt}"))
-        # The search ends here. A pick read once close under the limit is timed again before it is kept; then the
-        # next deeper depth, read once close over it, is timed again before it is given up (one noisy session read
-        # a depth 12% over that five others read 6% under). Each depth is timed again at most once (``settled``).
-        while nxt is None and lo is not None:
-            if lo not in settled and within[lo].at(pct) >= (1 - PICK_REL) * limit:
-                again = confirmed(lo, within[lo], f"the pick, within {PICK_REL:.0%} under the {limit:g} ms budget")
-                if again.at(pct) <= limit:
-                    best = within[lo] = again
-                    continue
-                over[lo] = again.at(pct)
-                del within[lo]
-                hi, lo = lo, max(within, default=None)
-                best = within[lo] if lo is not None else None
-                ratio = again.at(pct) / max(predicted(hi), 1e-12)
-                nxt = next_depth(lo, hi, ratio)
-                steps.append(step(hi, again.at(pct), f"stepped to depth {nxt}" if nxt is not None else
-                                  (f"stays at depth {lo}" if lo is not None else "no shallower depth left to measure")))
-            elif hi == lo + 1 and hi not in settled and over[hi] <= (1 + PICK_REL) * limit:
-                again = confirmed(hi, read_over[hi],
-                                  f"the next deeper depth, within {PICK_REL:.0%} over the {limit:g} ms budget")
-                if again.at(pct) > limit:
-                    over[hi] = again.at(pct)
-                    break
-                del over[hi]
-                lo, best = hi, again
-                within[lo] = again
-                hi = min((k for k in over if k > lo), default=None)
-                ratio = again.at(pct) / max(predicted(lo), 1e-12)
-                nxt = next_depth(lo, hi, ratio) if extra < 2 * request.max_steps else None
-                steps.append(step(lo, again.at(pct), f"stepped up to depth {lo}"))
-            else:
+        # The search ends here: a pick read once, close under the limit, is timed again before it is kept.
+        while nxt is None and lo is not None and lo not in settled and within[lo].at(pct) >= (1 - PICK_REL) * limit:
+            again = confirmed(lo, within[lo], f"the pick, within {PICK_REL:.0%} under the {limit:g} ms budget")
+            if again.at(pct) <= limit:
+                best = within[lo] = again
                 break
+            over[lo] = again.at(pct)
+            del within[lo]
+            hi, lo = lo, max(within, default=None)
+            best = within[lo] if lo is not None else None
+            ratio = again.at(pct) / max(predicted(hi), 1e-12)
+            nxt = next_depth(lo, hi, ratio)
+            steps.append(step(hi, again.at(pct), f"stepped to depth {nxt}" if nxt is not None else
+                              (f"stays at depth {lo}" if lo is not None else "no shallower depth left to measure")))
         if nxt is None:
             break
         following = timed(nxt)
