@@ -16,7 +16,7 @@ rules), and each rule's pick is counted within / tight against those medians:
 
     .venv/bin/python benchmarks/loop_rules.py [--budgets-per-spec 10] [--specs digits,deit-tiny]
 
-About 10 minutes here (525-673 s in five runs). Noise decides single budgets: compare the rules within one
+About 10 minutes here (525-673 s in six runs). Noise decides single budgets: compare the rules within one
 run, not across runs.
 """
 
