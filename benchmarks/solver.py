@@ -231,6 +231,14 @@ def closed_loop(spec: Any, prof: Any, budget: Any, plan: Any, max_depth: int, ar
             "remeasured_p90_ms": {str(d): v for d, v in reps.items()}}
 
 
+def _thin(row: dict[str, Any]) -> bool:
+    """Whether ``fit`` would add its thin-margin note to this closed-loop pick (``fit._result``'s test)."""
+    from tleg_deploy.deploy.fit_measure import THIN_REL
+
+    own = row.get("loop_own_p90_ms")
+    return own is not None and math.isfinite(own) and own > (1 - THIN_REL) * row["budget_ms"]
+
+
 def _judge_line(summary: dict[str, Any]) -> str:
     """How sure the judge is of the closed loop's misses (its own readings under fit's 95% rule)."""
     w, t = summary.get("loop_within_misses_judge"), summary.get("loop_tight_misses_judge")
@@ -243,6 +251,8 @@ def _judge_line(summary: dict[str, Any]) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    from tleg_deploy.deploy.fit_measure import THIN_REL
+
     lines = [
         "## Solver and fit's closed loop: measured fit of the pick (issues 6, 10)",
         "",
@@ -270,6 +280,9 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         f"loop; judged by the median of the first 3 re-measure sessions only: {summary['loop_within_judge3']}/"
         f"{summary['n']} and {summary['loop_tight_judge3']}/{summary['n_loop_tight']}",
         _judge_line(summary),
+        (f"- fit's thin-margin note (the pick measured within {THIN_REL:.0%} under the budget) on {t['picks']}/"
+         f"{summary['n']} picks; of the {t['misses']} picks judged over the budget, {t['misses_noted']} had it"
+         if (t := summary.get("thin_note")) else ""),
         f"- timings the loop took per budget (1 s sessions): median {statistics.median(summary['loop_timings'])}, "
         f"max {max(summary['loop_timings'])}" if summary.get("loop_timings") else "",
         *(f"- {spec}: the re-measured pick vs the loop's own reading of it, |difference|: median "
@@ -328,6 +341,11 @@ def main() -> None:
                                      for v in ("over", "open")},
         "loop_tight_misses_judge": {v: sum(r.get("loop_deeper_judge_sure") == v for r in done
                                            if r["loop_tight"] is False) for v in ("within", "open")},
+        # fit's thin-margin note (its pick measured within THIN_REL under the budget): how often it shows, and how
+        # many of the picks judged over it warned of
+        "thin_note": {"picks": sum(_thin(r) for r in done),
+                      "misses": sum(not r["loop_within"] for r in done if r.get("loop_depth") is not None),
+                      "misses_noted": sum(_thin(r) for r in done if not r["loop_within"])},
         # how far the re-measurement of the loop's pick lands from the loop's own reading of it: the noise floor
         # any within/tight count on this machine is subject to
         "loop_reading_vs_remeasure": {
