@@ -176,12 +176,12 @@ def test_fit_records_the_steps_up_in_plan_json_and_report(
     assert "measured p90 2.5 ms > 2 ms" in next(la for la in report.splitlines() if la.startswith(f"| {d + 2} |"))
 
 
-@pytest.mark.parametrize(("pick_ms", "thin"), [(1.95, True), (1.9, False)])
+@pytest.mark.parametrize(("pick_ms", "thin"), [(1.95, True), (1.92, True), (1.85, False)])
 def test_fit_says_when_the_pick_fits_by_less_than_the_noise(tmp_path: Path, measured: Callable,
                                                           monkeypatch: pytest.MonkeyPatch, pick_ms: float,
                                                           thin: bool) -> None:
-    """A pick measured 2.5% under the budget fits by less than one file's latency moves between minutes on a
-    shared machine: the result, plan.json and REPORT.md say so; 5% under, they do not."""
+    """A pick measured 2.5% or 4% under the budget fits by less than one file's latency moves between minutes on a
+    shared machine: the result, plan.json and REPORT.md say so; 7.5% under, they do not."""
     from tleg_deploy.deploy.fit import fit
 
     monkeypatch.setattr(fit_mod, "runs_here", lambda _profile: True)
@@ -194,7 +194,7 @@ def test_fit_says_when_the_pick_fits_by_less_than_the_noise(tmp_path: Path, meas
     res = fit(FitRequest(Budget(latency_ms=LIMIT), device=prof, out_dir=out,
                          search=SearchOptions(max_depth=12, precisions=("int8",))))
     assert res.depth == d and res.measured is not None and res.measured.p90_ms == pick_ms
-    said = f"measured p90 {pick_ms:g} ms is within 3% of the 2 ms budget"
+    said = f"measured p90 {pick_ms:g} ms is within 5% of the 2 ms budget"
     assert any(n.startswith(said) for n in res.notes) is thin
     assert (said in (out / "REPORT.md").read_text()) is thin
     assert any(n.startswith(said) for n in json.loads((out / "plan.json").read_text())["notes"]) is thin
