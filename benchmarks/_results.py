@@ -74,15 +74,14 @@ def machine_line(info: dict[str, Any]) -> str:
 def write_result(name: str, data: dict[str, Any], markdown: str) -> None:
     """Write results/<name>.json (with machine info) and results/<name>.md, then refresh RESULTS.md. Each file
     is written whole or not at all (a Ctrl-C here leaves the previous run's file, never half of the new one)."""
-    from tleg_deploy.files.fileio import atomic_path
+    from tleg_deploy.files.fileio import write_text_atomic
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     payload = {"benchmark": name, "machine": info, **data}
-    with atomic_path(RESULTS_DIR / f"{name}.json") as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    with atomic_path(RESULTS_DIR / f"{name}.md") as tmp:
-        tmp.write_text(markdown.rstrip() + f"\n\n_{machine_line(info)}_\n")
+    # not write_json_atomic: an infeasible budget's row carries NaN on purpose (it says no depth was measured)
+    write_text_atomic(RESULTS_DIR / f"{name}.json", json.dumps(payload, indent=2, default=str) + "\n")
+    write_text_atomic(RESULTS_DIR / f"{name}.md", markdown.rstrip() + f"\n\n_{machine_line(info)}_\n")
     from make_results import build  # type: ignore[import-not-found]
 
     build()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -127,9 +128,10 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    import os
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example (2 budgets of one spec, about 1 minute):\n"
+               "  .venv/bin/python benchmarks/loop_rules.py --specs digits --budgets-per-spec 2")
     ap.add_argument("--specs", type=spec_names, default="digits,deit-tiny")
     ap.add_argument("--budgets-per-spec", type=int, default=10)
     args = ap.parse_args()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tleg_deploy.files.fileio import atomic_path
+from tleg_deploy.files.fileio import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["paper_claims", "predictor_accuracy", "export_family", "export_speed", "solver", "kit_prediction",
@@ -22,8 +22,7 @@ def build() -> Path:
     for p in sections:
         parts += [p.read_text().rstrip(), ""]
     out = HERE / "RESULTS.md"
-    with atomic_path(out) as tmp:  # whole or not at all
-        tmp.write_text("\n".join(parts))
+    write_text_atomic(out, "\n".join(parts))  # whole or not at all
     return out
 
 

@@ -233,17 +233,15 @@ def closed_loop(spec: Any, prof: Any, budget: Any, plan: Any, max_depth: int, ar
 
 def _thin(row: dict[str, Any]) -> bool:
     """Whether ``fit`` would add its thin-margin note to this closed-loop pick (``fit._result``'s test)."""
-    from tleg_deploy.deploy.fit_measure import THIN_REL
+    from tleg_deploy.deploy.fit_measure import thin_margin
 
     own = row.get("loop_own_p90_ms")
-    return own is not None and math.isfinite(own) and own > (1 - THIN_REL) * row["budget_ms"]
+    return own is not None and math.isfinite(own) and thin_margin(own, row["budget_ms"])
 
 
 def _judge_line(summary: dict[str, Any]) -> str:
     """How sure the judge is of the closed loop's misses (its own readings under fit's 95% rule)."""
-    w, t = summary.get("loop_within_misses_judge"), summary.get("loop_tight_misses_judge")
-    if w is None or t is None:
-        return ""
+    w, t = summary["loop_within_misses_judge"], summary["loop_tight_misses_judge"]
     return (f"- the closed loop's misses as the judge's own 5 readings decide them (median, one-sided 95% t bound, "
             f"fit's rule): picks over budget {sum(w.values())}, of which sure {w['over']} and inside the judge's "
             f"noise {w['open']}; next deeper within budget {sum(t.values())}, of which sure {t['within']} and "
@@ -253,6 +251,7 @@ def _judge_line(summary: dict[str, Any]) -> str:
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     from tleg_deploy.deploy.fit_measure import THIN_REL
 
+    thin = summary["thin_note"]
     lines = [
         "## Solver and fit's closed loop: measured fit of the pick (issues 6, 10)",
         "",
@@ -280,9 +279,9 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         f"loop; judged by the median of the first 3 re-measure sessions only: {summary['loop_within_judge3']}/"
         f"{summary['n']} and {summary['loop_tight_judge3']}/{summary['n_loop_tight']}",
         _judge_line(summary),
-        (f"- fit's thin-margin note (the pick measured within {THIN_REL:.0%} under the budget) on {t['picks']}/"
-         f"{summary['n']} picks; of the {t['misses']} picks judged over the budget, {t['misses_noted']} had it"
-         if (t := summary.get("thin_note")) else ""),
+        f"- fit's thin-margin note (the pick measured within {THIN_REL:.0%} under the budget) on "
+        f"{thin['picks']}/{summary['n']} picks; of the {thin['misses']} picks judged over the budget, "
+        f"{thin['misses_noted']} had it",
         f"- timings the loop took per budget (1 s sessions): median {statistics.median(summary['loop_timings'])}, "
         f"max {max(summary['loop_timings'])}" if summary.get("loop_timings") else "",
         *(f"- {spec}: the re-measured pick vs the loop's own reading of it, |difference|: median "

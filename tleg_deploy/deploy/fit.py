@@ -53,6 +53,7 @@ from tleg_deploy.deploy.fit_measure import (
     measured_check,
     profile_threads,
     ssh_timer,
+    thin_margin,
 )
 from tleg_deploy.deploy.fit_profile import resolve_device_profile, runs_here
 from tleg_deploy.deploy.fit_report import build_engine_script, render_report
@@ -334,7 +335,7 @@ def _result(request: FitRequest, plan: Plan, profile: DeviceProfile, built: _Bui
         notes.append(f"{profile.name} cannot be run here: figures are predicted, not measured")
     measured = built.measured
     if measured is not None and budget.latency_ms is not None and \
-            measured.at(budget.percentile) > (1 - THIN_REL) * budget.latency_ms:
+            thin_margin(measured.at(budget.percentile), budget.latency_ms):
         notes.append(f"measured {budget.percentile} {measured.at(budget.percentile):.3g} ms is within "
                      f"{THIN_REL:.0%} of the {budget.latency_ms:g} ms budget, less than a latency moves from one "
                      "minute to the next on a shared machine: another run may read it over; for headroom, fit "

@@ -101,9 +101,9 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
             said, kept = f"within the budget: median {median:.4g} ms, upper bound {bound:.4g} ms", median
         elif state == "over":
             said, kept = f"over the budget: median {median:.4g} ms, lower bound {bound:.4g} ms", median
-        else:  # as likely over as within after MAX_TIMINGS: kept as over, at the upper bound
+        else:  # as likely over as within after MAX_TIMINGS: kept as over, at the upper bound (over the limit)
             said = f"median {median:.4g} ms, upper bound {bound:.4g} ms: not clearly within the budget, kept as over"
-            kept = max(bound, math.nextafter(limit, math.inf))
+            kept = bound
         say(f"depth {depth} measured {first.at(pct):.3g} ms, {why}: timed {len(runs)} more time(s) "
             f"({', '.join(f'{m.at(pct):.4g}' for m in runs)} ms): {said}")
         return replace(middle, p90_ms=kept) if pct == "p90" else replace(middle, p50_ms=kept)
@@ -200,6 +200,11 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
             hint="the profile may be stale or the device busy: re-measure it (--refresh-profile on host) "
                  "or raise the budget")
     return lo, best, steps, over
+
+
+def thin_margin(ms: float, limit: float) -> bool:
+    """Whether a pick measured at ``ms`` fits the ``limit`` by less than ``THIN_REL`` (fit notes it)."""
+    return ms > (1 - THIN_REL) * limit
 
 
 def verdict(values: list[float], limit: float) -> tuple[str, float, float]:
