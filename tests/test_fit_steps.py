@@ -19,7 +19,7 @@ from tleg_deploy.plan.solve import Budget, Plan, evaluate, solve
 from tleg_deploy.profile import artifact
 from tleg_deploy.profile.artifact import Measurement
 from tleg_deploy.profile.registry import resolve_profile
-from tleg_deploy.profile.table import DeviceProfile
+from tleg_deploy.profile.table import DeviceProfile, Point
 
 LIMIT = 2.0  # ms, the latency budget of every test here (jetson int8 picks depth 5)
 
@@ -428,31 +428,103 @@ def test_a_replayed_reading_near_the_budget_is_not_reported_as_timed_again(tmp_p
     assert not any("more time" in s for s in said)
 
 
+class _FakeTarget:
+    """``fit --ssh``'s device, as ``ssh_timer`` sees it: ``remote.kit_on_target`` makes a kit (recorded in
+    ``built``), each ``run`` of it measures every depth of the kit (``reading(depth)``; recorded in ``runs``), and
+    ``kit_import.kit_points`` reads the latest run back; ``closed`` records the kits removed from the target."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, precision: str,
+                 reading: Callable[[int], float]) -> None:
+        import contextlib
+
+        from tleg_deploy.profile import kit_import, remote
+
+        self.built: list[tuple[int, ...]] = []
+        self.runs: list[tuple[int, ...]] = []
+        self.closed: list[tuple[int, ...]] = []
+        latest: dict[Path, dict[tuple[str, int], Point]] = {}
+
+        class Kit:
+            def __init__(self, depths: tuple[int, ...], kit_dir: Path) -> None:
+                self.depths, self.kit_dir = depths, kit_dir
+
+            def run(kit) -> Path:  # noqa: N805 (the fake kit, not the test double around it)
+                self.runs.append(kit.depths)
+                latest[kit.kit_dir] = {(precision, d): _point(d, reading(d)) for d in kit.depths}
+                return kit.kit_dir / "results"
+
+        @contextlib.contextmanager
+        def on_target(spec, cfg, run, **_kw):  # type: ignore[no-untyped-def]
+            assert cfg.measure.retries == 0  # the steps read each depth alone: a session off a line is not re-measured
+            self.built.append(cfg.measure.depths)
+            try:
+                yield Kit(cfg.measure.depths, tmp_path / f"kit-{len(self.built)}")
+            finally:
+                self.closed.append(cfg.measure.depths)
+
+        monkeypatch.setattr(remote, "kit_on_target", on_target)
+        monkeypatch.setattr(kit_import, "kit_points", lambda kit_dir: ({}, latest[Path(kit_dir)]))
+
+
+def _point(depth: int, ms: float) -> Point:
+    return Point(depth=depth, p50_ms=ms, p90_ms=ms, p99_ms=ms, mean_ms=ms, std_ms=0.0, n=50, rounds=5, p50_se_ms=0.0,
+                 p90_se_ms=0.0, memory_mb=1.0)
+
+
+def _ssh_check(request: FitRequest, plan: Plan, prof: DeviceProfile, limit: float,
+               say: Callable[[str], None] = lambda _m: None) -> tuple[int, Measurement | None, list[str],
+                                                                      dict[int, float]]:
+    import contextlib
+
+    from tleg_deploy.profile import remote
+
+    run = remote.SshRun(remote.SshTarget.parse("device"), None, None)
+    with contextlib.ExitStack() as kits:
+        timer = fit_measure.ssh_timer(load_learngene("demo"), plan, prof, run, say, kits)
+        return fit_measure.measured_check(request, plan, prof, limit, timer, say)
+
+
 def test_ssh_steps_measure_each_depth_with_the_neighbour_the_search_asks_for_next(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """``fit --ssh``'s timer: the pick with both neighbours in the first kit, then each new depth with its next deeper
     neighbour unless that one is known. A profile that says the device is 2.5x faster than it is lands in one jump
-    on the boundary, so the search ends after two kit runs: (pick - 1, pick, pick + 1), then (landing, landing + 1)."""
-    from tleg_deploy.profile import remote
-    from tleg_deploy.profile.table import Point
-
+    on the boundary, so the search makes two kits: (pick - 1, pick, pick + 1), then (landing, landing + 1); the
+    landing depth, read once within 15% under the budget, is timed again by running its kit again. Every kit is
+    removed from the target when the search is over."""
     budget = Budget(latency_ms=5.0)
     request, plan, prof = _setup(budget, max_depth=24)
-    kits: list[tuple[int, ...]] = []
+    runs = iter(range(1, 1000))
 
-    def latency(depth: int) -> float:  # the device: 2.5x the profile's prediction
+    def latency(depth: int) -> float:  # the device: 2.5x the profile's prediction, a little different each run
         return 2.5 * evaluate(prof, budget, spec=plan.spec, depth=depth, precision=plan.precision).latency_ms
 
-    def fake_points(spec, cfg, run, **_kw):  # type: ignore[no-untyped-def]
-        kits.append(cfg.measure.depths)
-        assert cfg.measure.retries == 0  # the steps read each depth alone: a session off a line is not re-measured
-        return {}, {(plan.precision, d): Point(depth=d, p50_ms=latency(d), p90_ms=latency(d), p99_ms=latency(d),
-                                               mean_ms=latency(d), std_ms=0.0, n=50, rounds=5, p50_se_ms=0.0,
-                                               p90_se_ms=0.0, memory_mb=1.0) for d in cfg.measure.depths}
-
-    monkeypatch.setattr(remote, "points_over_ssh", fake_points)
-    run = remote.SshRun(remote.SshTarget.parse("device"), None, None)
-    timer = fit_measure.ssh_timer(load_learngene("demo"), plan, prof, run, lambda _m: None)
-    depth, _m, steps, over = fit_measure.measured_check(request, plan, prof, 5.0, timer, lambda _m: None)
+    device = _FakeTarget(monkeypatch, tmp_path, plan.precision,
+                         lambda d: latency(d) * (1 + 1e-4 * next(runs)))
+    depth, _m, steps, over = _ssh_check(request, plan, prof, 5.0)
     assert latency(depth) <= 5.0 < latency(depth + 1) and plan.depth > depth + 2
-    assert kits == [(plan.depth - 1, plan.depth, plan.depth + 1), (depth, depth + 1)], (kits, steps, over)
+    assert device.built == [(plan.depth - 1, plan.depth, plan.depth + 1), (depth, depth + 1)], (device.built, steps)
+    assert sorted(device.closed) == sorted(device.built)
+    assert latency(depth) >= 0.85 * 5.0  # the pick, close under the budget, timed again by 3 runs of its own kit
+    assert device.runs.count((depth, depth + 1)) == 1 + 3, device.runs
+
+
+def test_ssh_steps_time_a_reading_near_the_budget_again_with_fresh_runs_of_its_kit(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Over SSH as here, a reading within 5% of the budget is timed afresh until the median clears it: each fresh
+    timing is a new run of the kit that measured the depth, still on the target (no new kit is made); the runs'
+    readings of the kit's other depths wait for when the search asks for them. Here depth d+1 reads 1.98 ms first
+    (within 5% of the 2 ms budget), then 2.06, 2.07, 2.05: over, so the search stays at depth d."""
+    request, plan, prof = _setup(Budget(latency_ms=LIMIT))
+    d = plan.depth
+    nxt = _readings([1.98, 2.06, 2.07, 2.05])
+    device = _FakeTarget(monkeypatch, tmp_path, plan.precision,
+                         lambda depth: nxt() if depth == d + 1 else (0.5 if depth <= d else 2.4))
+    said: list[str] = []
+    depth, m, steps, over = _ssh_check(request, plan, prof, LIMIT, said.append)
+    assert depth == d and m is not None and m.p90_ms == 0.5 and over[d + 1] == 2.06
+    first = next(k for k in device.built if d + 1 in k)
+    assert device.runs.count(first) == 1 + 3 and len(device.runs) == len(device.built) + 3
+    assert all(device.built.count(k) == 1 for k in device.built) and sum(k.count(d + 1) for k in device.built) == 1
+    assert sum("timing depth" in s and "again on device: a fresh run of its kit" in s for s in said) == 3
+    assert any("within 5% of the 2 ms budget: timed 3 more time(s) (2.06, 2.07, 2.05 ms)" in s for s in said)
+    assert sorted(device.closed) == sorted(device.built)

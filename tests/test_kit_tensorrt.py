@@ -62,12 +62,13 @@ def trt_kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_kit(SPEC, cfg, tmp_path_factory.mktemp("trt") / "kit-orin")
 
 
-def _run(kit: Path, tmp_path: Path, tag: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def _run(kit: Path, tmp_path: Path, tag: str, **extra: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     fake = tmp_path / "trtexec"
     fake.write_text(f"#!{sys.executable}\n{FAKE}")
     fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
-    env = {**os.environ, "TRTEXEC": str(fake), "FAKE_TRT_TAG": tag, "FAKE_TRT_CALLS": str(calls)}
+    calls.unlink(missing_ok=True)
+    env = {**os.environ, "TRTEXEC": str(fake), "FAKE_TRT_TAG": tag, "FAKE_TRT_CALLS": str(calls), **extra}
     proc = subprocess.run(["sh", str(kit / "run.sh")], env=env, capture_output=True, text=True, timeout=300,
                           check=False)
     return proc, calls.read_text().splitlines() if calls.exists() else []
@@ -121,3 +122,23 @@ def test_a_cut_short_tensorrt_run_is_refused(trt_kit: Path, tmp_path: Path) -> N
     victim.write_text(victim.read_text()[:200])
     with pytest.raises(FormatError, match="int8_d4_r2.times.json is not complete JSON"):
         import_kit(kit)
+
+
+def test_a_tensorrt_kit_run_again_on_its_device_reuses_its_engines(trt_kit: Path, tmp_path: Path) -> None:
+    """``fit --ssh`` times a depth afresh by running its kit again where it ran (``KIT_REUSE_ENGINES=1``): the
+    engines the first run built are loaded, not built again, and the results are complete. An engine is kept only
+    once built whole (under another name until then). Run by hand without the variable, the kit builds again."""
+    kit = tmp_path / "kit-orin"
+    shutil.copytree(trt_kit, kit)
+    proc, first = _run(kit, tmp_path, "v100300")
+    assert proc.returncode == 0, proc.stderr
+    assert sum("--onnx=" in c for c in first) == 6 and not list((kit / "engines").glob("*.partial"))
+    assert sorted(p.name for p in (kit / "engines").glob("*.engine")) == sorted(
+        f"{p}_d{d}.engine" for p in ("fp16", "int8") for d in (1, 2, 4))
+    proc, again = _run(kit, tmp_path, "v100300", KIT_REUSE_ENGINES="1")
+    assert proc.returncode == 0, proc.stderr
+    assert not any("--onnx=" in c for c in again) and sum("--loadEngine" in c for c in again) == 2 * 6
+    assert proc.stderr.count("reusing the") == 6
+    assert import_kit(kit).entries  # the second run's results are complete
+    proc, by_hand = _run(kit, tmp_path, "v100300")
+    assert proc.returncode == 0 and sum("--onnx=" in c for c in by_hand) == 6

@@ -159,6 +159,45 @@ def test_ctrl_c_stops_the_remote_run_and_leaves_nothing(sshd: tuple[str, Path], 
     assert not _ssh_masters()  # the shared connection is closed on Ctrl-C too
 
 
+def test_a_kit_on_the_target_runs_again_as_a_fresh_session(sshd: tuple[str, Path], tmp_path: Path) -> None:
+    """``fit --ssh`` times a depth afresh by running its kit again where it is (``remote.kit_on_target``): one copy,
+    then each run a new session whose complete results replace the local ones. Ctrl-C in a later run stops it and
+    leaves the previous run's results; the remote working directory is removed when the block ends."""
+    from tleg_deploy.profile.kit_import import kit_points
+    from tleg_deploy.profile.remote import SshRun, kit_on_target
+
+    target, config = sshd
+    spec = ViTSpec(img_size=8, patch_size=4, in_chans=1, embed_dim=16, num_heads=2, mlp_ratio=2.0, num_classes=4)
+    cfg = KitConfig("loop", MeasureConfig(depths=(1, 2), rounds=3, round_seconds=0.02, memory=False, retries=0))
+    said: list[str] = []
+    stop = [False]
+
+    def progress(line: str) -> None:
+        said.append(line)
+        if stop[0] and "round 1 " in line:
+            raise KeyboardInterrupt
+
+    readings: list[float] = []
+    with pytest.raises(KeyboardInterrupt), \
+            kit_on_target(spec, cfg, SshRun(SshTarget.parse(target), config, sys.executable), progress=progress) as kit:
+        workdir = next(m.group(1) for line in said if (m := re.search(r":(/\S+tleg-kit\.\w+)", line)))
+        local = kit.kit_dir
+        for _ in range(3):
+            kit.run()
+            _kit, points = kit_points(kit.kit_dir)
+            assert sorted(points) == [("fp32", 1), ("fp32", 2)]
+            readings.append(points[("fp32", 2)].p90_ms)
+            assert Path(workdir).is_dir() and not list(kit.kit_dir.glob(".results.*"))
+        assert len(set(readings)) == 3  # three sessions' own timings, not one replayed
+        assert sum("copying" in line for line in said) == 1 and sum("done: results/" in line for line in said) == 3
+        stop[0] = True
+        try:
+            kit.run()
+        finally:  # the interrupted run left the last complete results as they were
+            assert kit_points(kit.kit_dir)[1][("fp32", 2)].p90_ms == readings[-1]
+    assert not Path(workdir).exists() and not local.exists()
+
+
 def _cmdline(p: Path) -> bytes:
     try:
         return (p / "cmdline").read_bytes()
@@ -235,6 +274,8 @@ def test_fit_over_ssh_steps_down_and_up_on_the_device(sshd: tuple[str, Path], ho
     assert "stepped up to depth" in (out / "REPORT.md").read_text()
     # every kit of the fit went over one authenticated connection, closed at the end
     assert res.output.count("copying kit-") >= 2 and _logins(config) == logins + 1, res.output
+    # a depth timed afresh (the pick read within 15% under the budget) is a new run of its kit, not a new copy
+    assert res.output.count("copying kit-") == res.output.count("making the onnxruntime kit")
     assert res.output.count(f"connecting to {target}") == 1  # said once, before the one connection
     assert not _ssh_masters()
 

@@ -247,9 +247,10 @@ def _build(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngen
     depth, measured = plan.depth, None
     steps: list[str] = []
     over: dict[int, float] = {}
-    timer = _timer(request, plan, profile, lg, staging, say)
-    if timer is not None and limit is not None:
-        depth, measured, steps, over = measured_check(request, plan, profile, limit, timer, say)
+    with contextlib.ExitStack() as kits:  # device kits left on the target for the search, removed after it
+        timer = _timer(request, plan, profile, lg, staging, say, kits)
+        if timer is not None and limit is not None:
+            depth, measured, steps, over = measured_check(request, plan, profile, limit, timer, say)
     metrics: dict[str, Any] | None = None
     if request.finetune_data is not None:
         if depth not in trained:
@@ -266,15 +267,16 @@ def _build(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngen
 
 
 def _timer(request: FitRequest, plan: Plan, profile: DeviceProfile, lg: Learngene, staging: Path,
-           say: Log) -> Timer | None:
-    """Where the pick's latency is measured: the device kit's recorded run (``kit_results``), else here when
-    the profile was measured on this host (timing files in ``staging/.timing``, cleared before the export)."""
+           say: Log, kits: contextlib.ExitStack) -> Timer | None:
+    """Where the pick's latency is measured: the device kit's recorded run (``kit_results``), on the target over
+    SSH (its kits stay there until ``kits`` closes), else here when the profile was measured on this host
+    (timing files in ``staging/.timing``, cleared before the export)."""
     if not request.measure:
         return None
     if request.kit_results is not None:
         return kit_timer(request.kit_results, plan, say)
     if request.ssh is not None:
-        return ssh_timer(lg, plan, profile, request.ssh, say)
+        return ssh_timer(lg, plan, profile, request.ssh, say, kits)
     return host_timer(lg, plan, profile, staging / ".timing", say) if runs_here(profile) else None
 
 

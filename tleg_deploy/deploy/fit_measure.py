@@ -8,6 +8,7 @@ device kit's run recorded (``fit --kit-results``)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from collections.abc import Callable
@@ -246,40 +247,62 @@ def host_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, out: Path, say
     return timed
 
 
-def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, say: Log) -> Timer:
-    """Measure depths on the target over SSH with device kits (``profile.remote.points_over_ssh``) on the
+def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, say: Log,
+              kits: contextlib.ExitStack) -> Timer:
+    """Measure depths on the target over SSH with device kits (``profile.remote.kit_on_target``) on the
     profile's backend. The first depth asked for is measured with both neighbours in one interleaved session
     (one kit run, as a profiling session measures 3 depths); a depth not measured yet is measured with one
     neighbour, the next deeper unless that one is measured already (a jump lands on the deepest depth predicted
-    to fit, so whether the next deeper one fits is the question that usually follows): one kit run per new pair."""
+    to fit, so whether the next deeper one fits is the question that usually follows): one kit per new pair.
+    Each kit stays unpacked on the target until ``kits`` closes: a depth asked for again (a reading near the
+    budget timed afresh) gets a fresh session of the kit that measured it (``RemoteKit.run``: no new export or
+    copy; a TensorRT kit reloads its engines). Every reading is handed out once, oldest first; a run of a
+    kit measures its other depths too, and those readings wait for when the search asks for them."""
     from tleg_deploy.profile.kit import KitConfig
-    from tleg_deploy.profile.remote import points_over_ssh
+    from tleg_deploy.profile.kit_import import kit_points
+    from tleg_deploy.profile.remote import RemoteKit, kit_on_target
 
     pct = plan.budget.percentile
     backend = kit_backend(profile)
-    seen: dict[int, Point] = {}
+    on_target: dict[int, tuple[RemoteKit, tuple[int, ...]]] = {}  # depth -> the kit (still on the target) that
+    # measured it first, and that kit's depths
+    fresh: dict[int, list[Point]] = {}  # depth -> readings not handed out yet, oldest first
 
     def depths_for(depth: int) -> tuple[int, ...]:
         # first: both neighbours; later: the next deeper one, or the next shallower where that is known
-        wanted = [depth - 1, depth, depth + 1] if not seen else [
-            depth, depth + 1 if depth + 1 not in seen and depth + 1 <= plan.max_depth else depth - 1]
-        picked = sorted({d for d in wanted if 1 <= d <= plan.max_depth + 1} - set(seen) | {depth})
+        wanted = [depth - 1, depth, depth + 1] if not on_target else [
+            depth, depth + 1 if depth + 1 not in on_target and depth + 1 <= plan.max_depth else depth - 1]
+        picked = sorted({d for d in wanted if 1 <= d <= plan.max_depth + 1} - set(on_target) | {depth})
         return tuple(picked) if len(picked) > 1 else (depth, depth + 1)  # a kit times at least two depths
 
+    def measure(kit: RemoteKit) -> None:
+        kit.run()
+        _kit, points = kit_points(kit.kit_dir)
+        for (prec, d), pt in sorted(points.items()):
+            if prec == plan.precision:
+                fresh.setdefault(d, []).append(pt)
+
     def timed(depth: int) -> Measurement:
-        if depth not in seen:
-            # retries=0: the search reads each depth's own measurement, no line through them, so a session off
-            # a line (on a CPU whose small models speed up while their weights fit in cache, every shallow
-            # one) is not measured again
-            cfg = KitConfig.for_backend(plan.device, backend, (plan.precision,), depths_for(depth),
-                                        threads=profile_threads(profile), memory=False, retries=0)
-            say(f"measuring depth(s) {', '.join(map(str, cfg.measure.depths))} {plan.precision} on "
-                f"{run.describe()} ({backend}) ...")
-            _kit, points = points_over_ssh(plan.spec, cfg, run, learngene=lg, progress=say)
-            seen.update({d: pt for (prec, d), pt in points.items() if prec == plan.precision})
-            if depth not in seen:
+        if not fresh.get(depth):
+            if depth in on_target:
+                kit, depths = on_target[depth]
+                say(f"timing depth {depth} {plan.precision} again on {run.describe()}: a fresh run of its kit "
+                    f"(depths {', '.join(map(str, depths))}) ...")
+            else:
+                # retries=0: the search reads each depth's own measurement, no line through them, so a session off
+                # a line (on a CPU whose small models speed up while their weights fit in cache, every shallow
+                # one) is not measured again
+                cfg = KitConfig.for_backend(plan.device, backend, (plan.precision,), depths_for(depth),
+                                            threads=profile_threads(profile), memory=False, retries=0)
+                say(f"measuring depth(s) {', '.join(map(str, cfg.measure.depths))} {plan.precision} on "
+                    f"{run.describe()} ({backend}) ...")
+                kit = kits.enter_context(kit_on_target(plan.spec, cfg, run, learngene=lg, progress=say))
+                for d in cfg.measure.depths:
+                    on_target.setdefault(d, (kit, cfg.measure.depths))
+            measure(kit)
+            if not fresh.get(depth):
                 raise BackendError(f"the kit run on {run.describe()} returned no measurement of depth {depth}")
-        measured = _recorded(seen[depth], depth, plan.precision, profile_threads(profile), 1, pct)
+        measured = _recorded(fresh[depth].pop(0), depth, plan.precision, profile_threads(profile), 1, pct)
         say(f"measured depth {depth} on {run.describe()}: {pct} {measured.at(pct):.3g} ms")
         return measured
 

@@ -298,11 +298,20 @@ record_env
 say "TensorRT major version $MAJOR"
 build() {  # precision depth onnx flags...
   p=$1; d=$2; onnx=$3; shift 3
+  # KIT_REUSE_ENGINES=1 (set by tleg-deploy when it runs this kit again on the same device over SSH): load the
+  # engine an earlier run of this kit built here instead of building it again. An engine is kept only once
+  # complete (built under another name, then renamed).
+  if [ "${KIT_REUSE_ENGINES:-0}" = 1 ] && [ -s "engines/${p}_d$d.engine" ]; then
+    say "reusing the $p depth $d engine this kit built earlier"
+    return 0
+  fi
   say "building $p depth $d from $onnx"
-  run "$TRTEXEC" --onnx="$onnx" --saveEngine="engines/${p}_d$d.engine" --timingCacheFile=engines/timing.cache \
+  run "$TRTEXEC" --onnx="$onnx" --saveEngine="engines/${p}_d$d.engine.partial" \
+    --timingCacheFile=engines/timing.cache \
     --minShapes=pixel_values:$SHAPE --optShapes=pixel_values:$SHAPE --maxShapes=pixel_values:$SHAPE \
     --skipInference "$@" >"$R/trt/build_${p}_d$d.log" 2>&1 \
     || fail "trtexec could not build $p depth $d (see $R/trt/build_${p}_d$d.log)"
+  mv "engines/${p}_d$d.engine.partial" "engines/${p}_d$d.engine"
 }
 timed() {  # precision depth round
   n="${1}_d$2"

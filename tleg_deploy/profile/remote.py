@@ -1,15 +1,17 @@
 """Run a device kit (``tleg_deploy.profile.kit``) on another machine over SSH with the system OpenSSH
 client (``ssh``/``scp``), so ``~/.ssh/config``, keys and agents work as they do for the user.
 
-``run_kit_over_ssh``: make a private working directory on the target (``mktemp -d``), copy
-``KIT.tar.gz`` there and unpack it, run ``run.sh`` while passing its ``[kit]`` progress lines to a
-callback, fetch ``results/`` into the local kit (into a hidden directory first, renamed when
-complete) and remove the remote working directory. Ctrl-C (``KeyboardInterrupt``) signals the remote
-``run.sh`` (its pid is kept in the working directory; the script stops its runner and removes its
-partial results), removes the working directory and leaves no ``results/`` locally.
+``RemoteKit``: make a private working directory on the target (``mktemp -d``), copy ``KIT.tar.gz``
+there and unpack it; each ``run`` runs ``run.sh`` while passing its ``[kit]`` progress lines to a
+callback and fetches ``results/`` into the local kit (into a hidden directory first, renamed when
+complete); leaving it removes the remote working directory. Ctrl-C (``KeyboardInterrupt``) signals the
+remote ``run.sh`` (its pid is kept in the working directory; the script stops its runner and removes
+its partial results), removes the working directory and leaves the local ``results/`` as they were.
+``run_kit_over_ssh`` runs a kit once that way.
 
-``profile_over_ssh`` (``profile --ssh``) and ``points_over_ssh`` (``fit --ssh``'s measured steps) make a kit
-in a temporary directory, run it there and read it back.
+``kit_on_target`` makes a kit in a temporary directory and puts it on the target: ``profile_over_ssh``
+(``profile --ssh``) runs it once and imports it; ``fit --ssh``'s measured steps
+(``deploy.fit_measure.ssh_timer``) run a kit again to time a depth afresh.
 
 A hand-written client (paramiko, asyncssh) would not read the user's OpenSSH configuration and
 agents the same way; the OpenSSH binaries are on every machine that can reach a device by SSH.
@@ -34,11 +36,12 @@ from tleg_deploy.errors import BackendError, FormatError
 if TYPE_CHECKING:
     from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.profile.kit import KitConfig
-    from tleg_deploy.profile.table import DeviceProfile, Point
+    from tleg_deploy.profile.table import DeviceProfile
 
 _SAFE = re.compile(r"^[A-Za-z0-9._/+-]+$")
 CONNECT_TIMEOUT_S = 30
 COMMAND_TIMEOUT_S = 120
+UNPACK_TIMEOUT_S = 600  # a large kit on a device's SD card
 CONTROL_PERSIST_S = 120  # an orphaned master connection (this process killed) closes after this long idle
 
 
@@ -172,44 +175,96 @@ def run_kit_over_ssh(kit_dir: Path, target: SshTarget, *, config: Path | None = 
     for this run and close the connection after it)."""
     say = progress or (lambda line: None)
     kit_dir = Path(kit_dir)
-    tarball = kit_dir.with_name(kit_dir.name + ".tar.gz")
-    if not _SAFE.match(kit_dir.name) or not tarball.is_file():
-        raise FormatError(f"{kit_dir} is not a kit with its .tar.gz beside it", hint="make it with tleg-deploy kit")
+    _kit_tarball(kit_dir)  # before connecting
     if (kit_dir / "results").exists():
         raise FormatError(f"{kit_dir}/results already exists", hint="import it with --from-kit, or make a new kit")
     if client is not None:
-        return _run_kit(client, kit_dir, tarball, remote_python, say)
+        with RemoteKit(client, kit_dir, remote_python, say) as kit:
+            return kit.run()
     say(f"connecting to {target.destination}")
-    with SshClient(target, config) as own:
-        return _run_kit(own, kit_dir, tarball, remote_python, say)
+    with SshClient(target, config) as own, RemoteKit(own, kit_dir, remote_python, say) as kit:
+        return kit.run()
 
 
-def _run_kit(client: SshClient, kit_dir: Path, tarball: Path, remote_python: str | None,
-             say: Callable[[str], None]) -> Path:
-    target = client.target
-    workdir = client.run('mkdir -p "${TMPDIR:-/tmp}" && mktemp -d "${TMPDIR:-/tmp}/tleg-kit.XXXXXX"').strip()
-    if not workdir.startswith("/") or not _SAFE.match(workdir):
-        raise BackendError(f"the target made an unexpected working directory {workdir!r}")
-    try:
-        say(f"copying {tarball.name} ({tarball.stat().st_size / 1e6:.1f} MB) to {target.destination}:{workdir}")
-        client.copy([str(tarball)], client.remote(f"{workdir}/kit.tar.gz"))
-        _run_remote(client, workdir, kit_dir.name, remote_python, say)
-        say("fetching results")
-        with tempfile.TemporaryDirectory(prefix=".results.", dir=kit_dir) as tmp:
-            client.copy([client.remote(f"{workdir}/{kit_dir.name}/results")], tmp, recursive=True)
-            (Path(tmp) / "results").rename(kit_dir / "results")
-    finally:
+class RemoteKit:
+    """A kit (``kit_dir`` with ``kit_dir.tar.gz`` beside it) copied to the target and unpacked there once, in a
+    private working directory (``mktemp -d``), then run as often as asked: each ``run`` is a fresh session of
+    ``run.sh`` whose ``results/`` replace the local ones. ``fit --ssh`` times a depth read near the budget again
+    by running the kit that measured it again: no new export, no new copy, and a TensorRT kit loads the engines
+    its first run built (``KIT_REUSE_ENGINES=1``) instead of building them again. As a context manager it
+    removes the remote working directory on leaving (Ctrl-C included)."""
+
+    def __init__(self, client: SshClient, kit_dir: Path, remote_python: str | None,
+                 say: Callable[[str], None]) -> None:
+        self.client, self.kit_dir, self.remote_python, self.say = client, Path(kit_dir), remote_python, say
+        self.tarball = _kit_tarball(self.kit_dir)
+        self.workdir: str | None = None
+        self.runs = 0
+
+    def __enter__(self) -> RemoteKit:
+        client = self.client
+        workdir = client.run('mkdir -p "${TMPDIR:-/tmp}" && mktemp -d "${TMPDIR:-/tmp}/tleg-kit.XXXXXX"').strip()
+        if not workdir.startswith("/") or not _SAFE.match(workdir):
+            raise BackendError(f"the target made an unexpected working directory {workdir!r}")
+        self.workdir = workdir
+        try:
+            self.say(f"copying {self.tarball.name} ({self.tarball.stat().st_size / 1e6:.1f} MB) to "
+                     f"{client.target.destination}:{workdir}")
+            client.copy([str(self.tarball)], client.remote(f"{workdir}/kit.tar.gz"))
+            client.run(f"cd {shlex.quote(workdir)} && tar xzf kit.tar.gz", timeout=UNPACK_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self) -> Path:
+        """Run the kit once more on the target; returns the local ``results/``, replaced by this run's (the first
+        run refuses results it did not fetch itself). Ctrl-C stops the remote run and leaves the local results
+        as they were."""
+        if self.workdir is None:
+            raise BackendError("the kit is not on the target (use RemoteKit as a context manager)")
+        results = self.kit_dir / "results"
+        if self.runs == 0 and results.exists():
+            raise FormatError(f"{results} already exists", hint="import it with --from-kit, or make a new kit")
+        _run_remote(self.client, self.workdir, self.kit_dir.name, self.remote_python, self.say,
+                    reuse_engines=self.runs > 0)
+        self.say("fetching results")
+        with tempfile.TemporaryDirectory(prefix=".results.", dir=self.kit_dir) as tmp:
+            self.client.copy([self.client.remote(f"{self.workdir}/{self.kit_dir.name}/results")], tmp,
+                             recursive=True)
+            if results.exists():  # the previous run's, fetched by this object
+                shutil.rmtree(results)
+            (Path(tmp) / "results").rename(results)
+        self.runs += 1
+        return results
+
+    def close(self) -> None:
+        """Remove the remote working directory (best effort: the target may be gone)."""
+        if self.workdir is None:
+            return
         with contextlib.suppress(BackendError, subprocess.SubprocessError, OSError):
-            client.run(f"rm -rf {shlex.quote(workdir)}", timeout=60)
-    return kit_dir / "results"
+            self.client.run(f"rm -rf {shlex.quote(self.workdir)}", timeout=60)
+        self.workdir = None
+
+
+def _kit_tarball(kit_dir: Path) -> Path:
+    """``kit_dir.tar.gz``, refused unless it exists beside a kit directory with a plain name."""
+    tarball = kit_dir.with_name(kit_dir.name + ".tar.gz")
+    if not _SAFE.match(kit_dir.name) or not tarball.is_file():
+        raise FormatError(f"{kit_dir} is not a kit with its .tar.gz beside it", hint="make it with tleg-deploy kit")
+    return tarball
 
 
 def _run_remote(client: SshClient, workdir: str, name: str, remote_python: str | None,
-                say: Callable[[str], None]) -> None:
+                say: Callable[[str], None], *, reuse_engines: bool = False) -> None:
     wd = shlex.quote(workdir)
     env = f"KIT_PYTHON={shlex.quote(remote_python)} " if remote_python else ""
+    env += "KIT_REUSE_ENGINES=1 " if reuse_engines else ""
     # `exec` keeps the shell's pid for run.sh, so a later `kill` reaches it (and its trap stops the runner).
-    command = f"cd {wd} && tar xzf kit.tar.gz && echo $$ > run.pid && exec env {env}sh {shlex.quote(name)}/run.sh"
+    command = f"cd {wd} && echo $$ > run.pid && exec env {env}sh {shlex.quote(name)}/run.sh"
     proc = subprocess.Popen([*client.ssh_args, client.target.destination, command], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
                             start_new_session=True)  # Ctrl-C reaches us, not ssh: we stop the remote run
@@ -238,37 +293,29 @@ def _last(text: str) -> str:
 
 
 @contextlib.contextmanager
-def _ran_kit(spec: ViTSpec, cfg: KitConfig, run: SshRun, learngene: Any,
-             progress: Callable[[str], None] | None) -> Iterator[Path]:
-    """A kit for ``cfg`` made in a temporary directory and run on ``run.target``; yields its directory
-    (with ``results/``), removed afterwards."""
+def kit_on_target(spec: ViTSpec, cfg: KitConfig, run: SshRun, *, learngene: Any = None,
+                  progress: Callable[[str], None] | None = None) -> Iterator[RemoteKit]:
+    """A kit for ``cfg`` made in a temporary directory and unpacked on ``run.target`` (``RemoteKit``, not run
+    yet); both copies are removed on leaving. Without ``run.client`` it connects for the block."""
     from tleg_deploy.profile.kit import build_kit
 
     say = progress or (lambda line: None)
-    with tempfile.TemporaryDirectory(prefix="tleg-kit.") as tmp:
+    if run.client is None:
+        say(f"connecting to {run.target.destination}")
+    with tempfile.TemporaryDirectory(prefix="tleg-kit.") as tmp, connected(run) as live:
+        assert live is not None and live.client is not None
         say(f"making the {cfg.measure.backend} kit (depths {', '.join(map(str, cfg.measure.depths))}, "
             f"{', '.join(cfg.measure.precisions)})")
         kit_dir = build_kit(spec, cfg, Path(tmp) / f"kit-{cfg.device}", learngene=learngene)
-        run_kit_over_ssh(kit_dir, run.target, config=run.config, remote_python=run.remote_python, progress=say,
-                         client=run.client)
-        yield kit_dir
+        with RemoteKit(live.client, kit_dir, live.remote_python, say) as kit:
+            yield kit
 
 
 def profile_over_ssh(spec: ViTSpec, cfg: KitConfig, run: SshRun, *, learngene: Any = None,
                      progress: Callable[[str], None] | None = None) -> DeviceProfile:
-    """The measured profile (named ``cfg.device``) of a kit run on the target (``profile --ssh``)."""
+    """The measured profile (named ``cfg.device``) of a kit run once on the target (``profile --ssh``)."""
     from tleg_deploy.profile.kit_import import import_kit
 
-    with _ran_kit(spec, cfg, run, learngene, progress) as kit_dir:
-        return import_kit(kit_dir, name=cfg.device)
-
-
-def points_over_ssh(spec: ViTSpec, cfg: KitConfig, run: SshRun, *, learngene: Any = None,
-                    progress: Callable[[str], None] | None = None
-                    ) -> tuple[dict[str, Any], dict[tuple[str, int], Point]]:
-    """``kit.json`` and the measured points per (precision, depth) of a kit run on the target, checked as an
-    import checks them (``kit_import.kit_points``): what ``fit --ssh`` steps on."""
-    from tleg_deploy.profile.kit_import import kit_points
-
-    with _ran_kit(spec, cfg, run, learngene, progress) as kit_dir:
-        return kit_points(kit_dir)
+    with kit_on_target(spec, cfg, run, learngene=learngene, progress=progress) as kit:
+        kit.run()
+        return import_kit(kit.kit_dir, name=cfg.device)
