@@ -5,12 +5,9 @@ which has onnxruntime and numpy. Skipped only where openssh-server is not instal
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,45 +25,17 @@ from tleg_deploy.profile.kit import KitConfig, build_kit
 from tleg_deploy.profile.remote import SshTarget, run_kit_over_ssh
 from tleg_deploy.profile.table import DeviceProfile
 
-SSHD = Path("/usr/sbin/sshd")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _sshd import SSHD, loopback_sshd  # type: ignore[import-not-found]  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """(target user@127.0.0.1:port, ssh config file) of a private sshd, stopped by its pid file afterwards."""
+    """(target user@127.0.0.1:port, ssh config file) of a private sshd (``benchmarks/_sshd.py``)."""
     if not SSHD.exists():
         pytest.skip("openssh-server is not installed (make sshd installs it)")
-    d = tmp_path_factory.mktemp("sshd")
-    for key in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True, timeout=60)
-    port = _free_port()
-    (d / "sshd_config").write_text(
-        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'client_key.pub'}\n"
-        f"PidFile {d / 'sshd.pid'}\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n")
-    (d / "ssh_config").write_text(
-        f"Host *\n  IdentityFile {d / 'client_key'}\n  IdentitiesOnly yes\n  BatchMode yes\n"
-        f"  StrictHostKeyChecking no\n  UserKnownHostsFile {d / 'known_hosts'}\n  LogLevel ERROR\n")
-    if os.geteuid() == 0:
-        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(SSHD), "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")], check=True, timeout=30)
-    try:
-        for _ in range(100):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
-        yield f"{getpass.getuser()}@127.0.0.1:{port}", d / "ssh_config"
-    finally:
-        pid_file = d / "sshd.pid"
-        if pid_file.exists():
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+    with loopback_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
 
 
 def _host_profile() -> DeviceProfile:
