@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
+import math
 import os
 import platform
 import subprocess
@@ -71,16 +71,30 @@ def machine_line(info: dict[str, Any]) -> str:
     return f"Machine: {info['cpu']}, {info['cores']} cores, {info['os']}; {v}; run {info['date']} at {info['commit']}."
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON: a NaN or infinite float becomes null (the benchmarks use NaN in memory for "not
+    measured": an infeasible budget's closed loop, the next deeper depth past the search's max; bare NaN is not
+    JSON), an object JSON has no type for its ``str`` (a path)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
 def write_result(name: str, data: dict[str, Any], markdown: str) -> None:
     """Write results/<name>.json (with machine info) and results/<name>.md, then refresh RESULTS.md. Each file
     is written whole or not at all (a Ctrl-C here leaves the previous run's file, never half of the new one)."""
-    from tleg_deploy.files.fileio import write_text_atomic
+    from tleg_deploy.files.fileio import write_json_atomic, write_text_atomic
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     payload = {"benchmark": name, "machine": info, **data}
-    # not write_json_atomic: an infeasible budget's row carries NaN on purpose (it says no depth was measured)
-    write_text_atomic(RESULTS_DIR / f"{name}.json", json.dumps(payload, indent=2, default=str) + "\n")
+    write_json_atomic(RESULTS_DIR / f"{name}.json", _plain(payload))
     write_text_atomic(RESULTS_DIR / f"{name}.md", markdown.rstrip() + f"\n\n_{machine_line(info)}_\n")
     from make_results import build  # type: ignore[import-not-found]
 

@@ -85,3 +85,21 @@ def test_write_result_leaves_the_previous_file_when_interrupted(results: ModuleT
         results.write_result("x", {"new": 1}, "# x")
     assert json.loads((tmp_path / "x.json").read_text()) == {"old": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]  # no temporary file left behind
+
+
+def test_write_result_writes_strict_json(results: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Benchmarks say "not measured" with NaN in memory (an infeasible budget's row): the results file says null, as
+    strict JSON readers (jq, JavaScript) need; paths are written as text."""
+    import math
+
+    make_results = importlib.import_module("make_results")
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(make_results, "build", lambda: None)  # not the real RESULTS.md
+    results.write_result("x", {"rows": [{"ms": math.nan, "ok": 1.5, "inf": -math.inf, "where": tmp_path,
+                                         "pair": (1, math.nan)}]}, "# x")
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"bare {name} in the results file")
+
+    data = json.loads((tmp_path / "x.json").read_text(), parse_constant=refuse)
+    assert data["rows"] == [{"ms": None, "ok": 1.5, "inf": None, "where": str(tmp_path), "pair": [1, None]}]
