@@ -54,8 +54,9 @@ def fit(
                       "measures the pick and 3 depths either side on DEVICE, and stop; run it there, then fit "
                       "again with --kit-results DIR.", show_default=False)] = None,
     ssh: Annotated[str | None, typer.Option(
-        help="Measure on DEVICE at user@host[:port] over SSH: device kits time the pick and each step there "
-             "(a DEVICE without a profile is profiled there first).", show_default=False)] = None,
+        help="Measure on DEVICE at user@host[:port] over SSH: device kits time the pick and each step there, "
+             "and run again to time a depth read near the budget afresh (a DEVICE without a profile is profiled "
+             "there first).", show_default=False)] = None,
     ssh_config: Annotated[Path | None, typer.Option(help="ssh -F file (default: ~/.ssh/config).",
                                                     show_default=False)] = None,
     remote_python: Annotated[str | None, typer.Option(help="The target's python with onnxruntime and numpy "
