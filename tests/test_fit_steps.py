@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -210,16 +210,20 @@ def _ran_kit(tmp_path: Path, depths: tuple[int, ...], ms_per_block: float) -> Pa
     return _record(kit, ms_per_block)
 
 
-def _record(kit: Path, ms_per_block: float) -> Path:
-    """Write ``results/`` as the kit's ONNX Runtime run would: ``ms_per_block * depth`` (±4%) per depth."""
+def _record(kit: Path, ms_per_block: float, repeat_factors: Sequence[float] = ()) -> Path:
+    """Write ``results/`` as the kit's ONNX Runtime run would: ``ms_per_block * depth`` (±4%) per depth, in each
+    of the kit's repeats (repeat ``k`` times ``repeat_factors[k]``, default 1 + 0.001 k)."""
     doc = json.loads((kit / "kit.json").read_text())
     depths, precision = doc["depths"], doc["precisions"][0]
     kit_id = json.loads((kit / "kit.json").read_text())["kit_id"]
     (kit / "results").mkdir()
     (kit / "results" / "kit_id").write_text(kit_id)
     spread = [1 + 0.04 * ((i * 7) % 11 - 5) / 5 for i in range(30)]
-    points = [{"precision": precision, "depth": d, "memory_mb": 10.0 + d,
-               "rounds": [[ms_per_block * d * s for s in spread[r::3]] for r in range(3)]} for d in depths]
+    repeats = doc["protocol"].get("repeats", 1)
+    factors = list(repeat_factors) or [1 + 0.001 * k for k in range(repeats)]
+    points = [{"precision": precision, "depth": d, "repeat": k, "memory_mb": 10.0 + d if k == 0 else None,
+               "rounds": [[ms_per_block * d * s * factors[k] for s in spread[r::3]] for r in range(3)]}
+              for k in range(repeats) for d in depths]
     (kit / "results" / "onnxruntime.json").write_text(json.dumps({
         "format": "tleg-kit-results", "schema_version": 1, "kit_id": kit_id, "points": points,
         "environment": {"cpu": "test cpu", "cores": 4}, "date": "2026-01-01T00:00:00Z"}))
@@ -252,6 +256,35 @@ def test_fit_steps_on_the_depths_a_device_kit_measured(tmp_path: Path) -> None:
     assert doc["measured_over_budget"]["6"] == pytest.approx(points[("fp32", 6)].p90_ms)
     assert "stepped up to depth 5" in [s.rsplit(": ", 1)[1] for s in doc["steps"]]
     assert "stepped up to depth 5" in (out / "REPORT.md").read_text()
+
+
+def test_fit_kit_results_decide_a_reading_near_the_budget_on_the_later_repeats(tmp_path: Path) -> None:
+    """A kit that repeats its measurement (``fit --kit`` makes it repeat 1 + 3 times): depth 6's first repeat reads
+    2% under the budget, as likely noise as a verdict; the three later repeats read 3% over it, so fit keeps depth
+    5, as it would have decided on three fresh timings here. With one repeat, that first reading decides."""
+    from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.profile.config import MeasureConfig
+    from tleg_deploy.profile.kit import KitConfig, build_kit
+    from tleg_deploy.profile.kit_import import kit_readings
+
+    lg = load_learngene("demo")
+    results = {}
+    for repeats in (4, 1):
+        kit = build_kit(lg.spec, KitConfig("box", MeasureConfig(precisions=("fp32",), depths=(3, 4, 5, 6, 7)),
+                                           repeats=repeats), tmp_path / f"kit-{repeats}")
+        _record(kit, 0.3, (1.0, 1.05, 1.05, 1.05)[:repeats])
+        first = kit_readings(kit)[1][("fp32", 6)][0].p90_ms
+        limit = round(first * 1.02, 4)
+        said: list[str] = []
+        results[repeats] = fit(FitRequest(Budget(latency_ms=limit), device="box", out_dir=tmp_path / f"out-{repeats}",
+                                          kit_results=kit, search=SearchOptions(max_depth=12, precisions=("fp32",),
+                                                                                margin=0.15)), log=said.append)
+        if repeats == 4:
+            assert any("depth 6 measured" in m and "timed 3 more time(s)" in m and "over the budget" in m
+                       for m in said), said
+            assert sum("(repeat " in m and "of 4)" in m for m in said) >= 4
+    assert results[4].depth == 5 and results[4].over_budget[6] == pytest.approx(first * 1.05 / 1.0, rel=1e-3)
+    assert results[1].depth == 6
 
 
 def test_fit_kit_results_of_another_model_or_an_unmeasured_depth(tmp_path: Path) -> None:
@@ -288,6 +321,7 @@ def test_fit_kit_writes_a_kit_around_the_pick_and_kit_results_closes_the_loop(tm
     doc = json.loads((kit / "kit.json").read_text())
     solved = doc["depths"][3]
     assert doc["depths"] == list(range(solved - 3, solved + 4)) and doc["precisions"] == ["fp32"]
+    assert doc["protocol"]["repeats"] == 1 + fit_measure.MIN_TIMINGS  # a reading near the budget can be decided
     assert (tmp_path / "kit-box.tar.gz").is_file() and not (tmp_path / "fit-box").exists()
     again = next(ln for ln in res.output.splitlines() if "--kit-results" in ln).split(":  ", 1)[1].split()
     assert again[:2] == ["tleg-deploy", "fit"] and "--latency" in again and "--max-depth" in again
@@ -365,6 +399,36 @@ def test_the_first_reading_does_not_vote() -> None:
     depth, m, _steps, over = fit_measure.measured_check(request, plan, prof, LIMIT, timer, lambda _m: None)
     assert depth == d and over[d + 1] == 2.025 and m is not None and m.p90_ms == 0.5
     assert calls.count(d + 1) == 4
+
+
+@pytest.mark.parametrize(("fresh", "kept_over"), [((2.06,), 2.06), ((2.06, 2.07), 2.065), ((1.9,), None),
+                                                  ((1.99, 2.01), "bound")])
+def test_fresh_timings_that_run_out_decide_on_what_there_is(fresh: tuple[float, ...],
+                                                            kept_over: float | str | None) -> None:
+    """A kit with fewer repeats than ``MIN_TIMINGS`` fresh timings (the timer returns None once they are used up):
+    one fresh reading decides alone; two, by the median and its t bound (undecided: kept as over)."""
+    request, plan, prof = _setup(Budget(latency_ms=LIMIT))
+    d = plan.depth
+    left = {d + 1: [1.98, *fresh]}
+
+    def timer(depth: int) -> Measurement | None:
+        if depth in left:
+            if not left[depth]:
+                return None
+            ms = left[depth].pop(0)
+        else:
+            ms = 0.5 if depth <= d else 2.4
+        return Measurement(depth=depth, precision="int8", p50_ms=ms, p90_ms=ms, runs=10, threads=1)
+
+    said: list[str] = []
+    depth, _m, _steps, over = fit_measure.measured_check(request, plan, prof, LIMIT, timer, said.append)
+    assert any(f"timed {len(fresh)} more time(s)" in m for m in said), said
+    if kept_over is None:
+        assert depth == d + 1 and d + 1 not in over
+    elif kept_over == "bound":
+        assert depth == d and over[d + 1] > 2.0
+    else:
+        assert depth == d and over[d + 1] == pytest.approx(kept_over)
 
 
 def test_the_verdict_is_the_median_with_a_student_t_bound() -> None:

@@ -23,7 +23,7 @@ from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile import kit_runner
 from tleg_deploy.profile.config import MeasureConfig
 from tleg_deploy.profile.kit import KitConfig, build_kit
-from tleg_deploy.profile.kit_import import _point, import_kit
+from tleg_deploy.profile.kit_import import _point, import_kit, kit_readings
 from tleg_deploy.profile.timing import time_runners
 
 SPEC = ViTSpec(img_size=8, patch_size=4, in_chans=1, embed_dim=16, num_heads=2, mlp_ratio=2.0, num_classes=4)
@@ -181,3 +181,34 @@ def test_force_never_replaces_a_tarball_or_link_that_is_not_this_kit(tmp_path: P
         packed = json.loads(tar.extractfile("k2/kit.json").read())["kit_id"]  # type: ignore[union-attr]
     assert first != second == packed
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_kit_with_repeats_measures_each_depth_that_many_times(tmp_path: Path) -> None:
+    """``repeats`` (what ``fit --kit`` asks for): the runner makes the whole measurement again, each a fresh
+    session; the results hold one entry per depth and repeat (memory probed in the first only); the import pools
+    them, and ``kit_readings`` gives them one by one (what ``fit --kit-results`` steps on). A repeat out of range
+    or one missing is refused."""
+    cfg = KitConfig("box", MeasureConfig(precisions=("fp32",), depths=(1, 2), **FAST), repeats=2)  # type: ignore[arg-type]
+    kit = build_kit(SPEC, cfg, tmp_path / "kit-box")
+    assert json.loads((kit / "kit.json").read_text())["protocol"]["repeats"] == 2
+    proc = subprocess.run(["sh", str(kit / "run.sh")], env={**os.environ, "KIT_PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "(repeat 2 of 2)" in proc.stderr and proc.stderr.count("peak memory of depth") == 2
+    points = json.loads((kit / "results" / "onnxruntime.json").read_text())["points"]
+    assert sorted((p["depth"], p["repeat"], p["memory_mb"] is None) for p in points) == [
+        (1, 0, False), (1, 1, True), (2, 0, False), (2, 1, True)]
+    _kit, readings = kit_readings(kit)
+    pooled = {p.depth: p for p in import_kit(kit).entries[0].points}
+    for d in (1, 2):
+        first, second = readings[("fp32", d)]
+        assert first.p90_ms != second.p90_ms and first.memory_mb == second.memory_mb > 0
+        assert pooled[d].n == first.n + second.n and pooled[d].rounds == first.rounds + second.rounds
+    spoiled = _copy(kit, tmp_path / "a")
+    _edit_results(spoiled, lambda d: d["points"][-1].__setitem__("repeat", 2))
+    with pytest.raises(FormatError, match="is repeat 2; this kit makes 2"):
+        import_kit(spoiled)
+    spoiled = _copy(kit, tmp_path / "b")
+    _edit_results(spoiled, lambda d: d["points"].pop())
+    with pytest.raises(FormatError, match=r"no times for fp32 depth \d \(repeat 1\)"):
+        import_kit(spoiled)

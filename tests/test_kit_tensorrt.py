@@ -142,3 +142,21 @@ def test_a_tensorrt_kit_run_again_on_its_device_reuses_its_engines(trt_kit: Path
     assert import_kit(kit).entries  # the second run's results are complete
     proc, by_hand = _run(kit, tmp_path, "v100300")
     assert proc.returncode == 0 and sum("--onnx=" in c for c in by_hand) == 6
+
+
+def test_a_tensorrt_kit_with_repeats_times_each_engine_again(tmp_path: Path) -> None:
+    """``repeats=2``: every round of every engine is timed again after the first repeat (files ``_s2``); the
+    engines are built once; the import pools both repeats, ``kit_readings`` gives them one by one."""
+    from tleg_deploy.profile.kit_import import kit_readings
+
+    cfg = KitConfig("orin", MeasureConfig(backend="tensorrt", device="cuda", precisions=("fp16",), depths=(1, 2),
+                                          rounds=2), trt_iterations=20, repeats=2)
+    kit = build_kit(SPEC, cfg, tmp_path / "kit-orin")
+    proc, calls = _run(kit, tmp_path, "v100300")
+    assert proc.returncode == 0, proc.stderr
+    assert sum("--onnx=" in c for c in calls) == 2 and sum("--loadEngine" in c for c in calls) == 2 * 2 * 2
+    assert (kit / "results" / "trt" / "fp16_d2_s2_r2.times.json").is_file() and "repeat 2 of 2" in proc.stderr
+    _kit, readings = kit_readings(kit)
+    assert [len(readings[("fp16", d)]) for d in (1, 2)] == [2, 2]
+    assert all(p.n == 40 for d in (1, 2) for p in readings[("fp16", d)])
+    assert [p.n for p in import_kit(kit).entries[0].points] == [80, 80]

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tleg_deploy.deploy.fit_measure import (
+    MIN_TIMINGS,
     THIN_REL,
     Timer,
     host_timer,
@@ -150,8 +151,9 @@ def fit_kit(request: FitRequest, kit_dir: str | os.PathLike[str], *, force: bool
     backend = kit_backend(profile)
     n = max(request.max_steps, 1)
     depths = tuple(range(max(1, plan.depth - n), plan.depth + n + 1))
+    # each depth measured 1 + MIN_TIMINGS times: a reading near the budget is then decided on the fresh ones
     cfg = KitConfig.for_backend(Path(plan.device).stem, backend, (plan.precision,), depths,
-                                threads=profile_threads(profile))
+                                threads=profile_threads(profile), repeats=1 + MIN_TIMINGS)
     say(f"writing a {backend} kit for depths {depths[0]}-{depths[-1]} {plan.precision} to {kit_dir} ...")
     return plan, build_kit(spec, cfg, kit_dir, learngene=load_learngene(request.learngene), force=force)
 

@@ -92,11 +92,18 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
         state, median, bound = "open", first.at(pct), first.at(pct)
         while len(runs) < MAX_TIMINGS and (len(runs) < MIN_TIMINGS or state == "open"):
             again = timer(depth)
-            if again is None or (not runs and again == first):  # the timer replays a recorded reading (a kit's run)
-                return first
+            if again is None or (not runs and again == first):
+                if not runs:  # nothing fresh to time (a kit's single recorded run): that reading stands
+                    return first
+                break  # a kit's recorded repeats ran out: decided on those
             runs.append(again)
             if len(runs) >= MIN_TIMINGS:
                 state, median, bound = verdict([m.at(pct) for m in runs], limit)
+        if 1 < len(runs) < MIN_TIMINGS:
+            state, median, bound = verdict([m.at(pct) for m in runs], limit)
+        elif len(runs) == 1:  # one more recorded reading and no spread to bound it: it decides alone
+            median = bound = runs[0].at(pct)
+            state = "within" if median <= limit else "over"
         middle = sorted(runs, key=lambda m: m.at(pct))[len(runs) // 2]
         if state == "within":
             said, kept = f"within the budget: median {median:.4g} ms, upper bound {bound:.4g} ms", median
@@ -310,23 +317,31 @@ def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, sa
 
 
 def kit_timer(kit_dir: Path, plan: Plan, say: Log) -> Timer:
-    """The measurements a device kit's run recorded (``profile.kit_import.kit_points``), for the depths it
-    measured at the plan's precision; None for the others."""
-    from tleg_deploy.profile.kit_import import kit_points
+    """The measurements a device kit's run recorded (``profile.kit_import.kit_readings``), for the depths it
+    measured at the plan's precision: each call the next repeat of that depth's measurement (a kit made by
+    ``fit --kit`` measures 1 + ``MIN_TIMINGS`` times, so a reading near the budget is decided on the later ones);
+    None for the depths it did not measure and once a depth's repeats are used up."""
+    from tleg_deploy.profile.kit_import import kit_readings
 
-    kit, points = kit_points(kit_dir)
+    kit, readings = kit_readings(kit_dir)
     raw = kit.get("threads")
     threads = raw if isinstance(raw, int) and raw > 0 else 1
     pct = plan.budget.percentile
+    used: dict[int, int] = {}
 
     def recorded(depth: int) -> Measurement | None:
-        pt = points.get((plan.precision, depth))
-        if pt is None:
+        repeats = readings.get((plan.precision, depth))
+        if repeats is None:
             say(f"depth {depth} {plan.precision} was not measured by the kit in {kit_dir} "
                 f"(depths {', '.join(map(str, kit['depths']))})")
             return None
-        measured = _recorded(pt, depth, plan.precision, threads, int(kit["batch"]), pct)
-        say(f"kit measured depth {depth} on {kit['device']}: {pct} {measured.at(pct):.3g} ms")
+        n = used.get(depth, 0)
+        if n >= len(repeats):
+            return None
+        used[depth] = n + 1
+        measured = _recorded(repeats[n], depth, plan.precision, threads, int(kit["batch"]), pct)
+        of = f" (repeat {n + 1} of {len(repeats)})" if len(repeats) > 1 else ""
+        say(f"kit measured depth {depth} on {kit['device']}{of}: {pct} {measured.at(pct):.3g} ms")
         return measured
 
     return recorded

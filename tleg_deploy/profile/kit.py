@@ -17,8 +17,10 @@ prerequisites first, records the environment into ``results/env/`` and measures:
   per engine per round, the order shuffled per round), keeping each run's ``--exportTimes`` JSON
   and log (``tleg_deploy.profile.trtexec`` reads them).
 
-Results appear as ``results/`` only when the run is complete (written to ``results.partial/`` and
-renamed); a ``kit_id`` ties them to this kit.
+With ``repeats`` above 1 (``fit --kit`` makes 4) the whole measurement is made that many times, one after
+another (ONNX Runtime: one results entry per depth and repeat; TensorRT: the later repeats' files carry
+``_s2``, ``_s3``, ...). Results appear as ``results/`` only when the run is complete (written to
+``results.partial/`` and renamed); a ``kit_id`` ties them to this kit.
 """
 
 from __future__ import annotations
@@ -49,16 +51,20 @@ TRT_WARMUP_MS = 200
 @dataclass(frozen=True)
 class KitConfig:
     """What a kit measures: ``measure`` carries backend, precisions, depths, batch, threads and the
-    protocol (for TensorRT, ``measure.rounds`` trtexec runs per engine of ``trt_iterations`` each)."""
+    protocol (for TensorRT, ``measure.rounds`` trtexec runs per engine of ``trt_iterations`` each).
+    ``repeats``: the whole measurement is made that many times, one after another, each a fresh session (the
+    import pools them; ``fit --kit-results`` reads them as successive timings of each depth, so a reading near
+    the budget is decided on the later ones as ``fit`` decides it on fresh timings elsewhere)."""
 
     device: str
     measure: MeasureConfig
     trt_iterations: int = 200
+    repeats: int = 1
 
     @classmethod
     def for_backend(cls, device: str, backend: str, precisions: tuple[str, ...], depths: tuple[int, ...], *,
                     batch: int = 1, threads: int = 1, rounds: int | None = None, memory: bool = True,
-                    clock: str = "wall", retries: int | None = None) -> KitConfig:
+                    clock: str = "wall", retries: int | None = None, repeats: int = 1) -> KitConfig:
         """A kit measuring ``precisions`` x ``depths`` on ``backend`` with the profiler's protocol (TensorRT:
         on the GPU, 3 trtexec runs per engine by default; ONNX Runtime: on the CPU, 5 rounds; ``retries``:
         sessions off a line measured again, the profiler's by default)."""
@@ -67,7 +73,7 @@ class KitConfig:
         return cls(device=device, measure=MeasureConfig(
             backend=backend, precisions=precisions, depths=depths, batch=batch, threads=threads,
             device="cuda" if gpu else "cpu", rounds=rounds or (3 if gpu else 5), memory=memory, clock=clock,
-            **more))
+            **more), repeats=repeats)
 
     def __post_init__(self) -> None:
         if self.measure.backend not in KIT_BACKENDS:
@@ -77,11 +83,13 @@ class KitConfig:
             raise FormatError(f"device name {self.device!r} must be a non-empty name without '/'")
         if self.trt_iterations < 10:
             raise FormatError(f"trt_iterations must be >= 10, got {self.trt_iterations}")
+        if not 1 <= self.repeats <= 20:
+            raise FormatError(f"repeats must be 1-20, got {self.repeats}")
 
 
 def protocol(cfg: KitConfig) -> dict[str, Any]:
     m = cfg.measure
-    base = {"rounds": m.rounds, "seed": m.seed, "memory": m.memory}
+    base = {"rounds": m.rounds, "seed": m.seed, "memory": m.memory, "repeats": cfg.repeats}
     if m.backend == "tensorrt":
         return {**base, "iterations": cfg.trt_iterations, "warmup_ms": TRT_WARMUP_MS, "times": "computeMs",
                 "memory_source": "trtexec log: TensorRT-managed allocation (MemUsageChange, now: GPU)"}
@@ -313,12 +321,13 @@ build() {  # precision depth onnx flags...
     || fail "trtexec could not build $p depth $d (see $R/trt/build_${p}_d$d.log)"
   mv "engines/${p}_d$d.engine.partial" "engines/${p}_d$d.engine"
 }
-timed() {  # precision depth round
+timed() {  # precision depth round [repeat: 2, 3, ... (the first repeat's files carry no _s)]
   n="${1}_d$2"
-  say "timing $1 depth $2 (round $3 of $ROUNDS)"
+  f="$n${4:+_s$4}_r$3"
+  say "timing $1 depth $2 (round $3 of $ROUNDS${4:+, repeat $4 of $REPEATS})"
   run "$TRTEXEC" --loadEngine="engines/$n.engine" --shapes=pixel_values:$SHAPE --warmUp=$WARMUP_MS --duration=0 \
-    --iterations=$ITERATIONS --useSpinWait --exportTimes="$R/trt/${n}_r$3.times.json" >"$R/trt/${n}_r$3.log" 2>&1 \
-    || fail "trtexec could not time $n (see $R/trt/${n}_r$3.log)"
+    --iterations=$ITERATIONS --useSpinWait --exportTimes="$R/trt/$f.times.json" >"$R/trt/$f.log" 2>&1 \
+    || fail "trtexec could not time $n (see $R/trt/$f.log)"
 }
 """
 
@@ -329,16 +338,18 @@ def trt_script(kit_id: str, spec: ViTSpec, cfg: KitConfig, artifacts: list[dict[
     m = cfg.measure
     lines = [_COMMON.replace("__KIT_ID__", kit_id),
              f"SHAPE={m.batch}x{spec.in_chans}x{spec.img_size}x{spec.img_size}",
-             f"ROUNDS={m.rounds}", f"ITERATIONS={cfg.trt_iterations}", f"WARMUP_MS={TRT_WARMUP_MS}", _TRT_HEAD]
+             f"ROUNDS={m.rounds}", f"REPEATS={cfg.repeats}", f"ITERATIONS={cfg.trt_iterations}",
+             f"WARMUP_MS={TRT_WARMUP_MS}", _TRT_HEAD]
     for a in artifacts:
         p = PRECISION[a["precision"]]
         lines.append(f'if [ "$MAJOR" -ge 11 ]; then build {p.name} {a["depth"]} {a["file_v11"]}{p.trtexec_flags(11)}; '
                      f'else build {p.name} {a["depth"]} {a["file"]}{p.trtexec_flags(10)}; fi')
     rng = random.Random(m.seed)
     order = [(a["precision"], a["depth"]) for a in artifacts]
-    for r in range(1, m.rounds + 1):
-        rng.shuffle(order)
-        lines += [f"timed {p} {d} {r}" for p, d in order]
+    for repeat in range(1, cfg.repeats + 1):
+        for r in range(1, m.rounds + 1):
+            rng.shuffle(order)
+            lines += [f"timed {p} {d} {r}" + (f" {repeat}" if repeat > 1 else "") for p, d in order]
     lines.append("finish")
     return "\n".join(lines) + "\n"
 

@@ -53,7 +53,8 @@ def verify_kit(kit_dir: Path) -> dict[str, Any]:
 def import_kit(kit_dir: str | Path, *, name: str | None = None, aliases: Sequence[str] = ()) -> DeviceProfile:
     """The measured profile of a kit whose ``run.sh`` has run (``results/`` beside ``kit.json``)."""
     kit_path = Path(kit_dir)
-    kit, rounds, memory, env, rejected = _read_results(kit_path)
+    kit, repeats, memory, env, rejected = _read_results(kit_path)
+    rounds = _pooled(repeats)
     spec = ViTSpec.from_dict(kit["spec"])
     if kit["backend"] == "onnxruntime":
         runtime = {"backend": "onnxruntime", "versions": env.get("libraries", {}), "threads": kit["threads"]}
@@ -93,16 +94,28 @@ def import_kit(kit_dir: str | Path, *, name: str | None = None, aliases: Sequenc
 
 
 def kit_points(kit_dir: str | Path) -> tuple[dict[str, Any], dict[tuple[str, int], Point]]:
-    """``kit.json`` and the points its run measured, per (precision, depth), checked as ``import_kit``
-    checks them (what ``fit --kit-results`` decides its steps on)."""
-    kit, rounds, memory, _env, _rejected = _read_results(Path(kit_dir))
-    return kit, {key: _point(key[1], r, memory[key]) for key, r in rounds.items()}
+    """``kit.json`` and the points its run measured, per (precision, depth), every repeat pooled, checked as
+    ``import_kit`` checks them (what ``fit --ssh`` steps on)."""
+    kit, repeats, memory, _env, _rejected = _read_results(Path(kit_dir))
+    return kit, {key: _point(key[1], r, memory[key]) for key, r in _pooled(repeats).items()}
 
 
-def _read_results(kit_path: Path) -> tuple[dict[str, Any], Rounds, dict[tuple[str, int], float], dict[str, Any],
+def kit_readings(kit_dir: str | Path) -> tuple[dict[str, Any], dict[tuple[str, int], list[Point]]]:
+    """``kit.json`` and, per (precision, depth), one point per repeat of the measurement, in the order they were
+    made, checked as ``import_kit`` checks them (what ``fit --kit-results`` steps on: successive timings)."""
+    kit, repeats, memory, _env, _rejected = _read_results(Path(kit_dir))
+    return kit, {key: [_point(key[1], r, memory[key]) for r in reps] for key, reps in repeats.items()}
+
+
+def _pooled(repeats: Repeats) -> Rounds:
+    """Every repeat's rounds of each (precision, depth) as one list of rounds."""
+    return {key: [r for rounds in reps for r in rounds] for key, reps in repeats.items()}
+
+
+def _read_results(kit_path: Path) -> tuple[dict[str, Any], Repeats, dict[tuple[str, int], float], dict[str, Any],
                                            dict[str, Any]]:
-    """The verified kit, its per-round times and memory per (precision, depth), environment and rejected
-    sessions; raises ``FormatError`` for anything missing, truncated, tampered or another kit's."""
+    """The verified kit, its per-round times of every repeat and memory per (precision, depth), environment and
+    rejected sessions; raises ``FormatError`` for anything missing, truncated, tampered or another kit's."""
     kit = verify_kit(kit_path)
     results = kit_path / "results"
     if not results.is_dir():
@@ -120,11 +133,20 @@ def _read_results(kit_path: Path) -> tuple[dict[str, Any], Rounds, dict[tuple[st
 # ---------------------------------------------------------------------------------------------
 # Per backend
 
-Rounds = dict[tuple[str, int], list[list[float]]]
+Rounds = dict[tuple[str, int], list[list[float]]]  # (precision, depth) -> per-round times
+Repeats = dict[tuple[str, int], list[list[list[float]]]]  # (precision, depth) -> per repeat, per-round times
 
 
-def _ort_results(results: Path, kit: dict[str, Any]) -> tuple[Rounds, dict[tuple[str, int], float], dict[str, Any],
-                                                              dict[str, Any]]:
+def _repeats(kit: dict[str, Any]) -> int:
+    """How many times the kit makes its whole measurement (kits made before repeats existed: once)."""
+    n = kit["protocol"].get("repeats", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise FormatError(f"kit.json protocol.repeats is {n!r}, not a count", hint="make the kit again")
+    return n
+
+
+def _ort_results(results: Path, kit: dict[str, Any]) -> tuple[Repeats, dict[tuple[str, int], float],
+                                                              dict[str, Any], dict[str, Any]]:
     path = results / "onnxruntime.json"
     if not path.is_file():
         raise FormatError(f"{path} is missing", hint="the run did not finish; run sh run.sh again")
@@ -137,7 +159,8 @@ def _ort_results(results: Path, kit: dict[str, Any]) -> tuple[Rounds, dict[tuple
     if data.get("kit_id") != kit["kit_id"]:
         raise FormatError(f"{path} belongs to another kit (kit_id {str(data.get('kit_id'))[:12]}…, this kit "
                           f"{kit['kit_id'][:12]}…)", hint="copy back the results of this kit's own run")
-    rounds: Rounds = {}
+    n_repeats = _repeats(kit)
+    found: dict[tuple[str, int, int], list[list[float]]] = {}
     memory: dict[tuple[str, int], float] = {}
     points = data.get("points")
     for i, p in enumerate(points if isinstance(points, list) else []):
@@ -147,35 +170,53 @@ def _ort_results(results: Path, kit: dict[str, Any]) -> tuple[Rounds, dict[tuple
         key = (p.get("precision"), p.get("depth"))
         if key not in {(q, d) for q in kit["precisions"] for d in kit["depths"]}:
             raise FormatError(f"{where} is for {key[0]!r} depth {key[1]!r}, which this kit does not measure")
-        if key in rounds:
-            raise FormatError(f"{where} repeats {key[0]} depth {key[1]}")
-        rounds[key] = _check_rounds(p.get("rounds"), where)  # type: ignore[index]
+        repeat = p.get("repeat", 0)
+        if repeat not in range(n_repeats) or isinstance(repeat, bool):
+            raise FormatError(f"{where} is repeat {repeat!r}; this kit makes {n_repeats} (0-{n_repeats - 1})")
+        if (*key, repeat) in found:
+            raise FormatError(f"{where} repeats {key[0]} depth {key[1]}" + (f" (repeat {repeat})" if repeat else ""))
+        found[(*key, repeat)] = _check_rounds(p.get("rounds"), where)  # type: ignore[index]
+        if repeat:  # memory is probed in the first repeat only
+            continue
         mem = p.get("memory_mb")
         if mem is None and not kit["protocol"].get("memory", True):
             from tleg_deploy.plan import costs
 
             mem = costs.artifact_bytes(ViTSpec.from_dict(kit["spec"]), int(p["depth"]), str(p["precision"])) / 1e6
         memory[key] = _value(mem, f"{where}.memory_mb")  # type: ignore[index]
-    _check_complete(rounds, kit, path.name)
+    for precision in kit["precisions"]:
+        for depth in kit["depths"]:
+            for repeat in range(n_repeats):
+                if (precision, depth, repeat) not in found:
+                    raise FormatError(f"{path.name} has no times for {precision} depth {depth}"
+                                      + (f" (repeat {repeat})" if n_repeats > 1 else ""),
+                                      hint="the run did not finish; run sh run.sh again")
+    rounds: Repeats = {(q, d): [found[(q, d, r)] for r in range(n_repeats)] for q in kit["precisions"]
+                       for d in kit["depths"]}
     raw_env, raw_rejected = data.get("environment"), data.get("rejected_sessions")
     env: dict[str, Any] = {**(raw_env if isinstance(raw_env, dict) else {}), "date": data.get("date")}
     rejected: dict[str, Any] = raw_rejected if isinstance(raw_rejected, dict) else {}
     return rounds, memory, env, rejected
 
 
-def _trt_results(results: Path, kit: dict[str, Any]) -> tuple[Rounds, dict[tuple[str, int], float], dict[str, Any]]:
-    rounds: Rounds = {}
+def _trt_results(results: Path, kit: dict[str, Any]) -> tuple[Repeats, dict[tuple[str, int], float],
+                                                              dict[str, Any]]:
+    rounds: Repeats = {}
     memory: dict[tuple[str, int], float] = {}
     versions: set[str] = set()
     for a in kit["artifacts"]:
         key = (a["precision"], a["depth"])
-        runs = []
-        for r in range(1, kit["protocol"]["rounds"] + 1):
-            stem = f"{a['precision']}_d{a['depth']}_r{r}"
-            runs.append(trtexec.read_run(results / "trt" / f"{stem}.times.json", results / "trt" / f"{stem}.log"))
-        rounds[key] = [list(run.times_ms) for run in runs]
-        memory[key] = statistics.median(run.memory_mib for run in runs) * trtexec.MIB / 1e6
-        versions.update(run.version for run in runs if run.version)
+        every = []
+        rounds[key] = []
+        for repeat in range(1, _repeats(kit) + 1):  # run.sh names the first repeat's files without _s1
+            runs = []
+            for r in range(1, kit["protocol"]["rounds"] + 1):
+                stem = f"{a['precision']}_d{a['depth']}" + (f"_s{repeat}" if repeat > 1 else "") + f"_r{r}"
+                runs.append(trtexec.read_run(results / "trt" / f"{stem}.times.json", results / "trt" / f"{stem}.log"))
+            rounds[key].append([list(run.times_ms) for run in runs])
+            every += runs
+        memory[key] = statistics.median(run.memory_mib for run in every) * trtexec.MIB / 1e6
+        versions.update(run.version for run in every if run.version)
     if len(versions) > 1:
         raise FormatError(f"the results mix TensorRT versions {sorted(versions)}",
                           hint="run the kit again on one device")
@@ -197,14 +238,6 @@ def _check_kit_id(results: Path, kit: dict[str, Any]) -> None:
     if found != kit["kit_id"]:
         raise FormatError(f"{results} belongs to another kit (kit_id {found[:12]}…, this kit {kit['kit_id'][:12]}…)",
                           hint="copy back the results of this kit's own run")
-
-
-def _check_complete(rounds: Rounds, kit: dict[str, Any], where: str) -> None:
-    for precision in kit["precisions"]:
-        for depth in kit["depths"]:
-            if (precision, depth) not in rounds:
-                raise FormatError(f"{where} has no times for {precision} depth {depth}",
-                                  hint="the run did not finish; run sh run.sh again")
 
 
 def _check_rounds(value: Any, where: str) -> list[list[float]]:

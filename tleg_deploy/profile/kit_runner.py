@@ -242,19 +242,22 @@ def main(argv: list) -> int:
         kit = json.load(f)
     shape = [kit["batch"], kit["spec"]["in_chans"], kit["spec"]["img_size"], kit["spec"]["img_size"]]
     points, rejected = [], {}
-    for precision in kit["precisions"]:
-        log(f"{precision}: timing depths {', '.join(map(str, kit['depths']))}")
-        session = measure_precision(kit_dir, kit, precision)
-        rejected[precision] = session["rejected"]
-        for a in kit["artifacts"]:
-            if a["precision"] != precision:
-                continue
-            memory = None
-            if kit["protocol"]["memory"]:
-                log(f"{precision}: peak memory of depth {a['depth']}")
-                memory = peak_memory_mb(os.path.join(kit_dir, a["file"]), shape, kit["threads"])
-            points.append({"precision": precision, "depth": a["depth"], "rounds": session["rounds"][a["depth"]],
-                           "memory_mb": memory})
+    repeats = int(kit["protocol"].get("repeats", 1))
+    for repeat in range(repeats):  # the whole measurement again, each a fresh session (read as successive timings)
+        for precision in kit["precisions"]:
+            of = f" (repeat {repeat + 1} of {repeats})" if repeats > 1 else ""
+            log(f"{precision}: timing depths {', '.join(map(str, kit['depths']))}{of}")
+            session = measure_precision(kit_dir, kit, precision)
+            rejected.setdefault(precision, []).extend(session["rejected"])
+            for a in kit["artifacts"]:
+                if a["precision"] != precision:
+                    continue
+                memory = None
+                if kit["protocol"]["memory"] and repeat == 0:
+                    log(f"{precision}: peak memory of depth {a['depth']}")
+                    memory = peak_memory_mb(os.path.join(kit_dir, a["file"]), shape, kit["threads"])
+                points.append({"precision": precision, "depth": a["depth"], "repeat": repeat,
+                               "rounds": session["rounds"][a["depth"]], "memory_mb": memory})
     result = {"format": RESULTS_FORMAT, "schema_version": RESULTS_SCHEMA, "kit_id": kit["kit_id"],
               "backend": "onnxruntime", "environment": environment(kit["threads"]), "points": points,
               "rejected_sessions": rejected,
