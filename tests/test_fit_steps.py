@@ -295,7 +295,9 @@ def test_fit_kit_results_of_another_model_or_an_unmeasured_depth(tmp_path: Path)
     res = fit(FitRequest(Budget(latency_ms=1.5), device="box", out_dir=tmp_path / "out", kit_results=kit,
                          search=SearchOptions(max_depth=12, precisions=("fp32",))))
     assert res.measured is None and res.steps == () and res.figures == "predicted"
-    assert any("did not measure depth" in n for n in res.notes)
+    # the note says how to measure the pick: keep the kit's profile, write a kit around the pick from it
+    assert any("did not measure depth" in n and f"profile --from-kit {kit} -o profiles/box.json" in n
+               and "fit --device profiles/box.json ... --kit NEW_DIR" in n for n in res.notes), res.notes
 
     doc = json.loads((kit / "kit.json").read_text())
     doc["spec"]["embed_dim"] *= 2

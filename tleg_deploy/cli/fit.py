@@ -184,6 +184,9 @@ def render_summary(result: FitResult) -> None:
                  f"on the device at {result.ssh} (over SSH)" if result.ssh else "here")
         out.print(f"figures: [bold]measured[/bold] {where}, {pct} {m.at(pct):.3g} ms over {m.runs} runs "
                   f"({m.threads} thread{'s' if m.threads > 1 else ''})")
+    elif result.kit_results:  # the kit measured other depths: the note says how to measure the pick
+        out.print(f"figures: [bold yellow]{result.figures}[/bold yellow] from the profile of the kit's run "
+                  f"(it did not measure depth {result.depth})", highlight=False)
     else:
         out.print(f"figures: [bold yellow]{result.figures}[/bold yellow] ({plan.device} was not run here); "
                   f"measure the device: [cyan]{result.measure_command}[/cyan]", highlight=False)

@@ -154,7 +154,7 @@ def fit_kit(request: FitRequest, kit_dir: str | os.PathLike[str], *, force: bool
     # each depth measured 1 + MIN_TIMINGS times: a reading near the budget is then decided on the fresh ones
     cfg = KitConfig.for_backend(Path(plan.device).stem, backend, (plan.precision,), depths,
                                 threads=profile_threads(profile), repeats=1 + MIN_TIMINGS)
-    say(f"writing a {backend} kit for depths {depths[0]}-{depths[-1]} {plan.precision} to {kit_dir} ...")
+    say(f"writing the {backend} kit for depths {depths[0]}-{depths[-1]} {plan.precision} to {kit_dir} ...")
     return plan, build_kit(spec, cfg, kit_dir, learngene=load_learngene(request.learngene), force=force)
 
 
@@ -331,7 +331,10 @@ def _result(request: FitRequest, plan: Plan, profile: DeviceProfile, built: _Bui
         notes.append(f"measured on {profile.name} by the device kit run in {request.kit_results}"
                      if built.measured is not None else
                      f"the kit in {request.kit_results} did not measure depth {depth} {plan.precision}: "
-                     "figures are predicted from its profile")
+                     f"figures are predicted from its profile; to measure depth {depth}, keep that profile "
+                     f"(tleg-deploy profile --from-kit {request.kit_results} -o profiles/{profile.name}.json) and "
+                     f"write a kit around the pick from it (fit --device profiles/{profile.name}.json ... "
+                     "--kit NEW_DIR)")
     elif request.ssh is not None:
         if built.measured is not None:
             notes.append(f"measured on {profile.name} at {request.ssh.describe()} with device kits run over SSH")
