@@ -212,3 +212,14 @@ def test_a_kit_with_repeats_measures_each_depth_that_many_times(tmp_path: Path) 
     _edit_results(spoiled, lambda d: d["points"].pop())
     with pytest.raises(FormatError, match=r"no times for fp32 depth \d \(repeat 1\)"):
         import_kit(spoiled)
+
+
+def test_kit_cli_repeats(tmp_path: Path) -> None:
+    """``tleg-deploy kit --repeats N`` writes it into the protocol; out of range is one line, nothing written."""
+    out = tmp_path / "kit-box"
+    res = CliRunner().invoke(app, ["kit", "--device", "box", "--depths", "1,2", "--repeats", "3", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "kit.json").read_text())["protocol"]["repeats"] == 3
+    res = CliRunner().invoke(app, ["kit", "--device", "box", "--depths", "1,2", "--repeats", "0", "-o",
+                                   str(tmp_path / "other")])
+    assert res.exit_code == 2 and "repeats must be 1-20" in res.output and not (tmp_path / "other").exists()

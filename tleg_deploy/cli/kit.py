@@ -17,14 +17,14 @@ if TYPE_CHECKING:
 
 
 def kit_config(device: str, backend: str, precision: str | None, depths: str, batch: int, threads: int,
-               rounds: int | None, no_memory: bool, clock: str = "wall") -> KitConfig:
+               rounds: int | None, no_memory: bool, clock: str = "wall", repeats: int = 1) -> KitConfig:
     from tleg_deploy.cli.profile import _csv
     from tleg_deploy.export.family import parse_depths
     from tleg_deploy.profile.kit import KitConfig
 
     precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
     return KitConfig.for_backend(device, backend, precisions, tuple(parse_depths(depths)), batch=batch,
-                                 threads=threads, rounds=rounds, memory=not no_memory, clock=clock)
+                                 threads=threads, rounds=rounds, memory=not no_memory, clock=clock, repeats=repeats)
 
 
 def spec_and_learngene(spec: str | None, learngene: str | None) -> tuple[ViTSpec, Any]:
@@ -72,6 +72,9 @@ def kit(
     threads: Annotated[int, typer.Option(help="Intra-op threads (onnxruntime).")] = 1,
     rounds: Annotated[int | None, typer.Option(help="Interleaved rounds (default 5; tensorrt: 3 trtexec runs per "
                                                     "engine).")] = None,
+    repeats: Annotated[int, typer.Option(help="Make the whole measurement this many times, each a fresh session "
+                                              "(the import pools them; fit --kit-results reads them as successive "
+                                              "timings; fit --kit makes 4).")] = 1,
     no_memory: Annotated[bool, typer.Option("--no-memory", help="Skip peak memory (onnxruntime).")] = False,
     clock: Annotated[str, typer.Option(help="onnxruntime: 'wall', or 'thread' (CPU time of the timing thread, "
                                             "1 thread: a diagnostic for a machine shared with other jobs).")]
@@ -94,7 +97,7 @@ def kit(
 
         raise TlegError("give --spec or --learngene, not both")
     arch, lg = spec_and_learngene(spec, learngene)
-    cfg = kit_config(device, backend, precision, depths, batch, threads, rounds, no_memory, clock)
+    cfg = kit_config(device, backend, precision, depths, batch, threads, rounds, no_memory, clock, repeats)
     target = output or Path(f"kit-{device}")
     if not (quiet or json_):
         err.print(f"exporting {len(cfg.measure.depths) * len(cfg.measure.precisions)} models into {target} …")
