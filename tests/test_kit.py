@@ -210,7 +210,7 @@ def test_a_kit_with_repeats_measures_each_depth_that_many_times(tmp_path: Path) 
         import_kit(spoiled)
     spoiled = _copy(kit, tmp_path / "b")
     _edit_results(spoiled, lambda d: d["points"].pop())
-    with pytest.raises(FormatError, match=r"no times for fp32 depth \d \(repeat 1\)"):
+    with pytest.raises(FormatError, match=r"no times for fp32 depth \d \(repeat 2 of 2\)"):
         import_kit(spoiled)
 
 

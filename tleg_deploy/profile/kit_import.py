@@ -174,7 +174,8 @@ def _ort_results(results: Path, kit: dict[str, Any]) -> tuple[Repeats, dict[tupl
         if repeat not in range(n_repeats) or isinstance(repeat, bool):
             raise FormatError(f"{where} is repeat {repeat!r}; this kit makes {n_repeats} (0-{n_repeats - 1})")
         if (*key, repeat) in found:
-            raise FormatError(f"{where} repeats {key[0]} depth {key[1]}" + (f" (repeat {repeat})" if repeat else ""))
+            raise FormatError(f"{where} repeats {key[0]} depth {key[1]}"
+                              + (f" (repeat {repeat + 1} of {n_repeats})" if n_repeats > 1 else ""))
         found[(*key, repeat)] = _check_rounds(p.get("rounds"), where)  # type: ignore[index]
         if repeat:  # memory is probed in the first repeat only
             continue
@@ -189,7 +190,7 @@ def _ort_results(results: Path, kit: dict[str, Any]) -> tuple[Repeats, dict[tupl
             for repeat in range(n_repeats):
                 if (precision, depth, repeat) not in found:
                     raise FormatError(f"{path.name} has no times for {precision} depth {depth}"
-                                      + (f" (repeat {repeat})" if n_repeats > 1 else ""),
+                                      + (f" (repeat {repeat + 1} of {n_repeats})" if n_repeats > 1 else ""),
                                       hint="the run did not finish; run sh run.sh again")
     rounds: Repeats = {(q, d): [found[(q, d, r)] for r in range(n_repeats)] for q in kit["precisions"]
                        for d in kit["depths"]}
