@@ -249,6 +249,38 @@ def test_fit_over_ssh_steps_down_and_up_on_the_device(sshd: tuple[str, Path], ho
     assert not _ssh_masters()
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_fit_over_ssh_leaves_nothing_on_either_side(sshd: tuple[str, Path], host_digits: DeviceProfile,
+                                                              tmp_path: Path) -> None:
+    """Ctrl-C while ``fit --ssh`` times its second kit: the remote run stops, every kit the search left on the
+    target is removed (the first one too), and locally neither the output nor a staging directory remains."""
+    from tleg_deploy.deploy.fit import fit
+    from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
+    from tleg_deploy.plan.solve import Budget
+    from tleg_deploy.profile.remote import SshRun
+
+    target, config = sshd
+    spec = ViTSpec.preset("digits")
+    line = {d: host_digits.predict(d, spec=spec, precision="fp32").latency_p90_ms for d in (8, 9)}
+    out = tmp_path / "out"
+    said: list[str] = []
+
+    def log(line: str) -> None:
+        said.append(line)
+        if sum("copying kit-" in s for s in said) == 2 and "round 1 " in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(FitRequest(Budget(latency_ms=(line[8] + line[9]) / 2), device=str(_device_profile(host_digits, tmp_path,
+                                                                                                0.4)),
+                       out_dir=out, ssh=SshRun(SshTarget.parse(target), config, sys.executable), max_steps=6,
+                       search=SearchOptions(max_depth=16, precisions=("fp32",))), log=log)
+    workdirs = [m.group(1) for s in said if (m := re.search(r":(/\S+tleg-kit\.\w+)", s))]
+    assert len(workdirs) == 2 and not any(Path(w).exists() for w in workdirs)
+    assert [p.name for p in tmp_path.iterdir()] == ["loop-0.4.json"]  # no output, no staging directory
+    assert not _ssh_masters()
+
+
 def _logins(config: Path) -> int:
     """Connections the test's sshd has authenticated so far (its log lies beside the client config)."""
     return (config.parent / "sshd.log").read_text().count("Accepted publickey")
