@@ -1,15 +1,21 @@
-"""fit --ssh's measured loop: fresh kit runs for readings near the budget vs one reading per depth (issue 10).
+"""fit --ssh's measured loop under the rules it has had, side by side (issue 10).
 
-``fit --ssh`` measures each depth its search asks for with device kits run on the target; a reading within 5% of
-the budget (and the pick read within 15% under it) is timed afresh 3-8 times by running that depth's kit again,
-until the median's one-sided 95% t bound clears the budget (``shipped``, since 5a6a12a). Before, the SSH timer
-replayed each depth's one reading (``one reading``: the shipped timer wrapped so that a depth asked for again gets
-its first reading back, which is what fit did then). This script runs both on the same budgets, over a private
+``fit --ssh`` measures each depth its search asks for with device kits run on the target. The rules:
+
+- ``shipped``: each depth of a kit timed in its own session, as deployed (``KitConfig.alone``); a reading within
+  5% of the budget (and the pick read within 15% under it) timed afresh 3-8 times by running that depth's kit
+  again, until the median's one-sided 95% t bound clears the budget;
+- ``interleaved kits``: the same, with the kit's 2-3 depths interleaved round by round in one session, as a
+  profile is measured (5a6a12a to 5474bbe);
+- ``one reading``: interleaved kits, and each depth's first reading replayed when it is asked for again (the SSH
+  timer before 5a6a12a: no fresh timing).
+
+This script runs them on the same budgets, over a private
 sshd on 127.0.0.1 (``benchmarks/_sshd.py``; the target is this machine, the kits' runner this interpreter), on
 one host profile per spec (ONNX Runtime CPU, 1 intra-op thread, after the drift probe) and p90 budgets spread as
-``solver.py`` spreads them, the rules in a shuffled order per budget; then every depth either rule picked, and
+``solver.py`` spreads them, the rules in a shuffled order per budget; then every depth any rule picked, and
 the next deeper one, is re-timed as deployed (each model alone in its session, ``solver.remeasure``: 5
-alternating sessions, one judge for both rules), and each pick is counted within / tight against those medians.
+alternating sessions, one judge for all rules), and each pick is counted within / tight against those medians.
 
     .venv/bin/python benchmarks/ssh_loop.py [--budgets-per-spec 6] [--specs digits,deit-tiny]
 
@@ -35,7 +41,7 @@ import solver  # type: ignore[import-not-found]
 from _results import spec_names, write_result  # type: ignore[import-not-found]
 from _sshd import SSHD, loopback_sshd  # type: ignore[import-not-found]
 
-RULES = ("shipped", "one reading")
+RULES = ("shipped", "interleaved kits", "one reading")
 
 
 def one_reading(timer: Callable[[int], Any]) -> Callable[[int], Any]:
@@ -78,10 +84,10 @@ def run_spec(name: str, n_budgets: int, run: Any, workdir: Path) -> list[dict[st
             said: list[str] = []
             t0 = time.perf_counter()
             with contextlib.ExitStack() as kits:
-                timer = ssh_timer(lg, plan, prof, run, said.append, kits)
+                timer = ssh_timer(lg, plan, prof, run, said.append, kits, alone=rule == "shipped")
                 try:
                     depth, *_ = measured_check(request, plan, prof, budget.latency_ms,
-                                               timer if rule == "shipped" else one_reading(timer), said.append)
+                                               one_reading(timer) if rule == "one reading" else timer, said.append)
                 except InfeasibleError:
                     depth = None
             picks[rule] = {"depth": depth, "seconds": time.perf_counter() - t0,
@@ -107,16 +113,17 @@ def run_spec(name: str, n_budgets: int, run: Any, workdir: Path) -> list[dict[st
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     n = len(rows)
     lines = [
-        "## fit --ssh: fresh kit runs near the budget vs one reading per depth (issue 10)",
+        "## fit --ssh: the measured loop's rules side by side (issue 10)",
         "",
         "`benchmarks/ssh_loop.py`: fit's measured loop over SSH (a private sshd on 127.0.0.1; the target is this "
-        "machine) on a fresh host profile, p90 budgets spread as `solver.py` spreads them; per budget both rules in "
+        "machine) on a fresh host profile, p90 budgets spread as `solver.py` spreads them; per budget every rule in "
         "a shuffled order, then every picked depth and the next deeper one re-timed as deployed (each model alone "
-        f"in its session, {solver.REMEASURE} alternating sessions, one judge for both rules). *shipped*: a reading "
-        "within 5% of the budget (and the pick read within 15% under it) timed afresh 3-8 times by running its kit "
-        "again on the target, until the median's one-sided 95% t bound clears the budget; *one reading*: each "
-        "depth's first reading replayed, as the SSH timer did before 5a6a12a. Single budgets are decided by noise: "
-        "compare rules within this run.",
+        f"in its session, {solver.REMEASURE} alternating sessions, one judge for all rules). *shipped*: each depth "
+        "of a kit timed in its own session; a reading within 5% of the budget (and the pick read within 15% under "
+        "it) timed afresh 3-8 times by running its kit again on the target, until the median's one-sided 95% t "
+        "bound clears the budget; *interleaved kits*: the same with the kit's depths interleaved in one session "
+        "(5a6a12a to 5474bbe); *one reading*: interleaved kits, each depth's first reading replayed (before "
+        "5a6a12a). Single budgets are decided by noise: compare rules within this run.",
         "",
         "| rule | pick within budget | next deeper over budget | kit runs per budget (median, total) | "
         "seconds per budget (median) |",

@@ -522,6 +522,7 @@ class _FakeTarget:
         @contextlib.contextmanager
         def on_target(spec, cfg, run, **_kw):  # type: ignore[no-untyped-def]
             assert cfg.measure.retries == 0  # the steps read each depth alone: a session off a line is not re-measured
+            assert cfg.alone  # ... and time each in its own session, as deployed
             self.built.append(cfg.measure.depths)
             try:
                 yield Kit(cfg.measure.depths, tmp_path / f"kit-{len(self.built)}")

@@ -23,7 +23,7 @@ from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile import kit_runner
 from tleg_deploy.profile.config import MeasureConfig
 from tleg_deploy.profile.kit import KitConfig, build_kit
-from tleg_deploy.profile.kit_import import _point, import_kit, kit_readings
+from tleg_deploy.profile.kit_import import _point, import_kit, kit_points, kit_readings
 from tleg_deploy.profile.timing import time_runners
 
 SPEC = ViTSpec(img_size=8, patch_size=4, in_chans=1, embed_dim=16, num_heads=2, mlp_ratio=2.0, num_classes=4)
@@ -199,7 +199,7 @@ def test_a_kit_with_repeats_measures_each_depth_that_many_times(tmp_path: Path) 
     assert sorted((p["depth"], p["repeat"], p["memory_mb"] is None) for p in points) == [
         (1, 0, False), (1, 1, True), (2, 0, False), (2, 1, True)]
     _kit, readings = kit_readings(kit)
-    pooled = {p.depth: p for p in import_kit(kit).entries[0].points}
+    pooled = {d: p for (_prec, d), p in kit_points(kit)[1].items()}  # as the import pools them (no line: 2 tiny depths)
     for d in (1, 2):
         first, second = readings[("fp32", d)]
         assert first.p90_ms != second.p90_ms and first.memory_mb == second.memory_mb > 0
@@ -223,3 +223,18 @@ def test_kit_cli_repeats(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["kit", "--device", "box", "--depths", "1,2", "--repeats", "0", "-o",
                                    str(tmp_path / "other")])
     assert res.exit_code == 2 and "repeats must be 1-20" in res.output and not (tmp_path / "other").exists()
+
+
+def test_a_kit_alone_times_each_depth_in_its_own_session(tmp_path: Path) -> None:
+    """``alone`` (``fit --ssh``'s search kits): each depth is timed in its own session, one after the other, as a
+    deployment runs one model, not interleaved round by round with the others; the results read back as usual."""
+    cfg = KitConfig("box", MeasureConfig(precisions=("fp32",), depths=(1, 2), memory=False, **FAST),  # type: ignore[arg-type]
+                    alone=True)
+    kit = build_kit(SPEC, cfg, tmp_path / "kit-box")
+    assert json.loads((kit / "kit.json").read_text())["protocol"]["alone"] is True
+    proc = subprocess.run(["sh", str(kit / "run.sh")], env={**os.environ, "KIT_PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("round 1 of") == 2  # one session per depth (interleaved: one for both)
+    # read back as fit's search reads it (a line through two near-equal tiny depths may fall: not a profile)
+    assert sorted(kit_points(kit)[1]) == [("fp32", 1), ("fp32", 2)]

@@ -255,7 +255,7 @@ def host_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, out: Path, say
 
 
 def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, say: Log,
-              kits: contextlib.ExitStack) -> Timer:
+              kits: contextlib.ExitStack, *, alone: bool = True) -> Timer:
     """Measure depths on the target over SSH with device kits (``profile.remote.kit_on_target``) on the
     profile's backend. The first depth asked for is measured with both neighbours in one interleaved session
     (one kit run, as a profiling session measures 3 depths); a depth not measured yet is measured with one
@@ -264,7 +264,10 @@ def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, sa
     Each kit stays unpacked on the target until ``kits`` closes: a depth asked for again (a reading near the
     budget timed afresh) gets a fresh session of the kit that measured it (``RemoteKit.run``: no new export or
     copy; a TensorRT kit reloads its engines). Every reading is handed out once, oldest first; a run of a
-    kit measures its other depths too, and those readings wait for when the search asks for them."""
+    kit measures its other depths too, and those readings wait for when the search asks for them. ``alone``: an
+    ONNX Runtime kit times each of its depths in its own session, as a deployment runs one model (interleaved,
+    as a profile is measured, two models evict each other's weights from the caches and read slower: False is
+    for comparing, ``benchmarks/ssh_loop.py``)."""
     from tleg_deploy.profile.kit import KitConfig
     from tleg_deploy.profile.kit_import import kit_points
     from tleg_deploy.profile.remote import RemoteKit, kit_on_target
@@ -300,7 +303,7 @@ def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, sa
                 # a line (on a CPU whose small models speed up while their weights fit in cache, every shallow
                 # one) is not measured again
                 cfg = KitConfig.for_backend(plan.device, backend, (plan.precision,), depths_for(depth),
-                                            threads=profile_threads(profile), memory=False, retries=0)
+                                            threads=profile_threads(profile), memory=False, retries=0, alone=alone)
                 say(f"measuring depth(s) {', '.join(map(str, cfg.measure.depths))} {plan.precision} on "
                     f"{run.describe()} ({backend}) ...")
                 kit = kits.enter_context(kit_on_target(plan.spec, cfg, run, learngene=lg, progress=say))

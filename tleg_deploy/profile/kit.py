@@ -54,17 +54,23 @@ class KitConfig:
     protocol (for TensorRT, ``measure.rounds`` trtexec runs per engine of ``trt_iterations`` each).
     ``repeats``: the whole measurement is made that many times, one after another, each a fresh session (the
     import pools them; ``fit --kit-results`` reads them as successive timings of each depth, so a reading near
-    the budget is decided on the later ones as ``fit`` decides it on fresh timings elsewhere)."""
+    the budget is decided on the later ones as ``fit`` decides it on fresh timings elsewhere). ``alone`` (ONNX
+    Runtime): each depth timed in its own session, one after another, instead of the depths interleaved round by
+    round (the profiler's protocol, which fits a line through them): a deployment runs one model, and two models
+    interleaved evict each other's weights from the caches (5-25% slower on this machine's CPU). ``fit --ssh``'s
+    search uses it; a TensorRT kit runs one engine per ``trtexec`` process either way."""
 
     device: str
     measure: MeasureConfig
     trt_iterations: int = 200
     repeats: int = 1
+    alone: bool = False
 
     @classmethod
     def for_backend(cls, device: str, backend: str, precisions: tuple[str, ...], depths: tuple[int, ...], *,
                     batch: int = 1, threads: int = 1, rounds: int | None = None, memory: bool = True,
-                    clock: str = "wall", retries: int | None = None, repeats: int = 1) -> KitConfig:
+                    clock: str = "wall", retries: int | None = None, repeats: int = 1,
+                    alone: bool = False) -> KitConfig:
         """A kit measuring ``precisions`` x ``depths`` on ``backend`` with the profiler's protocol (TensorRT:
         on the GPU, 3 trtexec runs per engine by default; ONNX Runtime: on the CPU, 5 rounds; ``retries``:
         sessions off a line measured again, the profiler's by default)."""
@@ -73,7 +79,7 @@ class KitConfig:
         return cls(device=device, measure=MeasureConfig(
             backend=backend, precisions=precisions, depths=depths, batch=batch, threads=threads,
             device="cuda" if gpu else "cpu", rounds=rounds or (3 if gpu else 5), memory=memory, clock=clock,
-            **more), repeats=repeats)
+            **more), repeats=repeats, alone=alone)
 
     def __post_init__(self) -> None:
         if self.measure.backend not in KIT_BACKENDS:
@@ -95,7 +101,7 @@ def protocol(cfg: KitConfig) -> dict[str, Any]:
                 "memory_source": "trtexec log: TensorRT-managed allocation (MemUsageChange, now: GPU)"}
     return {**base, "warmup": m.warmup, "round_seconds": m.round_seconds, "min_reps": m.min_reps,
             "max_reps": m.max_reps, "extra_rounds": m.extra_rounds, "settle_rel_se": m.settle_rel_se,
-            "retries": m.retries, "linear_tolerance": m.linear_tolerance, "clock": m.clock}
+            "retries": m.retries, "linear_tolerance": m.linear_tolerance, "clock": m.clock, "alone": cfg.alone}
 
 
 def build_kit(spec: ViTSpec, cfg: KitConfig, out_dir: str | os.PathLike[str], *, learngene: Any = None,

@@ -123,10 +123,18 @@ def same_curve(a: dict, b: dict, tolerance: float) -> bool:
 
 def measure_precision(kit_dir: str, kit: dict, precision: str) -> dict:
     """The most linear of up to ``1 + retries`` sessions (fewer once a session repeats an earlier one's medians):
-    ``{depth: rounds}`` and the set-aside residuals."""
+    ``{depth: rounds}`` and the set-aside residuals. With ``alone`` in the protocol, each depth is timed in its own
+    session instead (``fit --ssh``'s search: as a deployment runs one model)."""
     p = kit["protocol"]
     shape = [kit["batch"], kit["spec"]["in_chans"], kit["spec"]["img_size"], kit["spec"]["img_size"]]
     files = {a["depth"]: os.path.join(kit_dir, a["file"]) for a in kit["artifacts"] if a["precision"] == precision}
+    if p.get("alone"):  # each depth in its own session, as deployed: no line through them, nothing re-measured
+        rounds = {}
+        for d in sorted(files):
+            runner = Runner(files[d], shape, kit["threads"], p.get("clock", "wall"))
+            rounds.update(time_rounds({d: runner}, p))
+            del runner
+        return {"rounds": rounds, "rejected": []}
     sessions: list = []
     medians: list = []
     tol = p["linear_tolerance"]
