@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def sshd_missing(script: str) -> bool:
+    """Whether ``SSHD`` is missing (then a benchmark says it skipped, and why, and writes nothing)."""
+    if SSHD.exists():
+        return False
+    print(f"{script}: skipped: {SSHD} is not installed (make sshd installs openssh-server)", file=sys.stderr)
+    return True
 
 
 @contextlib.contextmanager

@@ -60,7 +60,15 @@ def previous_rule(commit: str, workdir: Path) -> ModuleType:
     return module
 
 
-def run_spec(name: str, n_budgets: int, rules: dict[str, Callable[..., Any]], workdir: Path) -> list[dict[str, Any]]:
+# A rule: (request, plan, profile, the budget's shared judge timer) -> (the depth it picks, None if none fits; what
+# to record per budget, numbers only: "timings", "kit_runs", ...)
+Rule = Callable[[Any, Any, Any, Any], tuple["int | None", dict[str, float]]]
+
+
+def side_by_side(name: str, n_budgets: int, rules: dict[str, Rule], workdir: Path) -> list[dict[str, Any]]:
+    """Every rule on the same ``n_budgets`` p90 budgets of spec ``name`` (as ``solver.py`` spreads them over a fresh
+    host profile, after the drift probe), in a shuffled order per budget; then every depth any rule picked and the
+    next deeper one re-timed by one judge (``solver.remeasure``); each rule's pick counted within / tight."""
     from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
     from tleg_deploy.errors import InfeasibleError
     from tleg_deploy.model.spec import ViTSpec
@@ -77,29 +85,86 @@ def run_spec(name: str, n_budgets: int, rules: dict[str, Callable[..., Any]], wo
     for i, b in enumerate(budgets):
         budget = Budget(latency_ms=math.ceil(b * 1e4) / 1e4)
         plan = solve(prof, budget, spec=spec, max_depth=24)
-        timer = solver.SessionTimer(arts, plan.precision, cfg)
+        judge = solver.SessionTimer(arts, plan.precision, cfg)
         request = FitRequest(budget, device=prof, out_dir=Path("unused"), search=SearchOptions(max_depth=24))
         order = list(rules)
         random.Random(i).shuffle(order)
-        picks: dict[str, tuple[int | None, int]] = {}
+        picks: dict[str, dict[str, Any]] = {}
         for rule in order:
-            before = timer.calls
             try:
-                depth, *_ = rules[rule](request, plan, prof, budget.latency_ms, timer, lambda _m: None)
+                depth, record = rules[rule](request, plan, prof, judge)
             except InfeasibleError:
-                depth = None
-            picks[rule] = (depth, timer.calls - before)
-        judged = sorted({x for d, _ in picks.values() if d is not None for x in (d, d + 1)})
-        med = {d: statistics.median(v) for d, v in solver.remeasure(timer, judged).items()}
-        row = {"spec": name, "budget_ms": budget.latency_ms, "precision": plan.precision, "remeasured_p90_ms": med,
-               "rules": {rule: {"depth": d, "timings": k, "within": d is not None and med[d] <= budget.latency_ms,
-                                "tight": d is not None and med[d + 1] > budget.latency_ms}
-                         for rule, (d, k) in picks.items()}}
-        rows.append(row)
+                depth, record = None, {}
+            picks[rule] = {"depth": depth, **record}
+        judged = sorted({x for p in picks.values() if p["depth"] is not None for x in (p["depth"], p["depth"] + 1)})
+        med = {d: statistics.median(v) for d, v in solver.remeasure(judge, judged).items()}
+        for p in picks.values():
+            d = p["depth"]
+            p.update(within=d is not None and med[d] <= budget.latency_ms,
+                     tight=d is not None and med[d + 1] > budget.latency_ms)
+        rows.append({"spec": name, "budget_ms": budget.latency_ms, "precision": plan.precision,
+                     "remeasured_p90_ms": med, "rules": picks})
         print(f"[{name}] budget {budget.latency_ms:.4g} ms: " + "; ".join(
-            f"{rule} depth {r['depth']} ({r['timings']} timings){'' if r['within'] else ' OVER'}"
-            f"{'' if r['tight'] else ' deeper-within'}" for rule, r in row["rules"].items()), flush=True)
+            f"{rule} depth {p['depth']} ({', '.join(f'{v:.3g} {k}' for k, v in p.items() if k not in _COUNTED)})"
+            f"{'' if p['within'] else ' OVER'}{'' if p['tight'] else ' deeper-within'}"
+            for rule, p in picks.items()), flush=True)
     return rows
+
+
+_COUNTED = ("depth", "within", "tight")
+
+
+def summarize(rows: list[dict[str, Any]], rules: list[str], started: float,
+              load_before: tuple[float, ...]) -> dict[str, Any]:
+    """Per rule: picks within budget, next deeper over it, and the median and total of every recorded number; the
+    load average before and after, the cores and the wall time."""
+    def numbers(rule: str) -> dict[str, float]:
+        keys = dict.fromkeys(k for r in rows for k in r["rules"][rule] if k not in _COUNTED)
+        out: dict[str, float] = {}
+        for k in keys:
+            values = [r["rules"][rule].get(k, 0) for r in rows]
+            out |= {f"{k}_median": statistics.median(values), f"{k}_total": sum(values)}
+        return out
+
+    return {
+        "rules": {rule: {"within": sum(r["rules"][rule]["within"] for r in rows),
+                         "tight": sum(r["rules"][rule]["tight"] for r in rows), **numbers(rule)} for rule in rules},
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count(),
+        "wall_seconds": time.time() - started,
+    }
+
+
+def rule_lines(summary: dict[str, Any], n: int, cells: Callable[[dict[str, Any]], str]) -> list[str]:
+    """One markdown table row per rule: within, tight, then ``cells`` of its summary."""
+    return [f"| {rule} | {s['within']}/{n} | {s['tight']}/{n} | {cells(s)} |" for rule, s in summary["rules"].items()]
+
+
+def arguments(doc: str, script: str, budgets: int) -> argparse.Namespace:
+    """The command line of a side-by-side benchmark: ``--specs`` and ``--budgets-per-spec``."""
+    ap = argparse.ArgumentParser(
+        description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"example (2 budgets of one spec, about 1 minute):\n"
+               f"  .venv/bin/python benchmarks/{script} --specs digits --budgets-per-spec 2")
+    ap.add_argument("--specs", type=spec_names, default="digits,deit-tiny")
+    ap.add_argument("--budgets-per-spec", type=int, default=budgets)
+    return ap.parse_args()
+
+
+def load_line(summary: dict[str, Any]) -> str:
+    return (f"- load average before {summary['load_average_before']}, after {summary['load_average_after']}, "
+            f"on {summary['cores']} cores; {summary['wall_seconds']:.0f} s")
+
+
+def timed_rule(check: Callable[..., Any]) -> Rule:
+    """A rule from a ``measured_check``: it times with the budget's session timer (the judge's; its timings are
+    recorded)."""
+    def rule(request: Any, plan: Any, prof: Any, judge: Any) -> tuple[int | None, dict[str, float]]:
+        before = judge.calls
+        depth, *_ = check(request, plan, prof, request.budget.latency_ms, judge, lambda _m: None)
+        return depth, {"timings": judge.calls - before}
+
+    return rule
 
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -119,43 +184,26 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "| rule | pick within budget | next deeper over budget | timings per budget (median, total) |",
         "|---|---|---|---|",
     ]
-    for rule, s in summary["rules"].items():
-        lines.append(f"| {rule} | {s['within']}/{n} | {s['tight']}/{n} | "
-                     f"{s['timings_median']:g}, {s['timings_total']} |")
-    lines += ["", f"- load average before {summary['load_average_before']}, after {summary['load_average_after']}, "
-              f"on {summary['cores']} cores; {summary['wall_seconds']:.0f} s"]
+    lines += rule_lines(summary, n, lambda s: f"{s['timings_median']:g}, {s['timings_total']:g}")
+    lines += ["", load_line(summary)]
     return "\n".join(lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example (2 budgets of one spec, about 1 minute):\n"
-               "  .venv/bin/python benchmarks/loop_rules.py --specs digits --budgets-per-spec 2")
-    ap.add_argument("--specs", type=spec_names, default="digits,deit-tiny")
-    ap.add_argument("--budgets-per-spec", type=int, default=10)
-    args = ap.parse_args()
+    args = arguments(__doc__, "loop_rules.py", 10)
     from tleg_deploy.deploy import fit_measure
 
     t0, load_before = time.time(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="tleg-loop-rules-") as tmp:
-        rules: dict[str, Callable[..., Any]] = {
-            "shipped": fit_measure.measured_check,
-            **{name: previous_rule(commit, Path(tmp)).measured_check for name, commit in PREVIOUS.items()}}
+        rules: dict[str, Rule] = {
+            "shipped": timed_rule(fit_measure.measured_check),
+            **{name: timed_rule(previous_rule(commit, Path(tmp)).measured_check) for name, commit in PREVIOUS.items()}}
         rows: list[dict[str, Any]] = []
         for name in args.specs:
             sub = Path(tmp) / name
             sub.mkdir()
-            rows += run_spec(name, args.budgets_per_spec, rules, sub)
-    summary = {
-        "rules": {rule: {"within": sum(r["rules"][rule]["within"] for r in rows),
-                         "tight": sum(r["rules"][rule]["tight"] for r in rows),
-                         "timings_median": statistics.median(r["rules"][rule]["timings"] for r in rows),
-                         "timings_total": sum(r["rules"][rule]["timings"] for r in rows)} for rule in rules},
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count(),
-        "wall_seconds": time.time() - t0,
-    }
+            rows += side_by_side(name, args.budgets_per_spec, rules, sub)
+    summary = summarize(rows, list(rules), t0, load_before)
     print(summary)
     write_result("loop_rules", {"summary": summary, "rows": rows, "args": vars(args)}, markdown(rows, summary))
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from _results import spec_names, write_result  # also puts the repository root on sys.path
-from _sshd import SSHD, loopback_sshd  # type: ignore[import-not-found]
+from _sshd import loopback_sshd, sshd_missing  # type: ignore[import-not-found]
 
 CASES = {"digits": ("fp32", (8, 9)), "deit-tiny": ("int8", (9, 10))}
 
@@ -96,8 +96,7 @@ def main() -> int:
     ap.add_argument("--specs", type=spec_names, default="digits,deit-tiny")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    if not SSHD.exists():
-        print(f"ssh_retime.py: skipped: {SSHD} is not installed (make sshd installs openssh-server)", file=sys.stderr)
+    if sshd_missing("ssh_retime.py"):
         return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="tleg-sshd-") as tmp, loopback_sshd(Path(tmp)) as (target, config):
