@@ -324,6 +324,7 @@ def test_fit_kit_writes_a_kit_around_the_pick_and_kit_results_closes_the_loop(tm
     solved = doc["depths"][3]
     assert doc["depths"] == list(range(solved - 3, solved + 4)) and doc["precisions"] == ["fp32"]
     assert doc["protocol"]["repeats"] == 1 + fit_measure.MIN_TIMINGS  # a reading near the budget can be decided
+    assert "4 times over (a reading near the budget is decided on the later ones)" in " ".join(res.output.split())
     assert (tmp_path / "kit-box.tar.gz").is_file() and not (tmp_path / "fit-box").exists()
     again = next(ln for ln in res.output.splitlines() if "--kit-results" in ln).split(":  ", 1)[1].split()
     assert again[:2] == ["tleg-deploy", "fit"] and "--latency" in again and "--max-depth" in again

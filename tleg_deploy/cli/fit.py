@@ -121,19 +121,22 @@ def _write_kit(request: FitRequest, kit: Path, again: str, *, force: bool, json_
                    "precision": plan.precision, "plan": plan.to_dict()})
         return
     device = request.device if isinstance(request.device, str) else plan.device
+    depths, repeats = _kit_depths(written)
+    over = f", {repeats} times over (a reading near the budget is decided on the later ones)" if repeats > 1 else ""
     out.print(f"solved on {plan.device} ({plan.source} profile): depth {plan.depth} {plan.precision}, predicted "
               f"{plan.budget.percentile} {plan.pick.latency_ms:.3g} ms\n"
-              f"wrote {written} and {tarball}: it measures depths "
-              f"{', '.join(map(str, _kit_depths(written)))} on the device\n"
+              f"wrote {written} and {tarball}: it measures depths {', '.join(map(str, depths))} on the device{over}\n"
               f"on the device:  tar xzf {tarball.name} && sh {written.name}/run.sh\n"
               f"then, here, with {written.name}/results copied back:  tleg-deploy fit --device {device} {again} "
               f"--kit-results {written}", highlight=False, soft_wrap=True)
 
 
-def _kit_depths(kit_dir: Path) -> list[int]:
+def _kit_depths(kit_dir: Path) -> tuple[list[int], int]:
+    """The depths a kit measures and how many times it repeats the measurement."""
     from tleg_deploy.profile.kit import read_kit_json
 
-    return [int(d) for d in read_kit_json(kit_dir)["depths"]]
+    kit = read_kit_json(kit_dir)
+    return [int(d) for d in kit["depths"]], int(kit["protocol"].get("repeats", 1))
 
 
 @contextmanager
