@@ -287,6 +287,40 @@ def test_fit_kit_results_decide_a_reading_near_the_budget_on_the_later_repeats(t
     assert results[1].depth == 6
 
 
+def test_fit_kit_run_for_real_then_kit_results_steps_on_its_repeats(tmp_path: Path) -> None:
+    """End to end with the real runner: ``fit --kit`` (library call, 1 step either side) writes a kit that repeats
+    its measurement 4 times; its ``run.sh`` runs here with this interpreter; ``fit --kit-results`` then reads the
+    repeats one by one, and its pick is measured by the kit."""
+    import os
+    import subprocess
+    import sys
+
+    from tleg_deploy.deploy.fit import fit, fit_kit
+    from tleg_deploy.profile.kit_import import import_kit
+
+    box = import_kit(_ran_kit(tmp_path, (1, 6, 12), 0.3), name="box").save(tmp_path / "box.json")
+    search = SearchOptions(max_depth=16, precisions=("fp32",))
+    request = FitRequest(Budget(latency_ms=2.4), device=str(box), out_dir=tmp_path / "unused", max_steps=1,
+                         search=search)
+    plan, kit = fit_kit(request, tmp_path / "kit-fit")
+    proc = subprocess.run(["sh", str(kit / "run.sh")], env={**os.environ, "KIT_PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "(repeat 4 of 4)" in proc.stderr
+    # this machine is faster than "box": a budget between what the kit measured at the pick and one deeper keeps
+    # the kit's own profile (what --kit-results solves on) within the depths the kit measured
+    from tleg_deploy.profile.kit_import import kit_points
+
+    points = kit_points(kit)[1]
+    limit = (points[("fp32", plan.depth)].p90_ms + points[("fp32", plan.depth + 1)].p90_ms) / 2
+    said: list[str] = []
+    res = fit(FitRequest(Budget(latency_ms=limit), device=str(box), out_dir=tmp_path / "out", kit_results=kit,
+                         search=search), log=said.append)
+    assert res.measured is not None and res.figures == "measured" and res.depth in (plan.depth - 1, plan.depth,
+                                                                                      plan.depth + 1)
+    assert any("(repeat 1 of 4)" in m for m in said), said
+
+
 def test_fit_kit_results_of_another_model_or_an_unmeasured_depth(tmp_path: Path) -> None:
     from tleg_deploy.deploy.fit import fit
     from tleg_deploy.errors import FormatError
