@@ -60,8 +60,8 @@ def previous_rule(commit: str, workdir: Path) -> ModuleType:
     return module
 
 
-# A rule: (request, plan, profile, the budget's shared judge timer) -> (the depth it picks, None if none fits; what
-# to record per budget, numbers only: "timings", "kit_runs", ...)
+# A rule: (request, plan, profile, the budget's shared judge timer) -> (the depth it picks, None if none fits
+# (``picked``); what to record per budget, numbers only: "timings", "kit_runs", ...)
 Rule = Callable[[Any, Any, Any, Any], tuple["int | None", dict[str, float]]]
 
 
@@ -70,7 +70,6 @@ def side_by_side(name: str, n_budgets: int, rules: dict[str, Rule], workdir: Pat
     host profile, after the drift probe), in a shuffled order per budget; then every depth any rule picked and the
     next deeper one re-timed by one judge (``solver.remeasure``); each rule's pick counted within / tight."""
     from tleg_deploy.deploy.fit_types import FitRequest, SearchOptions
-    from tleg_deploy.errors import InfeasibleError
     from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.plan.solve import Budget, solve
     from tleg_deploy.profile.config import MeasureConfig
@@ -91,10 +90,7 @@ def side_by_side(name: str, n_budgets: int, rules: dict[str, Rule], workdir: Pat
         random.Random(i).shuffle(order)
         picks: dict[str, dict[str, Any]] = {}
         for rule in order:
-            try:
-                depth, record = rules[rule](request, plan, prof, judge)
-            except InfeasibleError:
-                depth, record = None, {}
+            depth, record = rules[rule](request, plan, prof, judge)
             picks[rule] = {"depth": depth, **record}
         judged = sorted({x for p in picks.values() if p["depth"] is not None for x in (p["depth"], p["depth"] + 1)})
         med = {d: statistics.median(v) for d, v in solver.remeasure(judge, judged).items()}
@@ -122,7 +118,7 @@ def summarize(rows: list[dict[str, Any]], rules: list[str], started: float,
         keys = dict.fromkeys(k for r in rows for k in r["rules"][rule] if k not in _COUNTED)
         out: dict[str, float] = {}
         for k in keys:
-            values = [r["rules"][rule].get(k, 0) for r in rows]
+            values = [r["rules"][rule][k] for r in rows]
             out |= {f"{k}_median": statistics.median(values), f"{k}_total": sum(values)}
         return out
 
@@ -156,13 +152,24 @@ def load_line(summary: dict[str, Any]) -> str:
             f"on {summary['cores']} cores; {summary['wall_seconds']:.0f} s")
 
 
+def picked(check: Callable[..., Any], request: Any, plan: Any, prof: Any, timer: Any,
+           say: Callable[[str], None] = lambda _m: None) -> int | None:
+    """The depth ``check`` (a ``measured_check``) picks with ``timer``; None when no depth measures within."""
+    from tleg_deploy.errors import InfeasibleError
+
+    try:
+        depth, *_ = check(request, plan, prof, request.budget.latency_ms, timer, say)
+    except InfeasibleError:
+        return None
+    return int(depth)
+
+
 def timed_rule(check: Callable[..., Any]) -> Rule:
     """A rule from a ``measured_check``: it times with the budget's session timer (the judge's; its timings are
     recorded)."""
     def rule(request: Any, plan: Any, prof: Any, judge: Any) -> tuple[int | None, dict[str, float]]:
         before = judge.calls
-        depth, *_ = check(request, plan, prof, request.budget.latency_ms, judge, lambda _m: None)
-        return depth, {"timings": judge.calls - before}
+        return picked(check, request, plan, prof, judge), {"timings": judge.calls - before}
 
     return rule
 

@@ -60,14 +60,11 @@ def ssh_rule(rule: str, run: Any, lg: Any) -> loop_rules.Rule:
     def check(request: Any, plan: Any, prof: Any, _judge: Any) -> tuple[int | None, dict[str, float]]:
         said: list[str] = []
         t0 = time.perf_counter()
-        try:
-            with contextlib.ExitStack() as kits:
-                timer = ssh_timer(lg, plan, prof, run, said.append, kits, alone=rule == "shipped")
-                depth, *_ = measured_check(request, plan, prof, request.budget.latency_ms,
-                                           one_reading(timer) if rule == "one reading" else timer, said.append)
-        finally:
-            record = {"kit_runs": sum("done: results/" in s for s in said), "seconds": time.perf_counter() - t0}
-        return depth, record
+        with contextlib.ExitStack() as kits:
+            timer = ssh_timer(lg, plan, prof, run, said.append, kits, alone=rule == "shipped")
+            depth = loop_rules.picked(measured_check, request, plan, prof,
+                                      one_reading(timer) if rule == "one reading" else timer, said.append)
+        return depth, {"kit_runs": sum("done: results/" in s for s in said), "seconds": time.perf_counter() - t0}
 
     return check
 
@@ -80,7 +77,8 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "`benchmarks/ssh_loop.py`: fit's measured loop over SSH (a private sshd on 127.0.0.1; the target is this "
         "machine) on a fresh host profile, p90 budgets spread as `solver.py` spreads them; per budget every rule in "
         "a shuffled order, then every picked depth and the next deeper one re-timed as deployed (each model alone "
-        "in its session, 5 alternating sessions, one judge for all rules). *shipped*: each depth "
+        f"in its session, {loop_rules.solver.REMEASURE} alternating sessions, one judge for all rules). *shipped*: "
+        "each depth "
         "of a kit timed in its own session; a reading within 5% of the budget (and the pick read within 15% under "
         "it) timed afresh 3-8 times by running its kit again on the target, until the median's one-sided 95% t "
         "bound clears the budget; *interleaved kits*: the same with the kit's depths interleaved in one session "

@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -547,9 +548,10 @@ class _FakeTarget:
 
         class Kit:
             def __init__(self, depths: tuple[int, ...], kit_dir: Path) -> None:
-                self.depths, self.kit_dir = depths, kit_dir
+                self.depths, self.kit_dir, self.runs = depths, kit_dir, 0  # runs: as RemoteKit counts them
 
             def run(kit) -> Path:  # noqa: N805 (the fake kit, not the test double around it)
+                kit.runs += 1
                 self.runs.append(kit.depths)
                 latest[kit.kit_dir] = {(precision, d): _point(d, reading(d)) for d in kit.depths}
                 return kit.kit_dir / "results"
@@ -565,7 +567,13 @@ class _FakeTarget:
                 self.closed.append(cfg.measure.depths)
 
         monkeypatch.setattr(remote, "kit_on_target", on_target)
-        monkeypatch.setattr(kit_import, "kit_points", lambda kit_dir: ({}, latest[Path(kit_dir)]))
+        self.checked: list[bool] = []  # per read: whether the kit's files were hashed again
+
+        def points(kit_dir: Path, *, check_files: bool = True) -> tuple[dict[str, Any], dict[tuple[str, int], Point]]:
+            self.checked.append(check_files)
+            return {}, latest[Path(kit_dir)]
+
+        monkeypatch.setattr(kit_import, "kit_points", points)
 
 
 def _point(depth: int, ms: float) -> Point:
@@ -628,5 +636,6 @@ def test_ssh_steps_time_a_reading_near_the_budget_again_with_fresh_runs_of_its_k
     assert device.runs.count(first) == 1 + 3 and len(device.runs) == len(device.built) + 3
     assert all(device.built.count(k) == 1 for k in device.built) and sum(k.count(d + 1) for k in device.built) == 1
     assert sum("timing depth" in s and "again on device: a fresh run of its kit" in s for s in said) == 3
+    assert device.checked == [device.runs[:i].count(k) == 0 for i, k in enumerate(device.runs)]  # first run only
     assert any("within 5% of the 2 ms budget: timed 3 more time(s) (2.06, 2.07, 2.05 ms)" in s for s in said)
     assert sorted(device.closed) == sorted(device.built)

@@ -99,11 +99,8 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
             runs.append(again)
             if len(runs) >= MIN_TIMINGS:
                 state, median, bound = verdict([m.at(pct) for m in runs], limit)
-        if 1 < len(runs) < MIN_TIMINGS:
+        if len(runs) < MIN_TIMINGS:  # a kit's recorded repeats ran out first: decided on those there are
             state, median, bound = verdict([m.at(pct) for m in runs], limit)
-        elif len(runs) == 1:  # one more recorded reading and no spread to bound it: it decides alone
-            median = bound = runs[0].at(pct)
-            state = "within" if median <= limit else "over"
         middle = sorted(runs, key=lambda m: m.at(pct))[len(runs) // 2]
         if state == "within":
             said, kept = f"within the budget: median {median:.4g} ms, upper bound {bound:.4g} ms", median
@@ -218,9 +215,12 @@ def thin_margin(ms: float, limit: float) -> bool:
 def verdict(values: list[float], limit: float) -> tuple[str, float, float]:
     """Whether repeated timings of one depth put it within ``limit`` or over it, or leave it open: the median
     with a one-sided 95% Student t bound (the median's standard error taken as sqrt(pi / 2) times the mean's).
-    Returns the verdict, the median and the bound on the side the verdict rests on (the upper one when open)."""
+    Returns the verdict, the median and the bound on the side the verdict rests on (the upper one when open).
+    One value has no spread to bound it: it decides alone."""
     n = len(values)
     median = statistics.median(values)
+    if n == 1:
+        return ("within" if median <= limit else "over"), median, median
     k = t95(n - 1)
     se = math.sqrt(math.pi / 2) * statistics.stdev(values) / math.sqrt(n)
     if median + k * se <= limit:
@@ -287,7 +287,8 @@ def ssh_timer(lg: Learngene, plan: Plan, profile: DeviceProfile, run: SshRun, sa
 
     def measure(kit: RemoteKit) -> None:
         kit.run()
-        _kit, points = kit_points(kit.kit_dir)
+        # the kit's files are checked against kit.json on its first run; a rerun changes only results/
+        _kit, points = kit_points(kit.kit_dir, check_files=kit.runs == 1)
         for (prec, d), pt in sorted(points.items()):
             if prec == plan.precision:
                 fresh.setdefault(d, []).append(pt)
