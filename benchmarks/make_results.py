@@ -7,8 +7,8 @@ from pathlib import Path
 from tleg_deploy.files.fileio import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["paper_claims", "predictor_accuracy", "export_family", "export_speed", "solver", "kit_prediction",
-         "ssh_retime", "ssh_loop", "expansion_speed", "estimate_vs_published", "test_suite_time"]
+ORDER = ["paper_claims", "predictor_accuracy", "export_family", "export_speed", "solver", "noise_ceiling",
+         "kit_prediction", "ssh_retime", "ssh_loop", "expansion_speed", "estimate_vs_published", "test_suite_time"]
 
 
 def build() -> Path:
