@@ -306,3 +306,32 @@ def test_fit_over_ssh_profiles_a_new_device_there_first(sshd: tuple[str, Path], 
     assert doc["device"] == "newbox" and doc["profile_source"] == "measured" and doc["figures"] == "measured"
     assert doc["measured"]["p90_ms"] <= 5.0 and doc["ssh"] == target and not (tmp_path / "profiles").exists()
     assert "no profile of newbox yet" in res.output
+
+
+def test_profile_ssh_passes_its_measuring_options_to_the_kit(sshd: tuple[str, Path], tmp_path: Path) -> None:
+    """``profile --ssh`` measures with the options it was given: ``--rounds``, ``--no-memory`` and ``--repeats``
+    reach the kit that runs on the target (its protocol is recorded in the imported profile; before, the kit ran
+    its defaults whatever was given), and the import pools the repeats' rounds."""
+    from typer.testing import CliRunner
+
+    from tleg_deploy.cli.app import app
+
+    target, config = sshd
+    out = tmp_path / "loop.json"
+    res = CliRunner().invoke(app, ["profile", "--device", "loop", "--ssh", target, "--ssh-config", str(config),
+                                   "--remote-python", sys.executable, "--depths", "1,2", "--rounds", "2",
+                                   "--repeats", "2", "--no-memory", "-o", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    entry = DeviceProfile.load(out).entries[0]
+    protocol = entry.basis["kit"]["protocol"]
+    assert (protocol["rounds"], protocol["repeats"], protocol["memory"]) == (2, 2, False)
+    assert all(p.rounds >= 4 for p in entry.points), entry.points  # at least 2 rounds from each repeat, pooled
+
+
+def test_repeats_without_ssh_is_refused() -> None:
+    from typer.testing import CliRunner
+
+    from tleg_deploy.cli.app import app
+
+    res = CliRunner().invoke(app, ["profile", "--repeats", "3", "--depths", "1,2"])
+    assert res.exit_code != 0 and "--repeats is for --ssh" in res.output

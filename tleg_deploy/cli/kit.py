@@ -119,10 +119,11 @@ def kit(
 def kit_profile(*, device: str, backend: str, precision: str | None, depths: str, batch: int, threads: int,
                 spec: str, from_kit: Path | None, ssh: str | None, ssh_config: Path | None,
                 remote_python: str | None, output: Path | None, quiet: bool, memory: bool = True,
-                clock: str = "wall") -> tuple[DeviceProfile, Path]:
+                clock: str = "wall", rounds: int | None = None, repeats: int = 1) -> tuple[DeviceProfile, Path]:
     """``profile --from-kit DIR`` (import) or ``profile --ssh user@host`` (make a kit, run it there,
     import it): the measured profile, written to ``output`` (default ``profiles/DEVICE.json``).
-    ``memory``/``clock``: as ``MeasureConfig`` (the tests time CPU time on a shared machine)."""
+    ``memory``/``clock``/``rounds``: as ``MeasureConfig`` (the tests time CPU time on a shared machine);
+    ``repeats``: the kit's (``KitConfig.repeats``), pooled by the import."""
     from tleg_deploy.errors import TlegError
     from tleg_deploy.profile.kit_import import import_kit
     from tleg_deploy.profile.registry import HOST
@@ -137,7 +138,7 @@ def kit_profile(*, device: str, backend: str, precision: str | None, depths: str
             raise TlegError("--ssh measures another machine: name it", hint="e.g. --device orin --ssh user@orin")
         run = SshRun(SshTarget.parse(ssh or ""), ssh_config, remote_python)
         arch, lg = spec_and_learngene(spec, None)
-        cfg = kit_config(device, backend, precision, depths, batch, threads, None, not memory, clock)
+        cfg = kit_config(device, backend, precision, depths, batch, threads, rounds, not memory, clock, repeats)
         say = (lambda line: None) if quiet else (lambda line: err.print(line, highlight=False, markup=False))
         result = profile_over_ssh(arch, cfg, run, learngene=lg, progress=say)
     output = output or Path("profiles") / f"{result.name}.json"

@@ -31,7 +31,10 @@ def profile(
     spec: SpecOpt = None,
     gpu: Annotated[bool, typer.Option("--gpu", help="Measure on CUDA (torch/onnxruntime); tensorrt always is.")]
     = False,
-    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds.")] = 5,
+    rounds: Annotated[int | None, typer.Option(help="Interleaved timing rounds (default 5; --ssh with tensorrt: "
+                                                    "3 trtexec runs per engine).")] = None,
+    repeats: Annotated[int, typer.Option(help="--ssh: make the whole measurement this many times, each a fresh "
+                                              "session on the target, and pool them.")] = 1,
     no_memory: Annotated[bool, typer.Option("--no-memory", help="Skip the peak-memory subprocesses.")] = False,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Profile .json to write (default for a "
                                                "device other than host: profiles/DEVICE.json); an existing "
@@ -64,12 +67,16 @@ def profile(
     from tleg_deploy.profile.table import DeviceProfile
 
     check_plain_name(device)  # it names profiles/DEVICE.json: no '/', no '..'
+    if repeats != 1 and ssh is None:
+        raise TlegError("--repeats is for --ssh (a kit's measurement made again on the target)",
+                        hint="here, more --rounds; a kit made with `kit --repeats N` is pooled by --from-kit")
     if from_kit is not None or ssh is not None:
         from tleg_deploy.cli.kit import kit_profile
 
         imported, written = kit_profile(device=device, backend=backend, precision=precision, depths=depths,
                                         batch=batch, threads=threads, spec=spec, from_kit=from_kit, ssh=ssh,
-                                        ssh_config=ssh_config, remote_python=remote_python,
+                                        ssh_config=ssh_config, remote_python=remote_python, rounds=rounds,
+                                        repeats=repeats, memory=not no_memory,
                                         output=_destination(output, force) if output is not None else None,
                                         quiet=quiet or json_)
         if json_:
@@ -82,12 +89,13 @@ def profile(
     archs = parse_specs(spec) if spec is not None else [ViTSpec.preset("digits")]
     precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
     cfg = MeasureConfig(backend=backend, precisions=precisions, depths=tuple(parse_depths(depths)), batch=batch,
-                        threads=threads, device="cuda" if (gpu or backend == "tensorrt") else "cpu", rounds=rounds,
+                        threads=threads, device="cuda" if (gpu or backend == "tensorrt") else "cpu",
+                        rounds=5 if rounds is None else rounds,
                         memory=not no_memory)
     dest = _destination(output, force) if output is not None else None
     host_default = (device == registry.HOST and output is None and backend == "onnxruntime" and not gpu
                     and precision is None and cfg.depths == registry.HOST_DEPTHS and batch == 1 and threads == 1
-                    and rounds == 5 and not no_memory)
+                    and rounds in (None, 5) and not no_memory)
     result: DeviceProfile | None = None
     if host_default:
         for arch in archs:

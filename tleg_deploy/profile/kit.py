@@ -78,8 +78,8 @@ class KitConfig:
         more = {} if retries is None else {"retries": retries}
         return cls(device=device, measure=MeasureConfig(
             backend=backend, precisions=precisions, depths=depths, batch=batch, threads=threads,
-            device="cuda" if gpu else "cpu", rounds=rounds or (3 if gpu else 5), memory=memory, clock=clock,
-            **more), repeats=repeats, alone=alone)
+            device="cuda" if gpu else "cpu", rounds=(3 if gpu else 5) if rounds is None else rounds, memory=memory,
+            clock=clock, **more), repeats=repeats, alone=alone)
 
     def __post_init__(self) -> None:
         if self.measure.backend not in KIT_BACKENDS:
