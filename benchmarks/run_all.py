@@ -39,13 +39,16 @@ def _fmt(seconds: float) -> str:
 
 
 def recorded_seconds() -> dict[str, float]:
-    """Wall seconds per script from the last run_all (else a benchmark's own ``wall_seconds``)."""
+    """Wall seconds per script from the last run_all (else a benchmark's own ``wall_seconds``, at the top of its
+    results or in their summary)."""
     out: dict[str, float] = {}
     for name in ORDER:
         try:
             data = json.loads((RESULTS / f"{name}.json").read_text())
-            if isinstance(data.get("wall_seconds"), (int, float)):
-                out[name] = float(data["wall_seconds"])
+            summary = data.get("summary")
+            wall = data.get("wall_seconds", summary.get("wall_seconds") if isinstance(summary, dict) else None)
+            if isinstance(wall, (int, float)):
+                out[name] = float(wall)
         except (OSError, ValueError):
             pass
     try:
