@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,19 @@ def check_fit_dir(out: Path) -> dict:
     assert f"depth **{depth}**" in report and "## Candidates" in report
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging left
     return plan
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def benchmarks_importable() -> Iterator[Path]:
+    """``benchmarks/`` on ``sys.path`` for a test module that imports a benchmark script (its helpers)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield BENCHMARKS
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture

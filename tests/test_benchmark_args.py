@@ -7,7 +7,6 @@ import argparse
 import ast
 import importlib
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -19,12 +18,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def results() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("_results")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def results(benchmarks_importable: Path) -> ModuleType:
+    return importlib.import_module("_results")
 
 
 def test_spec_names_reads_a_list_and_refuses_unknown_names(results: ModuleType) -> None:

@@ -5,23 +5,15 @@ only where, it should; a safety margin trades within-budget misses for next-deep
 from __future__ import annotations
 
 import importlib
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def ceiling() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("noise_ceiling")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def ceiling(benchmarks_importable: Path) -> ModuleType:
+    return importlib.import_module("noise_ceiling")
 
 
 LATENCY = {d: 1.0 + 0.1 * d for d in range(1, 17)}  # ms, 10% of depth 0's cost per block
