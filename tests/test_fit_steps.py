@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -639,3 +640,35 @@ def test_ssh_steps_time_a_reading_near_the_budget_again_with_fresh_runs_of_its_k
     assert device.checked == [device.runs[:i].count(k) == 0 for i, k in enumerate(device.runs)]  # first run only
     assert any("within 5% of the 2 ms budget: timed 3 more time(s) (2.06, 2.07, 2.05 ms)" in s for s in said)
     assert sorted(device.closed) == sorted(device.built)
+
+
+def test_fit_kit_repeats_lets_a_near_reading_be_timed_up_to_8_times(tmp_path: Path) -> None:
+    """``fit --kit DIR --kit-repeats 9``: the kit measures its depths 9 times over, so ``--kit-results`` can time a
+    reading near the budget afresh 8 times, as fit does here and over SSH (4 by default: 3 fresh ones); without
+    ``--kit`` the option is refused."""
+    from typer.testing import CliRunner
+
+    from tleg_deploy.cli.app import app
+    from tleg_deploy.profile.kit_import import import_kit
+
+    box = import_kit(_ran_kit(tmp_path, (1, 6, 12), 0.3), name="box").save(tmp_path / "box.json")
+    kit = tmp_path / "kit-box"
+    args = ["fit", "--device", str(box), "--latency", "2.4ms", "--precision", "fp32", "--max-depth", "16"]
+    res = CliRunner().invoke(app, [*args, "--kit", str(kit), "--kit-repeats", "9"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((kit / "kit.json").read_text())["protocol"]["repeats"] == 9
+    assert "9 times over" in " ".join(res.output.split())
+    # depth 10 reads 1% over the budget (p90 of the recorded spread: 1.032 x), then its 8 fresh repeats straddle
+    # it (median 2.400 ms): undecided after all 8, kept as over
+    _record(kit, 2.4 * 1.01 / (10 * 1.032), [1.0, 0.98, 0.995, 0.98, 1.0, 0.985, 1.0, 0.975, 1.005])
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [*args, "--kit-results", str(kit), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    near = r"depth 10 measured 2\.4\d ms, within 5% of the 2\.4 ms budget: timed 8 more time\(s\)"
+    assert re.search(near, said), said
+    assert "not clearly within the budget, kept as over" in said
+    assert json.loads((out / "plan.json").read_text())["depth"] == 9
+
+    res = CliRunner().invoke(app, [*args, "--kit-repeats", "9"])
+    assert res.exit_code != 0 and "--kit-repeats shapes the kit that --kit writes" in res.output

@@ -53,6 +53,10 @@ def fit(
         "--kit", help="For a device this machine cannot reach: solve, then write a kit (DIR and DIR.tar.gz) that "
                       "measures the pick and 3 depths either side on DEVICE, and stop; run it there, then fit "
                       "again with --kit-results DIR.", show_default=False)] = None,
+    kit_repeats: Annotated[int | None, typer.Option(
+        min=1, max=20, help="With --kit: measure its depths this many times over (default 4: a reading near the "
+                            "budget is decided on the 3 later ones; 9 lets it be timed afresh up to 8 times, as "
+                            "fit does here and over SSH).", show_default=False)] = None,
     ssh: Annotated[str | None, typer.Option(
         help="Measure on DEVICE at user@host[:port] over SSH: device kits time the pick and each step there, "
              "and run again to time a depth read near the budget afresh (a DEVICE without a profile is profiled "
@@ -82,6 +86,10 @@ def fit(
     from tleg_deploy.plan.solve import Budget, load_accuracy_table
     from tleg_deploy.profile.remote import SshRun, SshTarget
 
+    if kit_repeats is not None and kit is None:
+        from tleg_deploy.errors import TlegError
+
+        raise TlegError("--kit-repeats shapes the kit that --kit writes", hint="add --kit DIR, or drop --kit-repeats")
     run = None if ssh is None else SshRun(SshTarget.parse(ssh), ssh_config, remote_python)
     budget = Budget.from_strings(latency=latency, memory=memory, params=params, percentile=percentile)
     table = load_accuracy_table(accuracy or DEFAULT_ACCURACY) if objective == "accuracy" or accuracy else None
@@ -100,7 +108,7 @@ def fit(
                  "--percentile": None if percentile == "p90" else percentile, "--margin": margin or None,
                  "--max-depth": max_depth, "--precision": precision, "--learngene": learngene}
         again = " ".join(f"{k} {v}" for k, v in flags.items() if v is not None)
-        _write_kit(request, kit, again, force=force, json_=json_, quiet=quiet)
+        _write_kit(request, kit, again, repeats=kit_repeats, force=force, json_=json_, quiet=quiet)
         return
     with progress(quiet or json_) as log:
         result = run_fit(request, quiet=quiet or json_, log=log)
@@ -110,11 +118,12 @@ def fit(
         render_summary(result)
 
 
-def _write_kit(request: FitRequest, kit: Path, again: str, *, force: bool, json_: bool, quiet: bool) -> None:
+def _write_kit(request: FitRequest, kit: Path, again: str, *, repeats: int | None, force: bool, json_: bool,
+               quiet: bool) -> None:
     from tleg_deploy.deploy.fit import fit_kit
 
     with progress(quiet or json_) as log:
-        plan, written = fit_kit(request, kit, force=force, log=log)
+        plan, written = fit_kit(request, kit, repeats=repeats, force=force, log=log)
     tarball = written.with_name(written.name + ".tar.gz")
     if json_:
         emit_json({"kit": str(written), "tarball": str(tarball), "device": plan.device, "depth": plan.depth,

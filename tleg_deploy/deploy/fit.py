@@ -133,11 +133,12 @@ def _fit(request: FitRequest, quiet: bool, say: Log) -> FitResult:
     return dataclasses.replace(result, files=files)
 
 
-def fit_kit(request: FitRequest, kit_dir: str | os.PathLike[str], *, force: bool = False,
+def fit_kit(request: FitRequest, kit_dir: str | os.PathLike[str], *, repeats: int | None = None, force: bool = False,
             log: Log | None = None) -> tuple[Plan, Path]:
     """Steps 1-2, then a device kit instead of the build (``fit --kit DIR``), for a device that cannot be
     reached from here: the kit measures the planned depth and ``request.max_steps`` depths either side at the
-    plan's precision on the profile's backend. Run its ``run.sh`` on the device, then ``fit --kit-results DIR``
+    plan's precision on the profile's backend, ``repeats`` times over (default 1 + ``MIN_TIMINGS``: a reading near
+    the budget is decided on the later ones). Run its ``run.sh`` on the device, then ``fit --kit-results DIR``
     solves on what it measured and steps on those depths. Returns the plan and the kit directory."""
     say = log or (lambda _msg: None)
     from tleg_deploy.model.resources import learngene_aux_depth, learngene_spec, load_learngene
@@ -151,9 +152,9 @@ def fit_kit(request: FitRequest, kit_dir: str | os.PathLike[str], *, force: bool
     backend = kit_backend(profile)
     n = max(request.max_steps, 1)
     depths = tuple(range(max(1, plan.depth - n), plan.depth + n + 1))
-    # each depth measured 1 + MIN_TIMINGS times: a reading near the budget is then decided on the fresh ones
     cfg = KitConfig.for_backend(Path(plan.device).stem, backend, (plan.precision,), depths,
-                                threads=profile_threads(profile), repeats=1 + MIN_TIMINGS)
+                                threads=profile_threads(profile),
+                                repeats=1 + MIN_TIMINGS if repeats is None else repeats)
     say(f"writing the {backend} kit for depths {depths[0]}-{depths[-1]} {plan.precision} to {kit_dir} ...")
     return plan, build_kit(spec, cfg, kit_dir, learngene=load_learngene(request.learngene), force=force)
 
