@@ -335,3 +335,26 @@ def test_repeats_without_ssh_is_refused() -> None:
 
     res = CliRunner().invoke(app, ["profile", "--repeats", "3", "--depths", "1,2"])
     assert res.exit_code != 0 and "--repeats is for --ssh" in res.output
+
+
+def test_an_unreachable_target_fails_before_a_kit_is_built(tmp_path: Path) -> None:
+    """A target that refuses the connection is reported at once, with its port, before any model is exported
+    (before, the kit was built first: minutes for a large model), and nothing is written."""
+    import shutil
+    import socket
+
+    from typer.testing import CliRunner
+
+    from tleg_deploy.cli.app import app
+
+    if shutil.which("ssh") is None:
+        pytest.skip("no OpenSSH client")
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "nobox.json"
+    res = CliRunner().invoke(app, ["profile", "--device", "nobox", "--ssh", f"nobody@127.0.0.1:{port}", "-o",
+                                   str(out)])
+    said = " ".join(res.output.split())
+    assert res.exit_code != 0 and f"ssh nobody@127.0.0.1:{port} failed" in said, said
+    assert "making the" not in said and not out.exists() and not list(tmp_path.iterdir())

@@ -64,6 +64,9 @@ class SshTarget:
             return cls(dest, int(port))
         return cls(dest)
 
+    def __str__(self) -> str:
+        return self.destination + (f":{self.port}" if self.port else "")
+
 
 @dataclass(frozen=True)
 class SshRun:
@@ -78,7 +81,7 @@ class SshRun:
     client: SshClient | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
-        return self.target.destination + (f":{self.target.port}" if self.target.port else "")
+        return str(self.target)
 
 
 @contextlib.contextmanager
@@ -103,8 +106,9 @@ class SshClient:
     with ``ssh -O exit`` on leaving (and by itself after ``ControlPersist`` seconds idle should this
     process die first). A kit run makes five connections (mkdir, copy, run, fetch, clean up); on
     loopback each fresh one cost about 0.25 s of handshake, over a device's Wi-Fi more. Where the
-    master cannot start (no control sockets on this system) every call connects on its own, as
-    without the context manager."""
+    master cannot start, one plain ``ssh HOST true`` says why (refused, unreachable, a password prompt) before
+    anything is built for the target; where that works (no control sockets on this system) every call connects
+    on its own, as without the context manager."""
 
     def __init__(self, target: SshTarget, config: Path | None = None) -> None:
         for tool in ("ssh", "scp"):
@@ -135,6 +139,17 @@ class SshClient:
             started = None
         if started is not None and started.returncode == 0 and Path(self._control.name, "cm").exists():
             self._set_args(mux)
+            return self
+        # No master: the target refused, did not answer or asked for a password, or this system has no control
+        # sockets. One plain connection tells which, before the caller builds a kit for a target it cannot reach.
+        try:
+            self.run("true", timeout=CONNECT_TIMEOUT_S + 15)
+        except BaseException as e:
+            self.__exit__(None, None, None)
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise BackendError(f"ssh {self.target} did not answer within {CONNECT_TIMEOUT_S + 15} s",
+                                   hint="check that `ssh HOST true` works without a prompt") from None
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -153,7 +168,7 @@ class SshClient:
         proc = subprocess.run([*self.ssh_args, self.target.destination, command], capture_output=True, text=True,
                               timeout=timeout, check=False)
         if proc.returncode != 0:
-            raise BackendError(f"ssh {self.target.destination} failed (exit {proc.returncode}): {_last(proc.stderr)}",
+            raise BackendError(f"ssh {self.target} failed (exit {proc.returncode}): {_last(proc.stderr)}",
                                hint="check that `ssh HOST true` works without a prompt (keys, ~/.ssh/config)")
         return proc.stdout
 
@@ -161,7 +176,7 @@ class SshClient:
         args = [*self.scp_args, *(["-r"] if recursive else []), *sources, dest]
         proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
         if proc.returncode != 0:
-            raise BackendError(f"scp to/from {self.target.destination} failed: {_last(proc.stderr)}")
+            raise BackendError(f"scp to/from {self.target} failed: {_last(proc.stderr)}")
 
     def remote(self, path: str) -> str:
         return f"{self.target.destination}:{path}"
@@ -181,7 +196,7 @@ def run_kit_over_ssh(kit_dir: Path, target: SshTarget, *, config: Path | None = 
     if client is not None:
         with RemoteKit(client, kit_dir, remote_python, say) as kit:
             return kit.run()
-    say(f"connecting to {target.destination}")
+    say(f"connecting to {target}")
     with SshClient(target, config) as own, RemoteKit(own, kit_dir, remote_python, say) as kit:
         return kit.run()
 
@@ -285,7 +300,7 @@ def _run_remote(client: SshClient, workdir: str, name: str, remote_python: str |
         raise
     if code != 0:
         errors = [ln for ln in lines if "error" in ln or "missing" in ln] or lines or ["(no output)"]
-        raise BackendError(f"the kit failed on {client.target.destination} (exit {code}): {errors[-1]}")
+        raise BackendError(f"the kit failed on {client.target} (exit {code}): {errors[-1]}")
 
 
 def _last(text: str) -> str:
@@ -301,7 +316,7 @@ def kit_on_target(spec: ViTSpec, cfg: KitConfig, run: SshRun, *, learngene: Any 
 
     say = progress or (lambda line: None)
     if run.client is None:
-        say(f"connecting to {run.target.destination}")
+        say(f"connecting to {run.target}")
     with tempfile.TemporaryDirectory(prefix="tleg-kit.") as tmp, connected(run) as live:
         assert live is not None and live.client is not None
         say(f"making the {cfg.measure.backend} kit (depths {', '.join(map(str, cfg.measure.depths))}, "
