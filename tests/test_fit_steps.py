@@ -371,9 +371,11 @@ def test_fit_kit_writes_a_kit_around_the_pick_and_kit_results_closes_the_loop(tm
     assert res.exit_code == 0, res.output
     plan = json.loads((out / "plan.json").read_text())
     assert plan["depth"] == 9 and plan["figures"] == "measured" and plan["kit_results"] == str(kit)
-    # a second --kit to the same place is refused without --force (never replaces what is there silently)
+    # a second --kit to the same place is refused without --force (never replaces what is there silently), before
+    # anything is solved or exported
     res = CliRunner().invoke(app, [*args, "--kit", str(kit)])
     assert res.exit_code != 0 and "already exists" in res.output
+    assert "solved on" not in res.output and "writing the" not in res.output
 
 
 def _readings(values: list[float]) -> Callable[[], float]:

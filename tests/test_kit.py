@@ -223,6 +223,14 @@ def test_kit_cli_repeats(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["kit", "--device", "box", "--depths", "1,2", "--repeats", "0", "-o",
                                    str(tmp_path / "other")])
     assert res.exit_code == 2 and "repeats must be 1-20" in res.output and not (tmp_path / "other").exists()
+    # a directory of the user's at -o: refused before any model is exported, left as it was
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    for force in ([], ["--force"]):
+        res = CliRunner().invoke(app, ["kit", "--device", "box", "--depths", "1,2", "-o", str(mine), *force])
+        assert res.exit_code != 0 and "exporting" not in res.output, res.output
+        assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "precious"
 
 
 def test_a_kit_alone_times_each_depth_in_its_own_session(tmp_path: Path) -> None:

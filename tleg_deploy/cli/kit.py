@@ -90,7 +90,7 @@ def kit(
 
     Example: tleg-deploy kit --device orin --backend tensorrt -o kit-orin
     """
-    from tleg_deploy.profile.kit import build_kit
+    from tleg_deploy.profile.kit import build_kit, check_kit_destination
 
     if spec is not None and learngene is not None:
         from tleg_deploy.errors import TlegError
@@ -99,6 +99,7 @@ def kit(
     arch, lg = spec_and_learngene(spec, learngene)
     cfg = kit_config(device, backend, precision, depths, batch, threads, rounds, no_memory, clock, repeats)
     target = output or Path(f"kit-{device}")
+    check_kit_destination(target, force=force)  # before the exports, not after
     if not (quiet or json_):
         err.print(f"exporting {len(cfg.measure.depths) * len(cfg.measure.precisions)} models into {target} …")
     written = build_kit(arch, cfg, target, learngene=lg, force=force)

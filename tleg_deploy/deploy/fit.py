@@ -142,10 +142,11 @@ def fit_kit(request: FitRequest, kit_dir: str | os.PathLike[str], *, repeats: in
     solves on what it measured and steps on those depths. Returns the plan and the kit directory."""
     say = log or (lambda _msg: None)
     from tleg_deploy.model.resources import learngene_aux_depth, learngene_spec, load_learngene
-    from tleg_deploy.profile.kit import KitConfig, build_kit
+    from tleg_deploy.profile.kit import KitConfig, build_kit, check_kit_destination
 
     if request.kit_results is not None or request.ssh is not None:
         raise TlegError("--kit writes a kit for a later run; it goes without --kit-results and --ssh")
+    check_kit_destination(kit_dir, force=force)  # before a profile is measured or a model exported
     spec = learngene_spec(request.learngene)
     profile = resolve_device_profile(request, spec, True, say)
     plan = _solve(request, profile, spec, learngene_aux_depth(request.learngene), say)

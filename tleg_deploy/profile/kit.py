@@ -104,10 +104,10 @@ def protocol(cfg: KitConfig) -> dict[str, Any]:
             "retries": m.retries, "linear_tolerance": m.linear_tolerance, "clock": m.clock, "alone": cfg.alone}
 
 
-def build_kit(spec: ViTSpec, cfg: KitConfig, out_dir: str | os.PathLike[str], *, learngene: Any = None,
-              force: bool = False) -> Path:
-    """Write the kit directory ``out_dir`` and ``out_dir.tar.gz``; returns the directory. An existing
-    ``out_dir`` is replaced only with ``force`` and only if it is a kit (never a directory we did not write)."""
+def check_kit_destination(out_dir: str | os.PathLike[str], *, force: bool = False) -> tuple[Path, Path]:
+    """The kit directory and its ``.tar.gz`` that ``build_kit`` may write (raises ``FormatError`` otherwise): new
+    paths, or with ``force`` a kit and its archive; never a link, a file where the directory goes, or a
+    directory we did not write. Cheap: callers check before the exports start."""
     out = Path(out_dir)
     tarball = out.with_name(out.name + ".tar.gz")
     for path in (out, tarball):
@@ -122,6 +122,15 @@ def build_kit(spec: ViTSpec, cfg: KitConfig, out_dir: str | os.PathLike[str], *,
         if tarball.exists() and not _is_kit_tarball(tarball, out.name):
             raise FormatError(f"{tarball} exists and is not this kit's archive; not replacing it",
                               hint="choose another -o")
+    return out, tarball
+
+
+def build_kit(spec: ViTSpec, cfg: KitConfig, out_dir: str | os.PathLike[str], *, learngene: Any = None,
+              force: bool = False) -> Path:
+    """Write the kit directory ``out_dir`` and ``out_dir.tar.gz``; returns the directory. An existing
+    ``out_dir`` is replaced only with ``force`` and only if it is a kit (never a directory we did not write:
+    ``check_kit_destination``)."""
+    out, tarball = check_kit_destination(out_dir, force=force)
     tmp = staging_dir(out)  # the umask's mode, not mkdtemp's 0700: a kit is copied and shared
     try:
         _write(spec, cfg, tmp, learngene)
