@@ -118,7 +118,7 @@ def kit(
 
 
 def kit_profile(*, device: str, backend: str, precision: str | None, depths: str, batch: int, threads: int,
-                spec: str, from_kit: Path | None, ssh: str | None, ssh_config: Path | None,
+                spec: str | None, from_kit: Path | None, ssh: str | None, ssh_config: Path | None,
                 remote_python: str | None, output: Path | None, quiet: bool, memory: bool = True,
                 clock: str = "wall", rounds: int | None = None, repeats: int = 1) -> tuple[DeviceProfile, Path]:
     """``profile --from-kit DIR`` (import) or ``profile --ssh user@host`` (make a kit, run it there,

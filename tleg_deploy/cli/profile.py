@@ -3,6 +3,7 @@ and ``devices`` (the profiles ``--device`` can name)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -56,8 +57,36 @@ def profile(
     Example: tleg-deploy profile --device host --backend onnxruntime --depths 1,6,12 -o profiles/laptop.json
     """
     from tleg_deploy.errors import TlegError
-    from tleg_deploy.export.family import parse_depths
     from tleg_deploy.files.outputs import check_plain_name
+
+    check_plain_name(device)  # it names profiles/DEVICE.json: no '/', no '..'
+    if repeats != 1 and ssh is None:
+        raise TlegError("--repeats is for --ssh (a kit's measurement made again on the target)",
+                        hint="here, more --rounds; a kit made with `kit --repeats N` is pooled by --from-kit")
+    dest = _destination(output, force) if output is not None else None
+    if from_kit is not None or ssh is not None:
+        from tleg_deploy.cli.kit import kit_profile
+
+        imported, written = kit_profile(device=device, backend=backend, precision=precision, depths=depths,
+                                        batch=batch, threads=threads, spec=spec, from_kit=from_kit, ssh=ssh,
+                                        ssh_config=ssh_config, remote_python=remote_python, rounds=rounds,
+                                        repeats=repeats, memory=not no_memory, output=dest, quiet=quiet or json_)
+        _show(imported, imported.specs(), written, json_)
+        return
+    archs, result, saved = _measure_here(device, backend, precision, depths, batch, threads, spec, gpu, rounds,
+                                           no_memory, dest, refresh, force, quiet or json_)
+    _show(result, archs, saved, json_)
+
+
+def _measure_here(device: str, backend: str, precision: str | None, depths: str, batch: int, threads: int,
+                  spec: str | None, gpu: bool, rounds: int | None, no_memory: bool, dest: Path | None,
+                  refresh: bool, force: bool, quiet: bool) -> tuple[list[Any], DeviceProfile, Path | None]:
+    """``profile`` on this machine: the specs measured, the profile and the file it was written to (None: the
+    default host profile, kept in the cache). The default host profile comes from the cache (measured on first
+    use) and is probed for drift; anything else is measured now, into ``dest`` (a device other than host:
+    ``profiles/DEVICE.json`` by default), added to a profile measured there earlier unless ``force``."""
+    from tleg_deploy.errors import TlegError
+    from tleg_deploy.export.family import parse_depths
     from tleg_deploy.model.resources import load_learngene
     from tleg_deploy.model.spec import ViTSpec
     from tleg_deploy.model.spec_text import parse_specs
@@ -66,40 +95,18 @@ def profile(
     from tleg_deploy.profile.measure import profile as measure
     from tleg_deploy.profile.table import DeviceProfile
 
-    check_plain_name(device)  # it names profiles/DEVICE.json: no '/', no '..'
-    if repeats != 1 and ssh is None:
-        raise TlegError("--repeats is for --ssh (a kit's measurement made again on the target)",
-                        hint="here, more --rounds; a kit made with `kit --repeats N` is pooled by --from-kit")
-    if from_kit is not None or ssh is not None:
-        from tleg_deploy.cli.kit import kit_profile
-
-        imported, written = kit_profile(device=device, backend=backend, precision=precision, depths=depths,
-                                        batch=batch, threads=threads, spec=spec, from_kit=from_kit, ssh=ssh,
-                                        ssh_config=ssh_config, remote_python=remote_python, rounds=rounds,
-                                        repeats=repeats, memory=not no_memory,
-                                        output=_destination(output, force) if output is not None else None,
-                                        quiet=quiet or json_)
-        if json_:
-            emit_json({**imported.to_dict(), "written": str(written)})
-            return
-        for arch in imported.specs():
-            render_profile(imported, arch)
-        out.print(f"wrote {written}")
-        return
     archs = parse_specs(spec) if spec is not None else [ViTSpec.preset("digits")]
     precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
     cfg = MeasureConfig(backend=backend, precisions=precisions, depths=tuple(parse_depths(depths)), batch=batch,
                         threads=threads, device="cuda" if (gpu or backend == "tensorrt") else "cpu",
-                        rounds=5 if rounds is None else rounds,
-                        memory=not no_memory)
-    dest = _destination(output, force) if output is not None else None
-    host_default = (device == registry.HOST and output is None and backend == "onnxruntime" and not gpu
+                        rounds=5 if rounds is None else rounds, memory=not no_memory)
+    host_default = (device == registry.HOST and dest is None and backend == "onnxruntime" and not gpu
                     and precision is None and cfg.depths == registry.HOST_DEPTHS and batch == 1 and threads == 1
                     and rounds in (None, 5) and not no_memory)
     result: DeviceProfile | None = None
     if host_default:
         for arch in archs:
-            result = registry.host_profile(arch, refresh=refresh, quiet=quiet or json_)
+            result = registry.host_profile(arch, refresh=refresh, quiet=quiet)
         if result is not None and not refresh:  # a cached profile: how fast is this host now against it?
             from tleg_deploy.profile.drift import probe_and_apply
 
@@ -118,20 +125,24 @@ def profile(
             result = DeviceProfile.load(dest)
         for arch in archs:
             lg = load_learngene("demo") if arch == ViTSpec.preset("digits") else None
-            result = measure(arch, name=device, config=cfg, learngene=lg, aliases=aliases, quiet=quiet or json_,
-                             base=result)
+            result = measure(arch, name=device, config=cfg, learngene=lg, aliases=aliases, quiet=quiet, base=result)
     if result is None:  # unreachable: archs is never empty
         raise TlegError("no spec to measure", hint="pass --spec digits")
     if dest is not None:
         result.save(dest)
+    return archs, result, dest
+
+
+def _show(result: DeviceProfile, archs: Sequence[Any], written: Path | None, json_: bool) -> None:
+    """The profile as a table per spec (or JSON), and the file written."""
     if json_:
-        emit_json({**result.to_dict(), "written": str(dest) if dest else None,
+        emit_json({**result.to_dict(), "written": str(written) if written else None,
                    "drift": result.drift.to_dict() if result.drift is not None else None})
         return
     for arch in archs:
         render_profile(result, arch)
-    if dest is not None:
-        out.print(f"wrote {dest}")
+    if written is not None:
+        out.print(f"wrote {written}")
 
 
 def _destination(output: str, force: bool) -> Path:
