@@ -520,15 +520,22 @@ def test_the_next_deeper_depth_read_once_clearly_over_is_given_up(tmp_path: Path
         assert calls.count(d + 1) == 1 and steps[-1].endswith(f"stays at depth {d}")
 
 
-def test_a_replayed_reading_near_the_budget_is_not_reported_as_timed_again(tmp_path: Path,
-                                                                            measured: Callable) -> None:
-    """A timer that replays one recorded reading (a kit's run) gives the same value again: fit says nothing
-    about timing it more and decides on that one reading."""
+def test_a_reading_with_nothing_fresh_to_time_decides_alone(tmp_path: Path) -> None:
+    """A timer with one recorded reading per depth and nothing after it (a kit measured once: ``kit_timer`` returns
+    None): a reading near the budget stands, and fit says nothing about timing it more."""
     request, plan, prof = _setup(Budget(latency_ms=LIMIT))
     d = plan.depth
-    measured(lambda depth: 1.98 if depth == d + 1 else (0.5 if depth <= d else 2.4))
+    asked: list[int] = []
+
+    def timer(depth: int) -> Measurement | None:
+        asked.append(depth)
+        if asked.count(depth) > 1:
+            return None
+        ms = 1.98 if depth == d + 1 else (0.5 if depth <= d else 2.4)
+        return Measurement(depth=depth, precision="int8", p50_ms=ms, p90_ms=ms, runs=10, threads=1)
+
     said: list[str] = []
-    depth, m, _steps, _over = _check(request, plan, prof, tmp_path, said.append)
+    depth, m, _steps, _over = fit_measure.measured_check(request, plan, prof, LIMIT, timer, said.append)
     assert depth == d + 1 and m is not None and m.p90_ms == 1.98
     assert not any("more time" in s for s in said)
 

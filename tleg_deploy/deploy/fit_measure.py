@@ -82,25 +82,25 @@ def measured_check(request: FitRequest, plan: Plan, profile: DeviceProfile, limi
         return (f"depth {depth} predicted {pct} {c.latency_ms:.3g} ms (upper {c.latency_upper_ms:.3g}), measured "
                 f"{ms:.3g} ms {'>' if ms > limit else '<='} {limit:g} ms: {outcome}")
 
-    settled: set[int] = set()  # depths timed until decided, or whose timer replays one recorded reading
+    settled: set[int] = set()  # depths timed until decided, or with nothing fresh to time
 
     def confirmed(depth: int, first: Measurement, why: str) -> Measurement:
         # The reading that brought the search here is not counted: it was picked for being near the limit (or,
         # for the pick, for being within it), so it leans that way; fresh timings only decide.
         settled.add(depth)
         runs: list[Measurement] = []
-        state, median, bound = "open", first.at(pct), first.at(pct)
-        while len(runs) < MAX_TIMINGS and (len(runs) < MIN_TIMINGS or state == "open"):
+
+        def decided() -> bool:
+            return len(runs) >= MIN_TIMINGS and verdict([m.at(pct) for m in runs], limit)[0] != "open"
+
+        while len(runs) < MAX_TIMINGS and not decided():
             again = timer(depth)
-            if again is None or (not runs and again == first):
-                if not runs:  # nothing fresh to time (a kit's single recorded run): that reading stands
+            if again is None:  # a kit's recorded repeats ran out: decided on those there are
+                if not runs:  # nothing fresh (a kit measured once): that reading stands
                     return first
-                break  # a kit's recorded repeats ran out: decided on those
+                break
             runs.append(again)
-            if len(runs) >= MIN_TIMINGS:
-                state, median, bound = verdict([m.at(pct) for m in runs], limit)
-        if len(runs) < MIN_TIMINGS:  # a kit's recorded repeats ran out first: decided on those there are
-            state, median, bound = verdict([m.at(pct) for m in runs], limit)
+        state, median, bound = verdict([m.at(pct) for m in runs], limit)
         middle = sorted(runs, key=lambda m: m.at(pct))[len(runs) // 2]
         if state == "within":
             said, kept = f"within the budget: median {median:.4g} ms, upper bound {bound:.4g} ms", median
