@@ -18,7 +18,8 @@ from pathlib import Path
 SSHD = Path("/usr/sbin/sshd")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listens on (just now)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -41,7 +42,7 @@ def loopback_sshd(workdir: Path) -> Iterator[tuple[str, Path]]:
     d = Path(workdir)
     for key in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True, timeout=60)
-    port = _free_port()
+    port = free_port()
     (d / "sshd_config").write_text(
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'client_key.pub'}\n"
         f"PidFile {d / 'sshd.pid'}\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n"

@@ -22,11 +22,11 @@ from tleg_deploy.model.resources import load_learngene
 from tleg_deploy.model.spec import ViTSpec
 from tleg_deploy.profile.config import MeasureConfig
 from tleg_deploy.profile.kit import KitConfig, build_kit
-from tleg_deploy.profile.remote import SshTarget, run_kit_over_ssh
+from tleg_deploy.profile.remote import RemoteKit, SshClient, SshTarget
 from tleg_deploy.profile.table import DeviceProfile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _sshd import SSHD, loopback_sshd  # type: ignore[import-not-found]  # noqa: E402
+from _sshd import SSHD, free_port, loopback_sshd  # type: ignore[import-not-found]  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +115,9 @@ def test_ctrl_c_stops_the_remote_run_and_leaves_nothing(sshd: tuple[str, Path], 
         if "round 1 " in line:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        run_kit_over_ssh(kit, SshTarget.parse(target), config=config, remote_python=sys.executable, progress=progress)
+    with pytest.raises(KeyboardInterrupt), SshClient(SshTarget.parse(target), config) as client, \
+            RemoteKit(client, kit, sys.executable, progress) as on_target:
+        on_target.run()
     workdir = next(m.group(1) for line in seen if (m := re.search(r":(/\S+tleg-kit\.\w+)", line)))
     assert not Path(workdir).exists()  # the remote working directory is gone
     assert not (kit / "results").exists() and not list(kit.glob(".results.*"))
@@ -341,7 +342,6 @@ def test_an_unreachable_target_fails_before_a_kit_is_built(tmp_path: Path) -> No
     """A target that refuses the connection is reported at once, with its port, before any model is exported
     (before, the kit was built first: minutes for a large model), and nothing is written."""
     import shutil
-    import socket
 
     from typer.testing import CliRunner
 
@@ -349,9 +349,7 @@ def test_an_unreachable_target_fails_before_a_kit_is_built(tmp_path: Path) -> No
 
     if shutil.which("ssh") is None:
         pytest.skip("no OpenSSH client")
-    with socket.socket() as s:  # a loopback port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "nobox.json"
     res = CliRunner().invoke(app, ["profile", "--device", "nobox", "--ssh", f"nobody@127.0.0.1:{port}", "-o",
                                    str(out)])

@@ -95,9 +95,7 @@ def fit(request: FitRequest, *, quiet: bool = True, log: Log | None = None) -> F
     from tleg_deploy.profile.remote import connected
 
     say = log or (lambda _msg: None)
-    if request.ssh is not None and request.ssh.client is None:
-        say(f"connecting to {request.ssh.describe()} ...")  # up to the connect timeout when it does not answer
-    with connected(request.ssh) as ssh:
+    with connected(request.ssh, say) as ssh:
         return _fit(dataclasses.replace(request, ssh=ssh) if ssh is not request.ssh else request, quiet, say)
 
 

@@ -7,7 +7,6 @@ callback and fetches ``results/`` into the local kit (into a hidden directory fi
 complete); leaving it removes the remote working directory. Ctrl-C (``KeyboardInterrupt``) signals the
 remote ``run.sh`` (its pid is kept in the working directory; the script stops its runner and removes
 its partial results), removes the working directory and leaves the local ``results/`` as they were.
-``run_kit_over_ssh`` runs a kit once that way.
 
 ``kit_on_target`` makes a kit in a temporary directory and puts it on the target: ``profile_over_ssh``
 (``profile --ssh``) runs it once and imports it; ``fit --ssh``'s measured steps
@@ -85,16 +84,29 @@ class SshRun:
 
 
 @contextlib.contextmanager
-def connected(run: SshRun | None) -> Iterator[SshRun | None]:
+def connected(run: SshRun | None, say: Callable[[str], None] | None = None) -> Iterator[SshRun | None]:
     """``run`` holding one authenticated connection (``SshClient``'s master) for every kit it runs in the
     block: ``fit --ssh`` runs several kits one after another, and each would otherwise connect anew
     (about 0.25 s on loopback, more over a device's Wi-Fi). ``None`` and an already connected run pass
     through unchanged."""
-    if run is None or run.client is not None:
-        yield run
+    if run is None:
+        yield None
         return
+    with _client(run, say) as client:
+        yield run if client is run.client else dataclasses.replace(run, client=client)
+
+
+@contextlib.contextmanager
+def _client(run: SshRun, say: Callable[[str], None] | None) -> Iterator[SshClient]:
+    """``run``'s open client, or a new one for the block (said: it waits up to the connect timeout when the target
+    does not answer)."""
+    if run.client is not None:
+        yield run.client
+        return
+    if say is not None:
+        say(f"connecting to {run.target} ...")
     with SshClient(run.target, run.config) as client:
-        yield dataclasses.replace(run, client=client)
+        yield client
 
 
 class SshClient:
@@ -180,25 +192,6 @@ class SshClient:
 
     def remote(self, path: str) -> str:
         return f"{self.target.destination}:{path}"
-
-
-def run_kit_over_ssh(kit_dir: Path, target: SshTarget, *, config: Path | None = None,
-                     remote_python: str | None = None, progress: Callable[[str], None] | None = None,
-                     client: SshClient | None = None) -> Path:
-    """Run the kit at ``kit_dir`` (with ``kit_dir.tar.gz`` beside it) on ``target``; returns
-    ``kit_dir/results`` once fetched. ``client``: an open connection to ``target`` to use (None: connect
-    for this run and close the connection after it)."""
-    say = progress or (lambda line: None)
-    kit_dir = Path(kit_dir)
-    _kit_tarball(kit_dir)  # before connecting
-    if (kit_dir / "results").exists():
-        raise FormatError(f"{kit_dir}/results already exists", hint="import it with --from-kit, or make a new kit")
-    if client is not None:
-        with RemoteKit(client, kit_dir, remote_python, say) as kit:
-            return kit.run()
-    say(f"connecting to {target}")
-    with SshClient(target, config) as own, RemoteKit(own, kit_dir, remote_python, say) as kit:
-        return kit.run()
 
 
 class RemoteKit:
@@ -315,14 +308,11 @@ def kit_on_target(spec: ViTSpec, cfg: KitConfig, run: SshRun, *, learngene: Any 
     from tleg_deploy.profile.kit import build_kit
 
     say = progress or (lambda line: None)
-    if run.client is None:
-        say(f"connecting to {run.target}")
-    with tempfile.TemporaryDirectory(prefix="tleg-kit.") as tmp, connected(run) as live:
-        assert live is not None and live.client is not None
+    with tempfile.TemporaryDirectory(prefix="tleg-kit.") as tmp, _client(run, say) as client:
         say(f"making the {cfg.measure.backend} kit (depths {', '.join(map(str, cfg.measure.depths))}, "
             f"{', '.join(cfg.measure.precisions)})")
         kit_dir = build_kit(spec, cfg, Path(tmp) / f"kit-{cfg.device}", learngene=learngene)
-        with RemoteKit(live.client, kit_dir, live.remote_python, say) as kit:
+        with RemoteKit(client, kit_dir, run.remote_python, say) as kit:
             yield kit
 
 
