@@ -131,9 +131,15 @@ def summarize(rows: list[dict[str, Any]], rules: list[str], started: float,
     }
 
 
-def rule_lines(summary: dict[str, Any], n: int, cells: Callable[[dict[str, Any]], str]) -> list[str]:
-    """One markdown table row per rule: within, tight, then ``cells`` of its summary."""
-    return [f"| {rule} | {s['within']}/{n} | {s['tight']}/{n} | {cells(s)} |" for rule, s in summary["rules"].items()]
+def rules_markdown(title: str, text: str, columns: list[str], summary: dict[str, Any], n: int,
+                   cells: Callable[[dict[str, Any]], str]) -> str:
+    """A side-by-side benchmark's section: ``title``, ``text``, then one table row per rule (within, tight, then
+    ``cells`` of its summary under ``columns``) and the load line."""
+    lines = [f"## {title}", "", text, "",
+             "| rule | pick within budget | next deeper over budget | " + " | ".join(columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    lines += [f"| {rule} | {s['within']}/{n} | {s['tight']}/{n} | {cells(s)} |" for rule, s in summary["rules"].items()]
+    return "\n".join([*lines, "", load_line(summary)])
 
 
 def arguments(doc: str, script: str, budgets: int) -> argparse.Namespace:
@@ -175,10 +181,8 @@ def timed_rule(check: Callable[..., Any]) -> Rule:
 
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    n = len(rows)
-    lines = [
-        "## fit's measured loop: decision rules side by side (issue 10)",
-        "",
+    return rules_markdown(
+        "fit's measured loop: decision rules side by side (issue 10)",
         "`benchmarks/loop_rules.py`: 10 p90 budgets per spec (as `solver.py` spreads them) on a fresh host profile; "
         "every rule runs fit's measured loop on each budget (shuffled order), then every picked depth and the next "
         f"deeper one is re-timed in {solver.REMEASURE} alternating sessions, one judge for all rules. *shipped*: "
@@ -187,13 +191,8 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "again*: the same, and the next deeper depth read once within 15% over the budget timed so too (commit "
         "b05d085, not kept); *all 3 within*: 3 timings, within only if all are (commit 53a5c80). Single budgets are "
         "decided by noise: compare rules within this run.",
-        "",
-        "| rule | pick within budget | next deeper over budget | timings per budget (median, total) |",
-        "|---|---|---|---|",
-    ]
-    lines += rule_lines(summary, n, lambda s: f"{s['timings_median']:g}, {s['timings_total']:g}")
-    lines += ["", load_line(summary)]
-    return "\n".join(lines)
+        ["timings per budget (median, total)"], summary, len(rows),
+        lambda s: f"{s['timings_median']:g}, {s['timings_total']:g}")
 
 
 def main() -> None:

@@ -70,10 +70,8 @@ def ssh_rule(rule: str, run: Any, lg: Any) -> loop_rules.Rule:
 
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    n = len(rows)
-    lines = [
-        "## fit --ssh: the measured loop's rules side by side (issue 10)",
-        "",
+    return loop_rules.rules_markdown(
+        "fit --ssh: the measured loop's rules side by side (issue 10)",
         "`benchmarks/ssh_loop.py`: fit's measured loop over SSH (a private sshd on 127.0.0.1; the target is this "
         "machine) on a fresh host profile, p90 budgets spread as `solver.py` spreads them; per budget every rule in "
         "a shuffled order, then every picked depth and the next deeper one re-timed as deployed (each model alone "
@@ -84,15 +82,8 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "bound clears the budget; *interleaved kits*: the same with the kit's depths interleaved in one session "
         "(5a6a12a to 5474bbe); *one reading*: interleaved kits, each depth's first reading replayed (before "
         "5a6a12a). Single budgets are decided by noise: compare rules within this run.",
-        "",
-        "| rule | pick within budget | next deeper over budget | kit runs per budget (median, total) | "
-        "seconds per budget (median) |",
-        "|---|---|---|---|---|",
-    ]
-    lines += loop_rules.rule_lines(summary, n, lambda s: f"{s['kit_runs_median']:g}, {s['kit_runs_total']:g} | "
-                                                         f"{s['seconds_median']:.1f}")
-    lines += ["", loop_rules.load_line(summary)]
-    return "\n".join(lines)
+        ["kit runs per budget (median, total)", "seconds per budget (median)"], summary, len(rows),
+        lambda s: f"{s['kit_runs_median']:g}, {s['kit_runs_total']:g} | {s['seconds_median']:.1f}")
 
 
 def main() -> int:
