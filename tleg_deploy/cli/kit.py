@@ -18,13 +18,13 @@ if TYPE_CHECKING:
 
 def kit_config(device: str, backend: str, precision: str | None, depths: str, batch: int, threads: int,
                rounds: int | None, no_memory: bool, clock: str = "wall", repeats: int = 1) -> KitConfig:
-    from tleg_deploy.cli.profile import _csv
+    from tleg_deploy.cli.profile import precisions_for
     from tleg_deploy.export.family import parse_depths
     from tleg_deploy.profile.kit import KitConfig
 
-    precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
-    return KitConfig.for_backend(device, backend, precisions, tuple(parse_depths(depths)), batch=batch,
-                                 threads=threads, rounds=rounds, memory=not no_memory, clock=clock, repeats=repeats)
+    return KitConfig.for_backend(device, backend, precisions_for(precision, backend), tuple(parse_depths(depths)),
+                                 batch=batch, threads=threads, rounds=rounds, memory=not no_memory, clock=clock,
+                                 repeats=repeats)
 
 
 def spec_and_learngene(spec: str | None, learngene: str | None) -> tuple[ViTSpec, Any]:

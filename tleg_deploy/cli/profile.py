@@ -73,64 +73,82 @@ def profile(
                                         repeats=repeats, memory=not no_memory, output=dest, quiet=quiet or json_)
         _show(imported, imported.specs(), written, json_)
         return
-    archs, result, saved = _measure_here(device, backend, precision, depths, batch, threads, spec, gpu, rounds,
-                                           no_memory, dest, refresh, force, quiet or json_)
+    from tleg_deploy.export.family import parse_depths
+    from tleg_deploy.model.spec import ViTSpec
+    from tleg_deploy.model.spec_text import parse_specs
+    from tleg_deploy.profile.measure import MeasureConfig
+
+    archs = parse_specs(spec) if spec is not None else [ViTSpec.preset("digits")]
+    cfg = MeasureConfig(backend=backend, precisions=precisions_for(precision, backend),
+                        depths=tuple(parse_depths(depths)), batch=batch, threads=threads,
+                        device="cuda" if (gpu or backend == "tensorrt") else "cpu",
+                        rounds=5 if rounds is None else rounds, memory=not no_memory)
+    if _host_default(device, dest, precision, cfg):
+        result, saved = _cached_host(archs, refresh, quiet or json_), None
+    else:
+        result, saved = _measured(device, cfg, archs, dest, force, quiet or json_)
     _show(result, archs, saved, json_)
 
 
-def _measure_here(device: str, backend: str, precision: str | None, depths: str, batch: int, threads: int,
-                  spec: str | None, gpu: bool, rounds: int | None, no_memory: bool, dest: Path | None,
-                  refresh: bool, force: bool, quiet: bool) -> tuple[list[Any], DeviceProfile, Path | None]:
-    """``profile`` on this machine: the specs measured, the profile and the file it was written to (None: the
-    default host profile, kept in the cache). The default host profile comes from the cache (measured on first
-    use) and is probed for drift; anything else is measured now, into ``dest`` (a device other than host:
-    ``profiles/DEVICE.json`` by default), added to a profile measured there earlier unless ``force``."""
-    from tleg_deploy.errors import TlegError
-    from tleg_deploy.export.family import parse_depths
-    from tleg_deploy.model.resources import load_learngene
-    from tleg_deploy.model.spec import ViTSpec
-    from tleg_deploy.model.spec_text import parse_specs
+def precisions_for(precision: str | None, backend: str) -> tuple[str, ...]:
+    """``--precision`` as a tuple; by default fp32 (fp16 and int8 for tensorrt)."""
+    return _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
+
+
+def _host_default(device: str, dest: Path | None, precision: str | None, cfg: Any) -> bool:
+    """Whether ``profile`` was asked for nothing but this machine's default profile, the cached one (an explicit
+    ``--precision`` or ``-o`` measures afresh)."""
     from tleg_deploy.profile import registry
     from tleg_deploy.profile.measure import MeasureConfig
+
+    return (device == registry.HOST and dest is None and precision is None
+            and cfg == MeasureConfig(depths=registry.HOST_DEPTHS))
+
+
+def _cached_host(archs: Sequence[Any], refresh: bool, quiet: bool) -> DeviceProfile:
+    """This machine's default profile for ``archs`` (measured on first use or with ``refresh``); a cached one is
+    probed for drift: how fast is this host now against it?"""
+    from tleg_deploy.profile import registry
+    from tleg_deploy.profile.drift import probe_and_apply
+
+    for arch in archs:
+        result = registry.host_profile(arch, refresh=refresh, quiet=quiet)
+    if refresh:
+        return result
+    result = probe_and_apply(result)
+    registry.remember_probe(result)
+    return result
+
+
+def _measured(device: str, cfg: Any, archs: Sequence[Any], dest: Path | None, force: bool,
+              quiet: bool) -> tuple[DeviceProfile, Path | None]:
+    """``archs`` measured here now with ``cfg`` as ``device``, written to ``dest`` (a device other than host:
+    ``profiles/DEVICE.json`` by default) and added to a profile measured there earlier unless ``force``; the
+    profile and the file written (None: host without ``-o``, printed only)."""
+    from tleg_deploy.errors import TlegError
+    from tleg_deploy.model.resources import load_learngene
+    from tleg_deploy.model.spec import ViTSpec
+    from tleg_deploy.profile import registry
     from tleg_deploy.profile.measure import profile as measure
     from tleg_deploy.profile.table import DeviceProfile
 
-    archs = parse_specs(spec) if spec is not None else [ViTSpec.preset("digits")]
-    precisions = _csv(precision) if precision else (("fp16", "int8") if backend == "tensorrt" else ("fp32",))
-    cfg = MeasureConfig(backend=backend, precisions=precisions, depths=tuple(parse_depths(depths)), batch=batch,
-                        threads=threads, device="cuda" if (gpu or backend == "tensorrt") else "cpu",
-                        rounds=5 if rounds is None else rounds, memory=not no_memory)
-    host_default = (device == registry.HOST and dest is None and backend == "onnxruntime" and not gpu
-                    and precision is None and cfg.depths == registry.HOST_DEPTHS and batch == 1 and threads == 1
-                    and rounds in (None, 5) and not no_memory)
-    result: DeviceProfile | None = None
-    if host_default:
-        for arch in archs:
-            result = registry.host_profile(arch, refresh=refresh, quiet=quiet)
-        if result is not None and not refresh:  # a cached profile: how fast is this host now against it?
-            from tleg_deploy.profile.drift import probe_and_apply
-
-            result = probe_and_apply(result)
-            registry.remember_probe(result)
-    else:
-        aliases: tuple[str, ...] = ()
-        if device != registry.HOST:
-            try:  # a known device keeps its canonical name and aliases (jetson -> jetson-orin-nano)
-                known = registry.resolve_profile(device)
-                device, aliases = known.name, known.aliases
-            except TlegError:
-                pass
-            dest = dest or _destination(str(Path("profiles") / f"{device}.json"), force)
-        if dest is not None and dest.is_file() and not force:  # add to a profile measured earlier (another spec)
-            result = DeviceProfile.load(dest)
-        for arch in archs:
-            lg = load_learngene("demo") if arch == ViTSpec.preset("digits") else None
-            result = measure(arch, name=device, config=cfg, learngene=lg, aliases=aliases, quiet=quiet, base=result)
+    aliases: tuple[str, ...] = ()
+    if device != registry.HOST:
+        try:  # a known device keeps its canonical name and aliases (jetson -> jetson-orin-nano)
+            known = registry.resolve_profile(device)
+            device, aliases = known.name, known.aliases
+        except TlegError:
+            pass
+        dest = dest or _destination(str(Path("profiles") / f"{device}.json"), force)
+    result = DeviceProfile.load(dest) if dest is not None and dest.is_file() and not force else None  # add to it
+    for arch in archs:
+        lg = load_learngene("demo") if arch == ViTSpec.preset("digits") else None
+        result = measure(arch, name=device, config=cfg, learngene=lg, aliases=aliases, quiet=quiet, base=result)
     if result is None:  # unreachable: archs is never empty
         raise TlegError("no spec to measure", hint="pass --spec digits")
     if dest is not None:
         result.save(dest)
-    return archs, result, dest
+    return result, dest
 
 
 def _show(result: DeviceProfile, archs: Sequence[Any], written: Path | None, json_: bool) -> None:
